@@ -1,0 +1,79 @@
+"""Where records go.
+
+A sink is anything callable with one record (a flat ``dict``). It may also have ``flush()`` and
+``close()``; the monitor calls them when it flushes and closes. Built in:
+
+* :class:`sgdlens.records.History` – in memory (every monitor keeps one as ``monitor.history``);
+* :class:`JSONLSink` – one JSON object per line, appended and flushed per record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from sgdlens.records import History, Value, to_json_line
+
+__all__ = ["History", "JSONLSink", "Sink"]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Anything that takes a record."""
+
+    def __call__(self, record: Mapping[str, Value]) -> Any: ...
+
+
+class JSONLSink:
+    """Append records to a JSON-lines file, one object per line, flushed after each record.
+
+    The file is opened in append mode, so a resumed run continues the same file and nothing
+    already written is lost. Parent folders are created.
+
+    Args:
+        path: the ``.jsonl`` file to append to.
+        fsync: also ``os.fsync`` after each record (survives a machine crash, costs a disk sync).
+
+    Example:
+        >>> sink = JSONLSink("runs/exp1.jsonl")  # doctest: +SKIP
+        >>> monitor = PhaseMonitor(opt, model=model, sinks=[sink])  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"JSONLSink(path=...) must be a str or os.PathLike, got {type(path).__name__} "
+                f"({path!r}); pass a file name such as 'runs/exp1.jsonl'"
+            )
+        if not isinstance(fsync, bool):
+            raise TypeError(f"JSONLSink(fsync=...) must be a bool, got {fsync!r}")
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise ValueError(
+                f"JSONLSink(path={self.path!r}) is a folder; pass a file name inside it, "
+                f"e.g. {os.path.join(self.path, 'run.jsonl')!r}"
+            )
+        folder = os.path.dirname(self.path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        self.fsync = fsync
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def __call__(self, record: Mapping[str, Value]) -> None:
+        if self._file.closed:
+            raise ValueError(f"JSONLSink({self.path!r}) is closed")
+        self._file.write(to_json_line(record))
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
+
+    def flush(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __repr__(self) -> str:
+        return f"JSONLSink({self.path!r})"
