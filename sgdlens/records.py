@@ -116,7 +116,9 @@ def load(path: str | os.PathLike[str]) -> History:
                 break
             raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e.msg})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}, line {i + 1}: expected a JSON object, got {type(obj).__name__}")
+            raise ValueError(
+                f"{path}, line {i + 1}: expected a JSON object, got {type(obj).__name__}"
+            )
         records.append(obj)
     return History(records)
 

@@ -1,0 +1,89 @@
+"""The one place that touches private torch API, and the grouped tensor-list reductions.
+
+Everything here is sync-free: inputs and outputs stay on their devices.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for accumulated scalars: float64, except where a backend lacks it (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A buffer dtype at least as wide as float32 for accumulating tensors of ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """The stored values of a sparse tensor (after coalescing), or ``t`` itself."""
+    return t.coalesce().values() if t.is_sparse else t
+
+
+def norms(tensors: Sequence[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Per-tensor L2 norms as one 1-D tensor on ``device`` in ``dtype``, in input order.
+
+    Tensors are grouped by (device, dtype), one ``torch._foreach_norm`` per group, as
+    ``torch.nn.utils.clip_grad_norm_`` does. Sparse tensors contribute the norm of their values.
+    """
+    if not tensors:
+        return torch.zeros(0, device=device, dtype=dtype)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    dense = [_dense(t) for t in tensors]
+    for i, t in enumerate(dense):
+        groups[(t.device, t.dtype)].append(i)
+    if len(groups) == 1:
+        return torch.stack(torch._foreach_norm(dense)).to(device=device, dtype=dtype)
+    out = torch.empty(len(tensors), device=device, dtype=dtype)
+    for idx in groups.values():
+        vals = torch.stack(torch._foreach_norm([dense[i] for i in idx]))
+        out[torch.tensor(idx, device=device)] = vals.to(device=device, dtype=dtype)
+    return out
+
+
+def distances(
+    a: Sequence[Tensor], b: Sequence[Tensor], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``[‖a_i − b_i‖]`` as one 1-D tensor, one tensor-sized temporary at a time."""
+    if not a:
+        return torch.zeros(0, device=device, dtype=dtype)
+    return torch.stack(
+        [torch.linalg.vector_norm(x - y.to(x.dtype)).to(device=device, dtype=dtype)
+         for x, y in zip(a, b)]
+    )  # fmt: skip
+
+
+def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -> None:
+    """``buf += t`` for every pair when the 0-d bool ``ok`` holds, else leave ``buf`` untouched.
+
+    NaN·0 is NaN, so a multiplicative mask cannot drop a non-finite step; ``torch.where``
+    selects instead, with no host synchronisation.
+    """
+    for buf, t in zip(bufs, tensors):
+        if t.is_sparse:
+            t = t.coalesce()
+            vals = torch.where(ok, t.values(), 0)
+            buf.add_(torch.sparse_coo_tensor(t.indices(), vals, t.shape).to(buf.dtype))
+        else:
+            buf.add_(torch.where(ok, t, 0))
+
+
+def masked_lerp_(
+    bufs: Sequence[Tensor], tensors: Sequence[Tensor], weight: float, ok: Tensor
+) -> None:
+    """``buf ← buf + weight·(t − buf)`` where ``ok`` holds, else unchanged (exactly)."""
+    for buf, t in zip(bufs, tensors):
+        t = t.to_dense() if t.is_sparse else t
+        buf.lerp_(torch.where(ok, t.to(buf.dtype), buf), weight)
+
+
+def zero_(tensors: Sequence[Tensor]) -> None:
+    if tensors:
+        torch._foreach_zero_(list(tensors))

@@ -1,0 +1,172 @@
+"""The lens protocol and the views of the parameters it reads.
+
+A lens is a small object with four methods, in the spirit of optax's ``init``/``update`` pairs:
+
+* ``init(view) -> state`` – allocate state (tensors beside the parameters) once, at attach time;
+* ``update(state, step) -> state`` – every optimizer step, after the update, under ``no_grad``;
+  sync-free: no ``.item()``, no data-dependent Python branching;
+* ``prepare(state, step) -> state`` – before the update of a step that will be logged
+  (to snapshot what the update changes); most lenses leave it alone;
+* ``compute(state, step) -> dict[str, Tensor]`` – at a log point: flat keys to 0-d tensors.
+
+State is a ``dict`` of tensors, lists of tensors and plain numbers: the monitor saves and
+restores it in ``state_dict``. Lenses never copy to the host; the monitor does that once per log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sgdlens import _torch
+
+State = dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class ParamView:
+    """What a lens may know about the parameters: the tensors and how they group into layers.
+
+    Attributes:
+        params: every parameter the optimizer holds, in ``param_groups`` order.
+        layer_of: for each parameter, the index of its layer in ``layers``.
+        layers: layer names (module names from ``model.named_modules()``, else names
+            derived from the param groups).
+        device: where per-layer scalars live (the first parameter's device).
+        dtype: the dtype of accumulated scalars (float64 unless the backend lacks it).
+        log_every: the monitor's log interval in optimizer steps.
+    """
+
+    params: tuple[Tensor, ...]
+    layer_of: tuple[int, ...]
+    layers: tuple[str, ...]
+    device: torch.device
+    dtype: torch.dtype
+    log_every: int
+    _index: dict[tuple[int, ...], Tensor] = field(default_factory=dict, repr=False)
+
+    def subset(self, keep: Sequence[int]) -> Subset:
+        """The parameters with indices ``keep`` and the layers they belong to."""
+        return Subset(self, tuple(keep))
+
+    def layer_index(self, which: Sequence[int]) -> Tensor:
+        """A cached device tensor of ``layer_of[i]`` for ``i`` in ``which``."""
+        key = tuple(which)
+        if key not in self._index:
+            self._index[key] = torch.tensor(
+                [self.layer_of[i] for i in key], dtype=torch.long, device=self.device
+            )
+        return self._index[key]
+
+    def per_layer(self, values: Tensor, which: Sequence[int]) -> Tensor:
+        """Sum per-parameter ``values`` (aligned with ``which``) into a ``(len(layers),)`` tensor."""
+        out = torch.zeros(len(self.layers), dtype=values.dtype, device=self.device)
+        return out.index_add_(0, self.layer_index(which), values)
+
+
+@dataclass(frozen=True, eq=False)
+class Subset:
+    """Some of a view's parameters (e.g. weight matrices only) and their layers.
+
+    ``layers`` lists only the layers that keep at least one parameter; per-layer tensors a
+    subset returns are over those layers, in the view's order.
+    """
+
+    view: ParamView
+    which: tuple[int, ...]
+
+    @cached_property
+    def params(self) -> list[Tensor]:
+        return [self.view.params[i] for i in self.which]
+
+    @cached_property
+    def _layer_ids(self) -> list[int]:
+        return sorted({self.view.layer_of[i] for i in self.which})
+
+    @cached_property
+    def layers(self) -> list[str]:
+        return [self.view.layers[j] for j in self._layer_ids]
+
+    @cached_property
+    def _compact(self) -> Tensor:
+        return torch.tensor(self._layer_ids, dtype=torch.long, device=self.view.device)
+
+    @cached_property
+    def _which_t(self) -> Tensor | None:
+        if self.which == tuple(range(len(self.view.params))):
+            return None
+        return torch.tensor(self.which, dtype=torch.long, device=self.view.device)
+
+    def take(self, per_param: Tensor) -> Tensor:
+        """The entries of a per-parameter tensor (over all of the view) for this subset."""
+        return per_param if self._which_t is None else per_param.index_select(0, self._which_t)
+
+    def per_layer(self, values: Tensor) -> Tensor:
+        """Sum per-parameter ``values`` (aligned with ``params``) into one entry per layer."""
+        return self.view.per_layer(values, self.which).index_select(0, self._compact)
+
+
+class Step:
+    """One optimizer step as the lenses see it, with lazily computed shared statistics.
+
+    Attributes:
+        view: the parameter view.
+        index: optimizer steps seen so far, this one included (1 at the first step).
+        grads: ``p.grad`` for each parameter (``None`` where the parameter has none).
+        logging: whether this step is a log point.
+    """
+
+    def __init__(self, view: ParamView, index: int, logging: bool) -> None:
+        self.view = view
+        self.index = index
+        self.logging = logging
+        self.grads: list[Tensor | None] = [p.grad for p in view.params]
+
+    @cached_property
+    def present(self) -> list[int]:
+        """Indices of the parameters that have a gradient this step."""
+        return [i for i, g in enumerate(self.grads) if g is not None]
+
+    @cached_property
+    def grad_sq(self) -> Tensor:
+        """Squared gradient norm per parameter (0 where there is no gradient), on ``view.device``."""
+        view = self.view
+        grads = [g for g in self.grads if g is not None]
+        sq = _torch.norms(grads, view.device, view.dtype).square()
+        if len(grads) == len(self.grads):
+            return sq
+        out = torch.zeros(len(self.grads), dtype=view.dtype, device=view.device)
+        return out.index_copy_(0, torch.tensor(self.present, device=view.device), sq)
+
+    @cached_property
+    def ok(self) -> Tensor:
+        """0-d bool: every gradient of this step is finite (an overflow of the norm counts too)."""
+        return torch.isfinite(self.grad_sq.sum())
+
+
+def per_layer_keys(metric: str, layers: Sequence[str], values: Tensor) -> dict[str, Tensor]:
+    """``{"metric/<layer>": values[i]}`` for a per-layer tensor."""
+    return {f"{metric}/{name}": v for name, v in zip(layers, values.unbind())}
+
+
+class Lens:
+    """Base class for lenses: no-op ``prepare`` and a readable ``repr``. Subclasses set ``name``."""
+
+    name: str = "lens"
+
+    def init(self, view: ParamView) -> State:
+        raise NotImplementedError
+
+    def update(self, state: State, step: Step) -> State:
+        return state
+
+    def prepare(self, state: State, step: Step) -> State:
+        return state
+
+    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+        raise NotImplementedError

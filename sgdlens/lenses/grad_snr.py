@@ -1,0 +1,192 @@
+"""Gradient signal-to-noise across optimizer steps (Shwartz-Ziv & Tishby 2017, §3.5).
+
+For layer ``l`` and gradients ``g_1..g_K`` of ``K`` consecutive steps:
+
+* ``grad_mean/<l>`` = ‖(1/K) Σ_k g_k‖ (Frobenius norm over the layer's parameters);
+* ``grad_std/<l>``  = sqrt(tr Cov_k g_k), the population covariance (divide by K);
+* ``grad_snr/<l>``  = grad_mean / grad_std;
+
+and for the whole model the same statistic of the concatenated gradient:
+``grad_mean`` = sqrt(Σ_l mean_l²), ``grad_std`` = sqrt(Σ_l std_l²), ``grad_snr`` their ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sgdlens import _torch
+from sgdlens.lenses.base import Lens, ParamView, State, Step, Subset, per_layer_keys
+
+__all__ = ["GradSNR", "gradient_snr", "snr_from_moments"]
+
+
+def gradient_snr(grads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The statistic of one layer from its stacked gradients, the slow and obvious way.
+
+    Args:
+        grads: shape ``(K, ...)``: one gradient per step.
+
+    Returns:
+        ``(mean, std, snr)``: ‖mean_k g_k‖, sqrt(Σ population variance), and their ratio.
+
+    Example:
+        >>> g = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+        >>> [float(v) for v in gradient_snr(g)]
+        [2.0, 1.0, 2.0]
+    """
+    flat = grads.reshape(grads.shape[0], -1)
+    mean = flat.mean(0).norm()
+    std = flat.var(0, correction=0).sum().sqrt()
+    return mean, std, mean / std
+
+
+def snr_from_moments(mean_sq: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean norm, std and SNR from ‖E g‖² and E‖g‖² (elementwise over layers).
+
+    ``tr Var g = E‖g‖² − ‖E g‖²``, clamped at 0 against rounding. Identical gradients give
+    ``std = 0`` and ``snr = inf``; an all-zero gradient gives ``snr = nan`` (undefined).
+    """
+    var = (second - mean_sq).clamp_min(0)
+    mean, std = mean_sq.sqrt(), var.sqrt()
+    return mean, std, mean / std
+
+
+class GradSNR(Lens):
+    """Per-layer gradient mean, std and SNR across steps, as Shwartz-Ziv & Tishby define them.
+
+    Two estimators:
+
+    * ``GradSNR(window=K)`` (default ``K`` = the monitor's ``log_every``): exactly the paper's
+      statistic over non-overlapping windows of ``K`` optimizer steps. A log point reports the
+      last *completed* window; before the first window completes the keys are absent.
+    * ``GradSNR(decay=β)``: exponential moving averages of ``g`` and ‖g‖², bias-corrected as
+      Adam does (divide by ``1 − β^t``), so ``E g`` and ``E‖g‖²`` weight recent steps by
+      ``(1 − β) β^age``; roughly a window of ``2/(1 − β) − 1`` steps.
+
+    The gradient read is the one the optimizer has just used (read after ``step()``, at moving
+    weights, as the authors' code and Saxe et al.'s do). A parameter without a gradient at a
+    step counts as a zero gradient. Steps with non-finite gradients are skipped: they do not
+    count towards ``K`` samples of the window nor move the moving averages.
+
+    State: one running buffer per parameter (float32, or wider if the parameter is) and a few
+    per-layer float64 scalars. ``tr Var = E‖g‖² − ‖E g‖²`` is formed in float64; the float32
+    buffer bounds its relative accuracy to about ``1e-7 · SNR²``.
+
+    Logged keys (``<l>`` for every layer with a monitored parameter):
+    ``grad_mean/<l>``, ``grad_std/<l>``, ``grad_snr/<l>``, ``grad_mean``, ``grad_std``,
+    ``grad_snr``.
+
+    Args:
+        window: steps per window (positive int); ``None`` uses the monitor's ``log_every``.
+        decay: EMA factor in (0, 1) instead of windows. Give ``window`` or ``decay``, not both.
+        weights_only: only parameters with ``dim >= 2`` (weight matrices, conv kernels), biases
+            and norm-layer parameters skipped, as the authors' plotting code does.
+
+    Example:
+        >>> from sgdlens import PhaseMonitor, lenses
+        >>> opt = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1)
+        >>> monitor = PhaseMonitor(opt, lenses=[lenses.GradSNR(window=10)], log_every=10)
+    """
+
+    name = "grad_snr"
+
+    def __init__(
+        self, window: int | None = None, *, decay: float | None = None, weights_only: bool = False
+    ) -> None:
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+            raise TypeError(f"GradSNR(window=...) must be an int, got {window!r}; e.g. window=50")
+        if window is not None and window < 1:
+            raise ValueError(f"GradSNR(window={window}) must be >= 1 steps; e.g. window=50")
+        if decay is not None:
+            if window is not None:
+                raise ValueError(
+                    f"GradSNR(window={window}, decay={decay}): give one of window and decay"
+                )
+            if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+                raise TypeError(f"GradSNR(decay=...) must be a float, got {decay!r}; e.g. 0.99")
+            if not 0.0 < decay < 1.0:
+                raise ValueError(f"GradSNR(decay={decay}) must lie in (0, 1); e.g. decay=0.99")
+        if not isinstance(weights_only, bool):
+            raise TypeError(f"GradSNR(weights_only=...) must be a bool, got {weights_only!r}")
+        self.window = window
+        self.decay = None if decay is None else float(decay)
+        self.weights_only = weights_only
+
+    def __repr__(self) -> str:
+        mode = f"decay={self.decay}" if self.decay is not None else f"window={self.window}"
+        return f"GradSNR({mode}, weights_only={self.weights_only})"
+
+    def _subset(self, view: ParamView) -> Subset:
+        keep = [i for i, p in enumerate(view.params) if p.dim() >= 2 or not self.weights_only]
+        return view.subset(keep)
+
+    def init(self, view: ParamView) -> State:
+        sub = self._subset(view)
+        zeros = torch.zeros(len(sub.layers), dtype=view.dtype, device=view.device)
+        state: State = {
+            "buf": [torch.zeros_like(p, dtype=_torch.buffer_dtype(p.dtype)) for p in sub.params],
+            "sq": zeros.clone(),  # Σ‖g‖² per layer (window) or its EMA
+            "n": torch.zeros((), dtype=view.dtype, device=view.device),  # finite steps
+            "window": self.window or view.log_every,
+        }
+        if self.decay is None:
+            state["mean_sq"] = zeros.clone()  # results of the last completed window
+            state["second"] = zeros.clone()
+            state["done"] = 0  # completed windows
+        self._sub = sub
+        return state
+
+    def update(self, state: State, step: Step) -> State:
+        sub, ok = self._sub, step.ok
+        grads = [step.grads[i] for i in sub.which]
+        pairs = [(b, g) for b, g in zip(state["buf"], grads) if g is not None]
+        bufs, present = [b for b, _ in pairs], [g for _, g in pairs]
+        sq = sub.per_layer(sub.take(step.grad_sq))
+        if self.decay is None:
+            _torch.masked_add_(bufs, present, ok)
+            state["sq"].add_(torch.where(ok, sq, 0))
+            state["n"].add_(ok)
+            if step.index % state["window"] == 0:
+                self._close_window(state)
+        else:
+            beta = self.decay
+            # A missing gradient is a zero gradient: decay its buffer too.
+            absent = [b for b, g in zip(state["buf"], grads) if g is None]
+            if absent:
+                torch._foreach_mul_(absent, torch.where(ok, beta, 1.0).to(absent[0].dtype))
+            _torch.masked_lerp_(bufs, present, 1.0 - beta, ok)
+            state["sq"].copy_(torch.where(ok, state["sq"].lerp(sq, 1.0 - beta), state["sq"]))
+            state["n"].add_(ok)
+        return state
+
+    def _close_window(self, state: State) -> None:
+        n = state["n"]
+        buf_sq = self._sub.per_layer(_torch.norms(state["buf"], n.device, n.dtype).square())
+        state["mean_sq"].copy_(buf_sq / n.square())
+        state["second"].copy_(state["sq"] / n)
+        _torch.zero_(state["buf"])
+        state["sq"].zero_()
+        n.zero_()
+        state["done"] += 1
+
+    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+        if self.decay is None:
+            if state["done"] == 0:
+                return {}
+            mean_sq, second = state["mean_sq"], state["second"]
+        else:
+            n = state["n"]
+            corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
+            buf_sq = self._sub.per_layer(_torch.norms(state["buf"], n.device, n.dtype).square())
+            mean_sq, second = buf_sq / corr.square(), state["sq"] / corr
+        mean, std, snr = snr_from_moments(mean_sq, second)
+        layers = self._sub.layers
+        out = {
+            **per_layer_keys("grad_mean", layers, mean),
+            **per_layer_keys("grad_std", layers, std),
+            **per_layer_keys("grad_snr", layers, snr),
+        }
+        g_mean, g_std, g_snr = snr_from_moments(mean_sq.sum(), second.sum())
+        out.update(grad_mean=g_mean, grad_std=g_std, grad_snr=g_snr)
+        return out

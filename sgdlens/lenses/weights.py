@@ -1,0 +1,76 @@
+"""Weight norms and weight motion.
+
+Per layer ``l`` at a log step ``t`` (after the update):
+
+* ``weight_norm/<l>``  = ‖w_t‖;
+* ``weight_dist/<l>``  = ‖w_t − w_0‖, with ``w_0`` the weights when the monitor attached;
+* ``update_size/<l>``  = ‖w_t − w_{t−1}‖, the size of this step's update;
+* ``update_ratio/<l>`` = update_size / weight_norm;
+
+and the same four of the concatenated weights without a layer suffix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sgdlens import _torch
+from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
+
+__all__ = ["WeightNorms"]
+
+
+class WeightNorms(Lens):
+    """Weight norm, distance from the attach-time weights, and the size of the logged update.
+
+    Nothing runs between log points. Memory: one copy of the weights taken at attach time
+    (for ``weight_dist``) and, for the duration of each logged step only, a second copy of
+    the weights before the update (for ``update_size``).
+
+    Logged keys: ``weight_norm/<l>``, ``weight_dist/<l>``, ``update_size/<l>``,
+    ``update_ratio/<l>`` for every layer, and ``weight_norm``, ``weight_dist``,
+    ``update_size``, ``update_ratio`` for the whole model.
+
+    Example:
+        >>> from sgdlens import PhaseMonitor, lenses
+        >>> opt = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1)
+        >>> monitor = PhaseMonitor(opt, lenses=[lenses.WeightNorms()])
+    """
+
+    name = "weights"
+
+    def __repr__(self) -> str:
+        return "WeightNorms()"
+
+    def init(self, view: ParamView) -> State:
+        self._view = view
+        with torch.no_grad():
+            return {"init": [p.detach().clone() for p in view.params], "prev": None}
+
+    def prepare(self, state: State, step: Step) -> State:
+        state["prev"] = [p.detach().clone() for p in self._view.params]
+        return state
+
+    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+        view = self._view
+        params = [p.detach() for p in view.params]
+        everything = range(len(params))
+        norm_sq = view.per_layer(_torch.norms(params, view.device, view.dtype).square(), everything)
+        dist = _torch.distances(params, state["init"], view.device, view.dtype)
+        dist_sq = view.per_layer(dist.square(), everything)
+        out = {
+            **per_layer_keys("weight_norm", view.layers, norm_sq.sqrt()),
+            **per_layer_keys("weight_dist", view.layers, dist_sq.sqrt()),
+            "weight_norm": norm_sq.sum().sqrt(),
+            "weight_dist": dist_sq.sum().sqrt(),
+        }
+        if state["prev"] is not None:
+            upd = _torch.distances(params, state["prev"], view.device, view.dtype)
+            upd_sq = view.per_layer(upd.square(), everything)
+            state["prev"] = None
+            out.update(per_layer_keys("update_size", view.layers, upd_sq.sqrt()))
+            out.update(per_layer_keys("update_ratio", view.layers, (upd_sq / norm_sq).sqrt()))
+            out["update_size"] = upd_sq.sum().sqrt()
+            out["update_ratio"] = (upd_sq.sum() / norm_sq.sum()).sqrt()
+        return out

@@ -1,0 +1,409 @@
+"""PhaseMonitor: attaches lenses to a ``torch.optim`` optimizer through its step hooks."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from sgdlens import _torch
+from sgdlens.lenses import default as default_lenses
+from sgdlens.lenses.base import Lens, ParamView, State, Step
+from sgdlens.records import History, Record
+
+__all__ = ["PhaseMonitor"]
+
+_ATTR = "_sgdlens_monitor"
+_STATE_VERSION = 1
+
+
+def unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The real ``torch.optim.Optimizer`` under framework wrappers.
+
+    Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer`` keep the real
+    optimizer in ``.optimizer`` (possibly nested); hooks must go on that object.
+    """
+    opt = optimizer
+    for _ in range(16):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, Optimizer) and inner is not opt:
+            opt = inner
+        elif isinstance(opt, Optimizer):
+            return opt
+        else:
+            break
+    raise TypeError(
+        f"PhaseMonitor(optimizer=...) needs a torch.optim.Optimizer (or a wrapper with one in "
+        f".optimizer), got {type(optimizer).__name__}; pass the optimizer you call .step() on"
+    )
+
+
+def _layer_names(opt: Optimizer, params: Sequence[Tensor], model: nn.Module | None) -> list[str]:
+    """A layer name per parameter: its owning module's name, else ``group<i>.<j>``."""
+    owner: dict[int, str] = {}
+    if model is not None:
+        for mname, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                owner.setdefault(id(p), mname or "model")
+    names = []
+    for gi, group in enumerate(opt.param_groups):
+        for pj, p in enumerate(group["params"]):
+            names.append(owner.get(id(p), f"group{gi}.{pj}"))
+    return names
+
+
+def build_view(opt: Optimizer, model: nn.Module | None, log_every: int) -> ParamView:
+    """The :class:`ParamView` of an optimizer's parameters, grouped into layers."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if not params:
+        raise ValueError("PhaseMonitor(optimizer=...) holds no parameters; nothing to monitor")
+    names = _layer_names(opt, params, model)
+    if model is not None:  # layers in module order, strays after
+        order = {m or "model": i for i, (m, _) in enumerate(model.named_modules())}
+        layers = sorted(dict.fromkeys(names), key=lambda n: (order.get(n, len(order)), n))
+    else:
+        layers = list(dict.fromkeys(names))
+    index = {n: i for i, n in enumerate(layers)}
+    device = params[0].device
+    return ParamView(
+        params=tuple(params),
+        layer_of=tuple(index[n] for n in names),
+        layers=tuple(layers),
+        device=device,
+        dtype=_torch.acc_dtype(device),
+        log_every=log_every,
+    )
+
+
+class PhaseMonitor:
+    """Watch an optimizer: per-step lenses on device, one record per log point.
+
+    The monitor attaches to *your* optimizer object with ``register_step_pre_hook`` and
+    ``register_step_post_hook``; LR schedulers, ``GradScaler``, ``state_dict()`` and framework
+    code keep working, and training is bit-for-bit the same as without it. After each
+    ``optimizer.step()`` every lens updates its on-device state (no host synchronisation);
+    every ``log_every`` steps the monitor stacks the lenses' results into one tensor, copies it
+    to the host once and sends the record to ``monitor.history`` and every sink.
+
+    Records hold ``step``, ``time``, the lenses' keys (``grad_snr/<layer>``, ``weight_norm``, …),
+    ``nonfinite_steps`` (steps whose gradients held NaN/Inf, skipped by every running
+    statistic) and the means of anything passed to :meth:`observe` since the last record.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer``, or a wrapper holding one in ``.optimizer``.
+        model: the model, to name layers after its modules (a module's own parameters form
+            one layer); without it layers are named ``group<i>.<j>`` per parameter.
+        lenses: the lenses to run (copied; see :mod:`sgdlens.lenses`); ``None`` for the
+            default ``[GradSNR(), WeightNorms(), GradNorm()]``.
+        sinks: where records go besides ``monitor.history``: callables taking a record, such
+            as :class:`sgdlens.sinks.JSONLSink`.
+        log_every: optimizer steps between records.
+
+    Example:
+        >>> import torch
+        >>> from sgdlens import PhaseMonitor
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> monitor = PhaseMonitor(opt, model=model, log_every=10)
+        >>> for _ in range(20):
+        ...     opt.zero_grad()
+        ...     loss = model(torch.randn(16, 4)).pow(2).mean()
+        ...     loss.backward()
+        ...     opt.step()
+        ...     monitor.observe(loss=loss)
+        >>> len(monitor.history), "grad_snr/0" in monitor.history.records[-1]
+        (2, True)
+        >>> monitor.close()
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        *,
+        model: nn.Module | None = None,
+        lenses: Iterable[Lens] | None = None,
+        sinks: Iterable[Callable[[Record], Any]] = (),
+        log_every: int = 50,
+    ) -> None:
+        opt = unwrap_optimizer(optimizer)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(
+                f"PhaseMonitor(model=...) must be a torch.nn.Module or None, got "
+                f"{type(model).__name__}; pass the module whose parameters the optimizer trains"
+            )
+        if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral):
+            raise TypeError(f"PhaseMonitor(log_every=...) must be an int, got {log_every!r}")
+        if log_every < 1:
+            raise ValueError(f"PhaseMonitor(log_every={log_every}) must be >= 1; e.g. 50")
+        lens_list = self._check_lenses(lenses)
+        if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
+            raise TypeError(
+                f"PhaseMonitor(sinks=...) must be a list of callables, got {sinks!r}; "
+                f"e.g. sinks=[JSONLSink('run.jsonl')]"
+            )
+        sink_list = list(sinks)
+        for i, s in enumerate(sink_list):
+            if not callable(s):
+                raise TypeError(
+                    f"PhaseMonitor(sinks=...)[{i}] is {type(s).__name__} ({s!r}), not callable; "
+                    f"a sink is called with each record, e.g. JSONLSink('run.jsonl') or print"
+                )
+        if getattr(opt, _ATTR, None) is not None:
+            raise ValueError(
+                f"this {type(opt).__name__} already has a PhaseMonitor; close() it first, or "
+                f"use PhaseMonitor.of(optimizer) to reach it"
+            )
+        self.optimizer = opt
+        self.model = model
+        self.log_every = int(log_every)
+        self.view = build_view(opt, model, self.log_every)
+        self.lenses = lens_list
+        self.states: list[State] = [lens.init(self.view) for lens in lens_list]
+        self.history = History()
+        self.sinks: list[Callable[[Record], Any]] = [self.history, *sink_list]
+        self.step = 0
+        self._n_params = len(self.view.params)
+        self._nonfinite = torch.zeros((), dtype=self.view.dtype, device=self.view.device)
+        self._observed: dict[str, list[Any]] = {}  # name -> [device sum, count]
+        self._warned: set[str] = set()
+        self._handles = [
+            opt.register_step_pre_hook(self._pre_step),
+            opt.register_step_post_hook(self._post_step),
+        ]
+        setattr(opt, _ATTR, self)
+
+    @staticmethod
+    def _check_lenses(lenses: Iterable[Lens] | None) -> list[Lens]:
+        if lenses is None:
+            return default_lenses()
+        if isinstance(lenses, (str, bytes)) or not isinstance(lenses, Iterable):
+            raise TypeError(
+                f"PhaseMonitor(lenses=...) must be a list of lenses or None, got {lenses!r}; "
+                f"e.g. lenses=[lenses.GradSNR(window=100), lenses.GradNorm()]"
+            )
+        out, names = [], set()
+        for i, lens in enumerate(lenses):
+            if not all(callable(getattr(lens, m, None)) for m in ("init", "update", "compute")):
+                raise TypeError(
+                    f"PhaseMonitor(lenses=...)[{i}] is {type(lens).__name__} ({lens!r}), not a "
+                    f"lens (init/update/compute); use one from sgdlens.lenses, e.g. GradSNR()"
+                )
+            name = getattr(lens, "name", type(lens).__name__)
+            if name in names:
+                raise ValueError(
+                    f"PhaseMonitor(lenses=...) holds two {name!r} lenses ({lens!r}); their keys "
+                    f"would collide: keep one"
+                )
+            names.add(name)
+            out.append(copy.copy(lens))
+        return out
+
+    # -- attaching -----------------------------------------------------------------------
+
+    @classmethod
+    def wrap(cls, optimizer: Any, **kwargs: Any) -> Any:
+        """Attach a monitor and return the *same* optimizer object (for one-expression set-up).
+
+        Example:
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = PhaseMonitor.wrap(torch.optim.AdamW(model.parameters()), model=model)
+            >>> PhaseMonitor.of(opt).log_every
+            50
+        """
+        cls(optimizer, **kwargs)
+        return optimizer
+
+    @staticmethod
+    def of(optimizer: Any) -> PhaseMonitor:
+        """The monitor attached to ``optimizer`` (or to the optimizer it wraps)."""
+        mon = getattr(unwrap_optimizer(optimizer), _ATTR, None)
+        if mon is None:
+            raise LookupError(
+                f"no PhaseMonitor is attached to this {type(optimizer).__name__}; attach one "
+                f"with PhaseMonitor(optimizer, model=model) or PhaseMonitor.wrap(...)"
+            )
+        return mon
+
+    def close(self) -> None:
+        """Remove every hook and close the sinks. Idempotent; ``history`` stays readable."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if getattr(self.optimizer, _ATTR, None) is self:
+            delattr(self.optimizer, _ATTR)
+        for sink in self.sinks[1:]:
+            if callable(getattr(sink, "close", None)):
+                sink.close()  # type: ignore[attr-defined]
+
+    def flush(self) -> None:
+        """Flush every sink that can be flushed."""
+        for sink in self.sinks:
+            if callable(getattr(sink, "flush", None)):
+                sink.flush()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> PhaseMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"PhaseMonitor({type(self.optimizer).__name__}, step={self.step}, "
+            f"log_every={self.log_every}, layers={len(self.view.layers)}, lenses={self.lenses})"
+        )
+
+    # -- the hot path --------------------------------------------------------------------
+
+    def observe(self, **values: Tensor | float) -> None:
+        """Record scalars such as the loss; each record carries their mean since the last one.
+
+        Tensors stay on their device (no synchronisation); pass the loss tensor as it is.
+
+        Example:
+            >>> monitor.observe(loss=loss)  # doctest: +SKIP
+        """
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ValueError(
+                        f"observe({name}=...) needs a single number, got a tensor of shape "
+                        f"{tuple(value.shape)}; reduce it first, e.g. {name}=loss.mean()"
+                    )
+                v = value.detach().reshape(()).to(device=self.view.device, dtype=self.view.dtype)
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                v = torch.tensor(float(value), dtype=self.view.dtype, device=self.view.device)
+            else:
+                raise TypeError(f"observe({name}=...) must be a number or tensor, got {value!r}")
+            slot = self._observed.get(name)
+            if slot is None:
+                self._observed[name] = [v.clone(), 1]
+            else:
+                slot[0].add_(v)
+                slot[1] += 1
+
+    def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if (self.step + 1) % self.log_every:
+            return
+        step = Step(self.view, self.step + 1, logging=True)
+        with torch.no_grad():
+            for lens, state in zip(self.lenses, self.states):
+                lens.prepare(state, step)
+
+    def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self.step += 1
+        logging = self.step % self.log_every == 0
+        step = Step(self.view, self.step, logging)
+        with torch.no_grad():
+            for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
+                self.states[i] = lens.update(state, step)
+            self._nonfinite.add_(~step.ok)
+            if logging:
+                self._check_param_groups()
+                self._log(step)
+
+    def _check_param_groups(self) -> None:
+        n = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        if n != self._n_params and "groups" not in self._warned:
+            self._warned.add("groups")
+            warnings.warn(
+                f"the optimizer now holds {n} parameters, the monitor watches the "
+                f"{self._n_params} it held when attached; attach a new monitor after "
+                f"add_param_group()",
+                stacklevel=3,
+            )
+
+    def _log(self, step: Step) -> None:
+        values: dict[str, Tensor] = {}
+        for lens, state in zip(self.lenses, self.states):
+            values.update(lens.compute(state, step))
+        values["nonfinite_steps"] = self._nonfinite
+        for name, (total, count) in self._observed.items():
+            values[name] = total / count
+        self._observed = {}
+        dev, dt = self.view.device, self.view.dtype
+        host = torch.stack([v.to(device=dev, dtype=dt) for v in values.values()]).tolist()
+        record: Record = {"step": self.step, "time": time.time()}
+        record.update(zip(values, host))
+        record["nonfinite_steps"] = int(record["nonfinite_steps"])
+        self._emit(record)
+
+    def _emit(self, record: Record) -> None:
+        for sink in self.sinks:
+            try:
+                sink(record)
+            except Exception as e:  # a broken sink must not stop training
+                key = repr(sink)
+                if key not in self._warned:
+                    self._warned.add(key)
+                    warnings.warn(f"sink {sink!r} failed and is skipped: {e!r}", stacklevel=4)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state: step count, counters and every lens's state (tensors, numbers).
+
+        Save it beside the model's and optimizer's; a run resumed from all three produces the
+        records the uninterrupted run would have. Loadable with ``torch.load(weights_only=True)``.
+        Like ``nn.Module.state_dict`` it holds references to live tensors, not copies.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "step": self.step,
+            "nonfinite": self._nonfinite,
+            "observed": {k: [v[0], v[1]] for k, v in self._observed.items()},
+            "lenses": [repr(lens) for lens in self.lenses],
+            "states": list(self.states),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` taken from a monitor built with the same arguments."""
+        if not isinstance(state_dict, Mapping) or state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(
+                "load_state_dict(state_dict=...) needs a dict from PhaseMonitor.state_dict() "
+                f"(version {_STATE_VERSION}); got {type(state_dict).__name__}"
+            )
+        saved = list(state_dict["lenses"])
+        mine = [repr(lens) for lens in self.lenses]
+        if saved != mine:
+            raise ValueError(
+                f"load_state_dict: the checkpoint's lenses {saved} differ from this monitor's "
+                f"{mine}; build the monitor with the same lenses"
+            )
+        for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
+            self.states[i] = _load_into(state, loaded, f"states[{i}]")
+        self.step = int(state_dict["step"])
+        self._nonfinite.copy_(state_dict["nonfinite"])
+        self._observed = {
+            k: [torch.as_tensor(v[0]).to(self.view.device, self.view.dtype).clone(), int(v[1])]
+            for k, v in state_dict["observed"].items()
+        }
+
+
+def _load_into(current: Any, loaded: Any, path: str) -> Any:
+    """Copy ``loaded`` into the structure of ``current``, tensors in place (keeping devices)."""
+    if isinstance(current, Tensor):
+        if not isinstance(loaded, Tensor) or loaded.shape != current.shape:
+            raise ValueError(f"load_state_dict: {path} does not match this monitor's parameters")
+        current.copy_(loaded)
+        return current
+    if isinstance(current, dict):
+        if not isinstance(loaded, Mapping) or set(loaded) != set(current):
+            raise ValueError(f"load_state_dict: {path} has other entries than this monitor's")
+        for k in current:
+            current[k] = _load_into(current[k], loaded[k], f"{path}[{k!r}]")
+        return current
+    if isinstance(current, list) and isinstance(loaded, (list, tuple)):
+        if len(loaded) != len(current):
+            raise ValueError(
+                f"load_state_dict: {path} holds {len(loaded)} entries, not {len(current)}"
+            )
+        return [_load_into(c, x, f"{path}[{j}]") for j, (c, x) in enumerate(zip(current, loaded))]
+    return loaded
