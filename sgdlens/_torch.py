@@ -70,7 +70,10 @@ def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -
         if t.is_sparse:
             t = t.coalesce()
             vals = torch.where(ok, t.values(), 0)
-            buf.add_(torch.sparse_coo_tensor(t.indices(), vals, t.shape).to(buf.dtype))
+            masked = torch.sparse_coo_tensor(
+                t.indices(), vals, t.shape, is_coalesced=True, check_invariants=False
+            )
+            buf.add_(masked.to(buf.dtype))
         else:
             buf.add_(torch.where(ok, t, 0))
 

@@ -33,12 +33,11 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
     opt = optimizer
     for _ in range(16):
         inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, Optimizer) and inner is not opt:
-            opt = inner
-        elif isinstance(opt, Optimizer):
-            return opt
-        else:
+        if inner is None or inner is opt:
             break
+        opt = inner
+    if isinstance(opt, Optimizer):
+        return opt
     raise TypeError(
         f"PhaseMonitor(optimizer=...) needs a torch.optim.Optimizer (or a wrapper with one in "
         f".optimizer), got {type(optimizer).__name__}; pass the optimizer you call .step() on"
@@ -109,7 +108,8 @@ class PhaseMonitor:
     Example:
         >>> import torch
         >>> from sgdlens import PhaseMonitor
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> monitor = PhaseMonitor(opt, model=model, log_every=10)
         >>> for _ in range(20):
@@ -122,6 +122,21 @@ class PhaseMonitor:
         (2, True)
         >>> monitor.close()
     """
+
+    optimizer: Optimizer
+    model: nn.Module | None
+    log_every: int
+    view: ParamView
+    lenses: list[Lens]
+    states: list[State]
+    history: History
+    sinks: list[Callable[[Record], Any]]
+    step: int
+    _n_params: int
+    _nonfinite: Tensor
+    _observed: dict[str, list[Any]]
+    _warned: set[str]
+    _handles: list[Any]
 
     def __init__(
         self,
@@ -165,9 +180,9 @@ class PhaseMonitor:
         self.log_every = int(log_every)
         self.view = build_view(opt, model, self.log_every)
         self.lenses = lens_list
-        self.states: list[State] = [lens.init(self.view) for lens in lens_list]
+        self.states = [lens.init(self.view) for lens in lens_list]
         self.history = History()
-        self.sinks: list[Callable[[Record], Any]] = [self.history, *sink_list]
+        self.sinks = [self.history, *sink_list]
         self.step = 0
         self._n_params = len(self.view.params)
         self._nonfinite = torch.zeros((), dtype=self.view.dtype, device=self.view.device)
@@ -265,6 +280,8 @@ class PhaseMonitor:
     def observe(self, **values: Tensor | float) -> None:
         """Record scalars such as the loss; each record carries their mean since the last one.
 
+        Call it before ``optimizer.step()`` (after ``backward()``), so that a record at step
+        ``s`` averages the losses of the batches that drove steps ``s − log_every + 1 … s``.
         Tensors stay on their device (no synchronisation); pass the loss tensor as it is.
 
         Example:
@@ -310,7 +327,7 @@ class PhaseMonitor:
                 self._log(step)
 
     def _check_param_groups(self) -> None:
-        n = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        n = len([p for g in self.optimizer.param_groups for p in g["params"]])
         if n != self._n_params and "groups" not in self._warned:
             self._warned.add("groups")
             warnings.warn(

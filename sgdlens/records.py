@@ -11,11 +11,11 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-Value = Union[int, float, str]
+Value = int | float | str
 Record = dict[str, Value]
 
 

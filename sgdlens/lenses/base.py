@@ -64,7 +64,7 @@ class ParamView:
         return self._index[key]
 
     def per_layer(self, values: Tensor, which: Sequence[int]) -> Tensor:
-        """Sum per-parameter ``values`` (aligned with ``which``) into a ``(len(layers),)`` tensor."""
+        """Sum per-parameter ``values`` (aligned with ``which``) into one entry per layer."""
         out = torch.zeros(len(self.layers), dtype=values.dtype, device=self.device)
         return out.index_add_(0, self.layer_index(which), values)
 
@@ -134,7 +134,7 @@ class Step:
 
     @cached_property
     def grad_sq(self) -> Tensor:
-        """Squared gradient norm per parameter (0 where there is no gradient), on ``view.device``."""
+        """Squared gradient norm per parameter (0 where there is none)."""
         view = self.view
         grads = [g for g in self.grads if g is not None]
         sq = _torch.norms(grads, view.device, view.dtype).square()
