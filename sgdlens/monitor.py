@@ -40,7 +40,8 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
         return opt
     raise TypeError(
         f"PhaseMonitor(optimizer=...) needs a torch.optim.Optimizer (or a wrapper with one in "
-        f".optimizer), got {type(optimizer).__name__}; pass the optimizer you call .step() on"
+        f".optimizer), got {type(optimizer).__name__} {optimizer!r:.80}; pass the optimizer you "
+        f"call .step() on"
     )
 
 
@@ -151,7 +152,7 @@ class PhaseMonitor:
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(
                 f"PhaseMonitor(model=...) must be a torch.nn.Module or None, got "
-                f"{type(model).__name__}; pass the module whose parameters the optimizer trains"
+                f"{type(model).__name__} {model!r}; pass the module whose parameters it trains"
             )
         if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral):
             raise TypeError(f"PhaseMonitor(log_every=...) must be an int, got {log_every!r}")

@@ -45,7 +45,10 @@ def make_model(seed: int = 0) -> nn.Module:
 
 def batches(n: int, seed: int = 2, size: int = 8):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 5, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(size, 5, generator=g), torch.randint(0, 3, (size,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def train(opt_name, steps, monitor_kwargs=None, record=False, model=None, data_seed=2):
@@ -54,7 +57,12 @@ def train(opt_name, steps, monitor_kwargs=None, record=False, model=None, data_s
     opt = OPTIMIZERS[opt_name](model.parameters())
     mon = None if monitor_kwargs is None else PhaseMonitor(opt, model=model, **monitor_kwargs)
     torch.manual_seed(1)  # dropout masks
-    trace = {"grads": [], "before": [], "after": [], "init": [p.detach().double().clone() for p in model.parameters()]}
+    trace = {
+        "grads": [],
+        "before": [],
+        "after": [],
+        "init": [p.detach().double().clone() for p in model.parameters()],
+    }
     for x, y in batches(steps, data_seed):
 
         def closure():

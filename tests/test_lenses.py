@@ -47,7 +47,9 @@ def test_default_lenses_match_reference(opt_name):
             assert close(rec[f"weight_dist/{name}"], float((after[li] - init[li]).norm()))
             upd = float((after[li] - before[li]).norm())
             assert close(rec[f"update_size/{name}"], upd, rel=1e-4, abs_=1e-7)
-            assert close(rec[f"update_ratio/{name}"], upd / float(after[li].norm()), rel=1e-4, abs_=1e-7)
+            assert close(
+                rec[f"update_ratio/{name}"], upd / float(after[li].norm()), rel=1e-4, abs_=1e-7
+            )
         w = torch.cat(after)
         assert close(rec["weight_norm"], float(w.norm()))
         assert close(rec["weight_dist"], float((w - torch.cat(init)).norm()))
@@ -63,7 +65,10 @@ def test_default_lenses_match_reference(opt_name):
 def test_ema_and_weights_only_match_reference(opt_name):
     beta = 0.8
     _, _, mon, tr = train(
-        opt_name, STEPS, {"log_every": K, "lenses": [lenses.GradSNR(decay=beta, weights_only=True)]}, record=True
+        opt_name,
+        STEPS,
+        {"log_every": K, "lenses": [lenses.GradSNR(decay=beta, weights_only=True)]},
+        record=True,
     )
     for rec in mon.history.records:
         s = rec["step"]
@@ -76,14 +81,18 @@ def test_ema_and_weights_only_match_reference(opt_name):
 
 
 def test_weights_only_window_skips_biases():
-    _, _, mon, tr = train("sgd", 10, {"log_every": 10, "lenses": [lenses.GradSNR(weights_only=True)]}, record=True)
+    _, _, mon, tr = train(
+        "sgd", 10, {"log_every": 10, "lenses": [lenses.GradSNR(weights_only=True)]}, record=True
+    )
     rec = mon.history.records[-1]
     m, sd, _ = window_snr([g[0].reshape(-1) for g in tr["grads"]])
     assert close(rec["grad_mean/fc1"], m) and close(rec["grad_std/fc1"], sd, rel=1e-4)
 
 
 def test_window_longer_than_log_interval_reports_last_completed_window():
-    _, _, mon, tr = train("sgd", 20, {"log_every": 5, "lenses": [lenses.GradSNR(window=10)]}, record=True)
+    _, _, mon, tr = train(
+        "sgd", 20, {"log_every": 5, "lenses": [lenses.GradSNR(window=10)]}, record=True
+    )
     recs = mon.history.records
     assert "grad_snr" not in recs[0]  # no window completed at step 5
     m, sd, _ = window_snr([layer_vectors(g, LAYER_OF, 2)[1] for g in tr["grads"][:10]])

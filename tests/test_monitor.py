@@ -38,11 +38,20 @@ def _same(a, b):
 
 def test_layers_follow_modules_or_param_groups():
     model = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 1)))
-    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=0.1)
+    opt = torch.optim.SGD(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=0.1
+    )
     with PhaseMonitor(opt, model=model) as mon:
         assert mon.view.layers == ("0", "1.0", "1.1")
     with PhaseMonitor(opt) as mon:
-        assert mon.view.layers == ("group0.0", "group0.1", "group1.0", "group1.1", "group1.2", "group1.3")
+        assert mon.view.layers == (
+            "group0.0",
+            "group0.1",
+            "group1.0",
+            "group1.1",
+            "group1.2",
+            "group1.3",
+        )
     lin = nn.Linear(2, 2)
     with PhaseMonitor(torch.optim.SGD(lin.parameters(), lr=0.1), model=lin) as mon:
         assert mon.view.layers == ("model",)
@@ -141,8 +150,12 @@ def test_missing_gradient_counts_as_zero():
         q.grad = None
         opt.step()
     rec = mon.history.records[-1]
-    m, s, _ = window_snr_fast([torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)])
-    assert rec["grad_mean/group0.1"] == pytest.approx(m) and rec["grad_std/group0.1"] == pytest.approx(s)
+    m, s, _ = window_snr_fast(
+        [torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)]
+    )
+    assert rec["grad_mean/group0.1"] == pytest.approx(m) and rec[
+        "grad_std/group0.1"
+    ] == pytest.approx(s)
 
 
 @pytest.mark.parametrize("decay", [None, 0.9])
@@ -152,7 +165,9 @@ def test_sparse_gradients(decay):
     opt = torch.optim.SparseAdam(list(emb.parameters()), lr=0.01)
     lens = lenses.GradSNR(window=4) if decay is None else lenses.GradSNR(decay=decay)
     grads = []
-    with PhaseMonitor(opt, model=emb, lenses=[lens, lenses.GradNorm(), lenses.WeightNorms()], log_every=4) as mon:
+    with PhaseMonitor(
+        opt, model=emb, lenses=[lens, lenses.GradNorm(), lenses.WeightNorms()], log_every=4
+    ) as mon:
         for _ in range(8):
             opt.zero_grad()
             idx = torch.randint(0, 20, (6,))

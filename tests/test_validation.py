@@ -1,0 +1,73 @@
+"""Every constructor argument: bad input raises TypeError/ValueError naming argument, value, fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sgdlens import PhaseMonitor, lenses
+from sgdlens.datasets import tishby12
+from sgdlens.sinks import JSONLSink
+
+
+@pytest.fixture
+def opt():
+    return torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        ({"model": "net"}, TypeError, r"model=.*torch.nn.Module.*str .net."),
+        ({"log_every": 0}, ValueError, r"log_every=0.*>= 1"),
+        ({"log_every": 2.5}, TypeError, r"log_every=.*2.5"),
+        ({"log_every": True}, TypeError, r"log_every=.*True"),
+        ({"lenses": lenses.GradSNR()}, TypeError, r"lenses=.*list of lenses"),
+        ({"lenses": [object()]}, TypeError, r"lenses=...\)\[0\].*not a lens"),
+        ({"lenses": [lenses.GradSNR(), lenses.GradSNR(decay=0.9)]}, ValueError, r"two 'grad_snr'"),
+        ({"sinks": "run.jsonl"}, TypeError, r"sinks=.*JSONLSink"),
+        ({"sinks": [3]}, TypeError, r"sinks=...\)\[0\].*not callable"),
+    ],
+)
+def test_monitor_arguments(opt, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        PhaseMonitor(opt, **kwargs)
+    assert not opt._optimizer_step_post_hooks  # nothing attached on failure
+
+
+def test_monitor_optimizer_argument():
+    with pytest.raises(TypeError, match=r"optimizer=.*torch.optim.Optimizer.*got list \[1, 2\]"):
+        PhaseMonitor([1, 2])
+    with pytest.raises(ValueError, match="no parameters"):
+        PhaseMonitor(torch.optim.SGD([{"params": []}], lr=0.1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        ({"window": 0}, ValueError, r"window=0.*>= 1"),
+        ({"window": 1.5}, TypeError, r"window=.*1.5"),
+        ({"decay": 1.0}, ValueError, r"decay=1.0.*\(0, 1\)"),
+        ({"decay": "0.9"}, TypeError, r"decay=.*'0.9'"),
+        ({"window": 5, "decay": 0.9}, ValueError, r"window=5, decay=0.9.*one of"),
+        ({"weights_only": 1}, TypeError, r"weights_only=.*1"),
+    ],
+)
+def test_grad_snr_arguments(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        lenses.GradSNR(**kwargs)
+
+
+def test_jsonl_sink_arguments(tmp_path):
+    with pytest.raises(TypeError, match=r"path=.*int"):
+        JSONLSink(3)
+    with pytest.raises(ValueError, match=r"is a folder"):
+        JSONLSink(tmp_path)
+    with pytest.raises(TypeError, match=r"fsync="):
+        JSONLSink(tmp_path / "a.jsonl", fsync="yes")
+
+
+def test_tishby12_argument():
+    with pytest.raises(TypeError, match=r"dtype="):
+        tishby12(torch.long)
