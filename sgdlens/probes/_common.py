@@ -1,0 +1,306 @@
+"""Shared machinery of the probes: data handling, functional evaluation, flat parameter spaces.
+
+Nothing here mutates a user module: losses at other weights are evaluated with
+``torch.func.functional_call`` on a small wrapper module that calls the user's ``loss_fn``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+MODES = ("eval", "train")
+
+_PLOT_HINT = 'pip install "sgdlens[plot]"'
+
+
+class Batches:
+    """Mark an iterable explicitly as *several* batches.
+
+    Probes accept ``data`` as one batch or as an iterable of batches. A tensor, a tuple, a dict,
+    or a list of tensors (``[x, y]`` as a ``DataLoader`` yields it) is one batch; a list of
+    tuples/lists/dicts, a ``DataLoader`` or any other iterable is several. Wrap in ``Batches``
+    where that guess would be wrong, e.g. a list of input-only tensor batches.
+
+    Example:
+        >>> import torch
+        >>> from sgdlens.probes import Batches
+        >>> data = Batches([torch.randn(4, 3), torch.randn(4, 3)])
+        >>> len(data.batches)
+        2
+    """
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+            raise TypeError(
+                f"Batches(batches=...) needs an iterable of batches, got "
+                f"{type(batches).__name__}; pass e.g. a list of (x, y) tuples"
+            )
+        self.batches = list(batches)
+
+    def __repr__(self) -> str:
+        return f"Batches(<{len(self.batches)} batches>)"
+
+
+def as_batches(data: Any, name: str = "data") -> list[Any]:
+    """The list of batches that ``data`` stands for (see :class:`Batches`)."""
+    if isinstance(data, Batches):
+        out = data.batches
+    elif data is None or isinstance(data, (Tensor, tuple, Mapping)):
+        out = [data]
+    elif isinstance(data, list):
+        if not data or all(isinstance(b, (tuple, list, Mapping)) for b in data):
+            out = data
+        else:
+            out = [data]
+    elif isinstance(data, (str, bytes)):
+        raise TypeError(
+            f"{name} must be one batch or an iterable of batches, got a {type(data).__name__} "
+            f"{data!r:.40}; pass tensors, e.g. (x, y)"
+        )
+    elif isinstance(data, Iterable):
+        out = list(data)
+    else:
+        out = [data]
+    if not out:
+        raise ValueError(
+            f"{name} holds no batches (got an empty {type(data).__name__}); pass at least one batch"
+        )
+    return out
+
+
+def check_model(model: Any, name: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{name} must be a torch.nn.Module, got {type(model).__name__}; pass the model "
+            "itself (state dicts are accepted only where documented)"
+        )
+    return model
+
+
+def check_fn(fn: Any, name: str = "loss_fn") -> None:
+    if not callable(fn):
+        raise TypeError(
+            f"{name} must be a callable (model, batch) -> scalar tensor, got "
+            f"{type(fn).__name__}; e.g. lambda m, b: F.cross_entropy(m(b[0]), b[1])"
+        )
+
+
+def check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise ValueError(
+            f"mode must be 'eval' or 'train', got {mode!r}; 'eval' (the default) evaluates with "
+            "dropout off and BatchNorm running statistics"
+        )
+    return str(mode)
+
+
+def check_int(value: Any, name: str, minimum: int, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}{hint}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}{hint}")
+    return value
+
+
+def check_positive(value: Any, name: str, hint: str = "", allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}{hint}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}{hint}")
+    return v
+
+
+def check_generator(generator: Any) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+            "pass torch.Generator().manual_seed(0)"
+        )
+    return generator
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Put ``model`` in ``mode`` (inside :func:`preserved`, which restores every flag)."""
+    model.train(mode == "train")
+
+
+class _Bound(nn.Module):
+    """``forward(batch) = fn(model, batch)``; lets ``functional_call`` swap the model's tensors."""
+
+    def __init__(self, model: nn.Module, fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.fn(self.model, batch)
+
+
+def _check_scalar(out: Any, name: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"{name} must return a scalar tensor, got {type(out).__name__}; return the loss "
+            "tensor itself, not loss.item()"
+        )
+    if out.numel() != 1:
+        raise ValueError(
+            f"{name} must return a scalar tensor, got shape {tuple(out.shape)}; reduce it, "
+            "e.g. with .mean()"
+        )
+    return out.reshape(())
+
+
+class Evaluator:
+    """Mean of ``fn(model, batch)`` over batches at any weights, via ``functional_call``.
+
+    ``named`` maps full parameter/buffer names (``model.named_parameters()`` /
+    ``named_buffers()`` spelling) to the tensors to use; names left out use the module's own.
+    """
+
+    def __init__(
+        self, model: nn.Module, fn: LossFn, batches: Sequence[Any], name: str, seed: int | None
+    ) -> None:
+        self.model = model
+        self.bound = _Bound(model, fn)
+        self.batches = batches
+        self.name = name
+        self.seed = seed
+        self.calls = 0
+
+    def one(self, named: Mapping[str, Tensor], i: int) -> Tensor:
+        """``fn`` on batch ``i``; with a seed, the global RNG is re-seeded first (same dropout
+        masks at every evaluation of one probe; :func:`preserved` restores the RNG after)."""
+        self.calls += 1
+        if self.seed is not None:
+            torch.manual_seed(self.seed + i)
+        pb = {"model." + k: v for k, v in named.items()}
+        out = torch.func.functional_call(self.bound, pb, (self.batches[i],))
+        return _check_scalar(out, self.name)
+
+    def mean(self, named: Mapping[str, Tensor]) -> Tensor:
+        total: Tensor | None = None
+        for i in range(len(self.batches)):
+            val = self.one(named, i)
+            total = val if total is None else total + val
+        assert total is not None
+        return total / len(self.batches)
+
+
+def probe_seed() -> int:
+    """A seed drawn from the global torch RNG (restored by :func:`preserved` afterwards)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def trainable(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Named parameters that require grad, tied weights once (the first name)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def param_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters()]
+
+
+def buffer_items(model: nn.Module) -> list[tuple[str, Tensor]]:
+    return list(model.named_buffers())
+
+
+@dataclass
+class Space:
+    """A flat view of a list of named tensors (one common compute dtype)."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, items: Sequence[tuple[str, Tensor]]) -> Space:
+        if not items:
+            raise ValueError(
+                "the model has no parameters that require grad; set requires_grad=True on the "
+                "parameters to probe"
+            )
+        dtype = items[0][1].dtype
+        for _, t in items[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        if not dtype.is_floating_point:
+            raise TypeError(f"parameters must be floating point, got {dtype}")
+        return cls(
+            names=[n for n, _ in items],
+            shapes=[t.shape for _, t in items],
+            dtypes=[t.dtype for _, t in items],
+            device=items[0][1].device,
+            dtype=dtype,
+        )
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+
+    def flatten_dict(self, named: Mapping[str, Tensor]) -> Tensor:
+        missing = [n for n in self.names if n not in named]
+        if missing:
+            raise ValueError(
+                f"the vector is missing entries for {missing[:3]}; give one tensor per "
+                f"trainable parameter ({len(self.names)} names, e.g. {self.names[:3]})"
+            )
+        return self.flatten([named[n] for n in self.names])
+
+    def unflatten(self, flat: Tensor) -> list[Tensor]:
+        out = []
+        i = 0
+        for s, dt in zip(self.shapes, self.dtypes):
+            n = math.prod(s)
+            out.append(flat[i : i + n].reshape(s).to(dt))
+            i += n
+        return out
+
+    def to_dict(self, flat: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.unflatten(flat)))
+
+
+def progress_iter(it: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterator[Any]:
+    """``it`` wrapped in a tqdm bar when ``enabled`` (tqdm is an optional extra)."""
+    if not enabled:
+        yield from it
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"progress=True needs tqdm, which is not installed; run {_PLOT_HINT} "
+            "(or pip install tqdm), or pass progress=False"
+        ) from e
+    with tqdm(total=total, desc=desc, leave=False) as bar:
+        for x in it:
+            yield x
+            bar.update(1)
+
+
+def unwrap_optimizer(optimizer: Any, name: str = "optimizer") -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` behind framework wrappers (``.optimizer`` chains)."""
+    seen = 0
+    opt = optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer") and seen < 8:
+        opt = opt.optimizer
+        seen += 1
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(
+            f"{name} must be a torch.optim.Optimizer (or a wrapper exposing .optimizer), got "
+            f"{type(optimizer).__name__}"
+        )
+    return opt
