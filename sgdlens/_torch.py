@@ -60,21 +60,38 @@ def distances(
     )  # fmt: skip
 
 
+# Devices where reading a 0-d tensor costs no host-device synchronisation. On these the
+# masked updates branch in Python and use one fused foreach op; elsewhere they select with
+# torch.where per tensor, which never synchronises. Tests empty this set to cover both paths.
+FREE_HOST_READ = {"cpu"}
+
+
+def _host_flag(ok: Tensor) -> bool | None:
+    """The value of a 0-d bool tensor where reading it is free (see FREE_HOST_READ), else None."""
+    return bool(ok) if ok.device.type in FREE_HOST_READ else None
+
+
 def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -> None:
     """``buf += t`` for every pair when the 0-d bool ``ok`` holds, else leave ``buf`` untouched.
 
-    NaN·0 is NaN, so a multiplicative mask cannot drop a non-finite step; ``torch.where``
-    selects instead, with no host synchronisation.
+    NaN·0 is NaN, so a multiplicative mask cannot drop a non-finite step; on accelerators
+    ``torch.where`` selects instead, with no host synchronisation.
     """
+    flag = _host_flag(ok)
+    if flag is False:
+        return
+    dense = [(b, t) for b, t in zip(bufs, tensors) if not t.is_sparse]
+    if flag and dense:
+        torch._foreach_add_([b for b, _ in dense], [t.to(b.dtype) for b, t in dense])
     for buf, t in zip(bufs, tensors):
         if t.is_sparse:
             t = t.coalesce()
-            vals = torch.where(ok, t.values(), 0)
+            vals = t.values() if flag else torch.where(ok, t.values(), 0)
             masked = torch.sparse_coo_tensor(
                 t.indices(), vals, t.shape, is_coalesced=True, check_invariants=False
             )
             buf.add_(masked.to(buf.dtype))
-        else:
+        elif not flag:
             buf.add_(torch.where(ok, t, 0))
 
 
@@ -82,9 +99,17 @@ def masked_lerp_(
     bufs: Sequence[Tensor], tensors: Sequence[Tensor], weight: float, ok: Tensor
 ) -> None:
     """``buf ← buf + weight·(t − buf)`` where ``ok`` holds, else unchanged (exactly)."""
-    for buf, t in zip(bufs, tensors):
-        t = t.to_dense() if t.is_sparse else t
-        buf.lerp_(torch.where(ok, t.to(buf.dtype), buf), weight)
+    flag = _host_flag(ok)
+    if flag is False or not bufs:
+        return
+    dense = [
+        t.to_dense().to(b.dtype) if t.is_sparse else t.to(b.dtype) for b, t in zip(bufs, tensors)
+    ]
+    if flag:
+        torch._foreach_lerp_(list(bufs), dense, weight)
+        return
+    for buf, t in zip(bufs, dense):
+        buf.lerp_(torch.where(ok, t, buf), weight)
 
 
 def zero_(tensors: Sequence[Tensor]) -> None:

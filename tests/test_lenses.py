@@ -62,7 +62,7 @@ def test_default_lenses_match_reference(opt_name):
 
 
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam", "lbfgs"])
-def test_ema_and_weights_only_match_reference(opt_name):
+def test_ema_and_weights_only_match_reference(opt_name, mask_path):
     beta = 0.8
     _, _, mon, tr = train(
         opt_name,
@@ -89,7 +89,7 @@ def test_weights_only_window_skips_biases():
     assert close(rec["grad_mean/fc1"], m) and close(rec["grad_std/fc1"], sd, rel=1e-4)
 
 
-def test_window_longer_than_log_interval_reports_last_completed_window():
+def test_window_longer_than_log_interval_reports_last_completed_window(mask_path):
     _, _, mon, tr = train(
         "sgd", 20, {"log_every": 5, "lenses": [lenses.GradSNR(window=10)]}, record=True
     )

@@ -116,7 +116,7 @@ def _null_run(grad_seq, lens, log_every):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_steps_are_counted_and_skipped(bad):
+def test_nonfinite_steps_are_counted_and_skipped(bad, mask_path):
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(6, generator=gen) + 1.0 for _ in range(10)]
     poisoned = [g.clone() for g in grads]
@@ -159,7 +159,7 @@ def test_missing_gradient_counts_as_zero():
 
 
 @pytest.mark.parametrize("decay", [None, 0.9])
-def test_sparse_gradients(decay):
+def test_sparse_gradients(decay, mask_path):
     torch.manual_seed(0)
     emb = nn.Embedding(20, 4, sparse=True)
     opt = torch.optim.SparseAdam(list(emb.parameters()), lr=0.01)
