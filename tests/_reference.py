@@ -39,7 +39,8 @@ def window_snr_fast(grads_per_step):
 def ema_snr(grads_per_step, beta):
     m = torch.zeros_like(grads_per_step[0])
     s = 0.0
-    for t, g in enumerate(grads_per_step, 1):
+    t = 0
+    for t, g in enumerate(grads_per_step, 1):  # noqa: B007 - t is used after the loop
         m = beta * m + (1 - beta) * g
         s = beta * s + (1 - beta) * float(g @ g)
     corr = 1 - beta**t

@@ -1,0 +1,5 @@
+import sys
+
+from sgdlens.cli import main
+
+sys.exit(main())
