@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from sgdlens import _torch
 from sgdlens.lenses import default as default_lenses
 from sgdlens.lenses.base import Lens, ParamView, State, Step
+from sgdlens.phase import PhaseDetector, PhaseEvent
 from sgdlens.records import History, Record
 
 __all__ = ["PhaseMonitor"]
@@ -105,6 +106,17 @@ class PhaseMonitor:
         sinks: where records go besides ``monitor.history``: callables taking a record, such
             as :class:`sgdlens.sinks.JSONLSink`.
         log_every: optimizer steps between records.
+        detector: the :class:`~sgdlens.phase.PhaseDetector` that reads each record (its phase
+            keys ``phase`` and ``phase/<layer>`` go into the record); ``True`` for a default
+            one, ``False`` for none.
+        trace_steps: per-step loss and gradient norm kept on device for the last
+            ``trace_steps`` steps (default: ``log_every``) and written out with each phase
+            event or loss spike, so the steps before it are never lost; 0 turns it off.
+
+    Phase events reach ``monitor.events``, every :meth:`on_phase_change` callback, and every
+    sink as an event record ``{"step", "time", "event", "layer", "old", "evidence/<name>",
+    "trace/step", "trace/loss", "trace/grad_norm"}`` (``History`` keeps those apart in
+    ``history.events``).
 
     Example:
         >>> import torch
@@ -138,6 +150,11 @@ class PhaseMonitor:
     _observed: dict[str, list[Any]]
     _warned: set[str]
     _handles: list[Any]
+    _lens_handles: list[Any]
+    detector: PhaseDetector | None
+    _callbacks: list[Callable[[PhaseEvent], Any]]
+    _trace: Tensor
+    _last_loss: Tensor
 
     def __init__(
         self,
@@ -147,6 +164,8 @@ class PhaseMonitor:
         lenses: Iterable[Lens] | None = None,
         sinks: Iterable[Callable[[Record], Any]] = (),
         log_every: int = 50,
+        detector: PhaseDetector | bool = True,
+        trace_steps: int | None = None,
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         if model is not None and not isinstance(model, nn.Module):
@@ -158,6 +177,18 @@ class PhaseMonitor:
             raise TypeError(f"PhaseMonitor(log_every=...) must be an int, got {log_every!r}")
         if log_every < 1:
             raise ValueError(f"PhaseMonitor(log_every={log_every}) must be >= 1; e.g. 50")
+        if detector is True:
+            detector = PhaseDetector()
+        elif detector is not False and not isinstance(detector, PhaseDetector):
+            raise TypeError(
+                f"PhaseMonitor(detector=...) must be a PhaseDetector, True or False, got "
+                f"{detector!r}; e.g. detector=PhaseDetector(enter_diffusion=0.7)"
+            )
+        trace = log_every if trace_steps is None else trace_steps
+        if isinstance(trace, bool) or not isinstance(trace, numbers.Integral) or trace < 0:
+            raise ValueError(
+                f"PhaseMonitor(trace_steps={trace_steps!r}) must be an int >= 0 (0: no trace)"
+            )
         lens_list = self._check_lenses(lenses)
         if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
             raise TypeError(
@@ -182,6 +213,13 @@ class PhaseMonitor:
         self.view = build_view(opt, model, self.log_every)
         self.lenses = lens_list
         self.states = [lens.init(self.view) for lens in lens_list]
+        # lenses that watch more than the optimizer (module or gradient hooks) attach here
+        self._lens_handles = [
+            h
+            for lens in lens_list
+            if callable(getattr(lens, "attach", None))
+            for h in lens.attach(model, self.view)  # type: ignore[attr-defined]
+        ]
         self.history = History()
         self.sinks = [self.history, *sink_list]
         self.step = 0
@@ -189,6 +227,14 @@ class PhaseMonitor:
         self._nonfinite = torch.zeros((), dtype=self.view.dtype, device=self.view.device)
         self._observed: dict[str, list[Any]] = {}  # name -> [device sum, count]
         self._warned: set[str] = set()
+        self.detector = detector or None
+        self._callbacks: list[Callable[[PhaseEvent], Any]] = []
+        # ring of (last observed loss, gradient norm) per step, on device
+        self._trace = torch.full((int(trace), 2), float("nan"), dtype=self.view.dtype,
+                                 device=self.view.device)  # fmt: skip
+        self._last_loss = torch.full(
+            (), float("nan"), dtype=self.view.dtype, device=self.view.device
+        )
         self._handles = [
             opt.register_step_pre_hook(self._pre_step),
             opt.register_step_post_hook(self._post_step),
@@ -249,9 +295,9 @@ class PhaseMonitor:
 
     def close(self) -> None:
         """Remove every hook and close the sinks. Idempotent; ``history`` stays readable."""
-        for h in self._handles:
+        for h in self._handles + self._lens_handles:
             h.remove()
-        self._handles = []
+        self._handles, self._lens_handles = [], []
         if getattr(self.optimizer, _ATTR, None) is self:
             delattr(self.optimizer, _ATTR)
         for sink in self.sinks[1:]:
@@ -300,6 +346,8 @@ class PhaseMonitor:
                 v = torch.tensor(float(value), dtype=self.view.dtype, device=self.view.device)
             else:
                 raise TypeError(f"observe({name}=...) must be a number or tensor, got {value!r}")
+            if name == "loss":
+                self._last_loss.copy_(v)
             slot = self._observed.get(name)
             if slot is None:
                 self._observed[name] = [v.clone(), 1]
@@ -323,6 +371,10 @@ class PhaseMonitor:
             for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
                 self.states[i] = lens.update(state, step)
             self._nonfinite.add_(~step.ok)
+            if len(self._trace):
+                row = self._trace[(self.step - 1) % len(self._trace)]
+                row[0].copy_(self._last_loss)
+                row[1].copy_(step.grad_sq.sum().sqrt())
             if logging:
                 self._check_param_groups()
                 self._log(step)
@@ -348,10 +400,33 @@ class PhaseMonitor:
         self._observed = {}
         dev, dt = self.view.device, self.view.dtype
         host = torch.stack([v.to(device=dev, dtype=dt) for v in values.values()]).tolist()
-        record: Record = {"step": self.step, "time": time.time()}
-        record.update(zip(values, host))
-        record["nonfinite_steps"] = int(record["nonfinite_steps"])
+        numbers: dict[str, float] = dict(zip(values, host))
+        record: Record = {"step": self.step, "time": time.time(), **numbers}
+        record["nonfinite_steps"] = int(numbers["nonfinite_steps"])
+        events = self.detector.update(record) if self.detector is not None else []
+        if self.detector is not None:
+            record.update(self.detector.annotate(record))
         self._emit(record)
+        if events:
+            trace = self._trace_lists()
+            for event in events:
+                self._emit(_event_record(event, trace))
+                for callback in self._callbacks:
+                    callback(event)
+
+    def _trace_lists(self) -> dict[str, Any]:
+        """The ring of per-step values, oldest first, as host lists (read at events only)."""
+        n = min(len(self._trace), self.step)
+        if n == 0:
+            return {}
+        first = self.step - n + 1
+        rows = [(t - 1) % len(self._trace) for t in range(first, self.step + 1)]
+        values = self._trace[torch.tensor(rows, device=self._trace.device)].tolist()
+        return {
+            "trace/step": list(range(first, self.step + 1)),
+            "trace/loss": [v[0] for v in values],
+            "trace/grad_norm": [v[1] for v in values],
+        }
 
     def _emit(self, record: Record) -> None:
         for sink in self.sinks:
@@ -362,6 +437,36 @@ class PhaseMonitor:
                 if key not in self._warned:
                     self._warned.add(key)
                     warnings.warn(f"sink {sink!r} failed and is skipped: {e!r}", stacklevel=4)
+
+    # -- phases ---------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> str:
+        """The whole model's phase: ``"warmup"``, ``"drift"`` or ``"diffusion"``."""
+        return self.detector.phase if self.detector is not None else "warmup"
+
+    @property
+    def phases(self) -> dict[str, str]:
+        """The phase of every layer."""
+        return self.detector.phases if self.detector is not None else {}
+
+    @property
+    def events(self) -> list[PhaseEvent]:
+        """Every phase event and loss spike so far, in order."""
+        return self.detector.events if self.detector is not None else []
+
+    def on_phase_change(self, callback: Callable[[PhaseEvent], Any]) -> Callable[[PhaseEvent], Any]:
+        """Call ``callback(event)`` at every phase event or loss spike; usable as a decorator.
+
+        Example:
+            >>> @monitor.on_phase_change  # doctest: +SKIP
+            ... def report(event):
+            ...     print(event.step, event.layer or "model", event.old, "->", event.new)
+        """
+        if not callable(callback):
+            raise TypeError(f"on_phase_change(callback=...) must be callable, got {callback!r}")
+        self._callbacks.append(callback)
+        return callback
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -379,6 +484,9 @@ class PhaseMonitor:
             "observed": {k: [v[0], v[1]] for k, v in self._observed.items()},
             "lenses": [repr(lens) for lens in self.lenses],
             "states": list(self.states),
+            "detector": None if self.detector is None else self.detector.state_dict(),
+            "trace": self._trace,
+            "last_loss": self._last_loss,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -399,10 +507,28 @@ class PhaseMonitor:
             self.states[i] = _load_into(state, loaded, f"states[{i}]")
         self.step = int(state_dict["step"])
         self._nonfinite.copy_(state_dict["nonfinite"])
+        if self.detector is not None and state_dict.get("detector") is not None:
+            self.detector.load_state_dict(state_dict["detector"])
+        if state_dict["trace"].shape == self._trace.shape:
+            self._trace.copy_(state_dict["trace"])
+        self._last_loss.copy_(state_dict["last_loss"])
         self._observed = {
             k: [torch.as_tensor(v[0]).to(self.view.device, self.view.dtype).clone(), int(v[1])]
             for k, v in state_dict["observed"].items()
         }
+
+
+def _event_record(event: PhaseEvent, trace: Mapping[str, Any]) -> Record:
+    record: Record = {
+        "step": event.step,
+        "time": time.time(),
+        "event": event.new,
+        "layer": event.layer,
+        "old": event.old,
+    }
+    record.update({f"evidence/{k}": v for k, v in event.evidence.items()})
+    record.update(trace)
+    return record
 
 
 def _load_into(current: Any, loaded: Any, path: str) -> Any:

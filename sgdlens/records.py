@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-Value = int | float | str
+Value = int | float | str | list[float] | list[int]
 Record = dict[str, Value]
 
 
@@ -23,7 +23,9 @@ class History:
     """The records of a run, in order, with columns by key.
 
     ``history["grad_snr/fc1"]`` is a float64 numpy array with one entry per record (``nan`` where
-    that record lacks the key). ``history.records`` is the list of record dicts.
+    that record lacks the key). ``history.records`` is the list of record dicts;
+    ``history.events`` the event records (phase changes and loss spikes: those with an
+    ``"event"`` key), kept apart so that metric columns stay evenly spaced.
 
     Example:
         >>> h = History([{"step": 1, "loss": 2.0}, {"step": 2}])
@@ -32,10 +34,13 @@ class History:
     """
 
     def __init__(self, records: Iterable[Mapping[str, Value]] = ()) -> None:
-        self.records: list[Record] = [dict(r) for r in records]
+        self.records: list[Record] = []
+        self.events: list[Record] = []
+        for r in records:
+            self(r)
 
     def __call__(self, record: Mapping[str, Value]) -> None:
-        self.records.append(dict(record))
+        (self.events if "event" in record else self.records).append(dict(record))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -104,7 +109,7 @@ def load(path: str | os.PathLike[str]) -> History:
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
-    records: list[Record] = []
+    history = History()
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():
@@ -119,8 +124,8 @@ def load(path: str | os.PathLike[str]) -> History:
             raise ValueError(
                 f"{path}, line {i + 1}: expected a JSON object, got {type(obj).__name__}"
             )
-        records.append(obj)
-    return History(records)
+        history(obj)
+    return history
 
 
 def finite_or_none(x: float) -> float | None:

@@ -9,6 +9,11 @@ A lens is a small object with four methods, in the spirit of optax's ``init``/``
   (to snapshot what the update changes); most lenses leave it alone;
 * ``compute(state, step) -> dict[str, Tensor]`` – at a log point: flat keys to 0-d tensors.
 
+A lens that needs more than the optimizer sees (module forward/backward hooks, per-parameter
+``register_post_accumulate_grad_hook`` for micro-batches) may also define
+``attach(model, view) -> list[RemovableHandle]``; the monitor calls it once after ``init`` and
+removes the handles in ``close()``.
+
 State is a ``dict`` of tensors, lists of tensors and plain numbers: the monitor saves and
 restores it in ``state_dict``. Lenses never copy to the host; the monitor does that once per log.
 """
