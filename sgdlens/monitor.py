@@ -218,7 +218,7 @@ class PhaseMonitor:
             h
             for lens in lens_list
             if callable(getattr(lens, "attach", None))
-            for h in lens.attach(model, self.view)  # type: ignore[attr-defined]
+            for h in lens.attach(model, self.view)
         ]
         self.history = History()
         self.sinks = [self.history, *sink_list]

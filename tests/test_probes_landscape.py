@@ -80,10 +80,14 @@ def point_loss(model, d1, d2, x, y, b):
 def test_2d_grid_matches_direct_evaluation_vmapped_and_looped():
     m = relu_mlp()
     b = batch()
-    v = probes.landscape_2d(m, ce, b, steps=(5, 4), span=0.5, generator=gen(), chunk_size=7)
+    v = probes.landscape_2d(
+        m, ce, b, steps=(5, 4), span=0.5, generator=gen(), chunk_size=7, vmap=True
+    )
     lp = probes.landscape_2d(m, ce, b, steps=(5, 4), span=0.5, generator=gen(), vmap=False)
+    auto = probes.landscape_2d(m, ce, b, steps=(5, 4), span=0.5, generator=gen(), chunk_size=3)
     assert v.vmapped and not lp.vmapped and v.losses.shape == (5, 4)
     torch.testing.assert_close(v.losses, lp.losses, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(auto.losses, lp.losses, rtol=1e-12, atol=1e-12)
     d1, d2 = v.directions
     for i, j in [(0, 0), (4, 3), (2, 1)]:
         want = point_loss(m, d1, d2, float(v.xs[i]), float(v.ys[j]), b)
@@ -104,7 +108,7 @@ def test_loss_fn_that_does_not_vmap_falls_back_to_loop():
             raise AssertionError
         return loss
 
-    r = probes.landscape_1d(m, branchy, b, steps=5, generator=gen())
+    r = probes.landscape_1d(m, branchy, b, steps=5, generator=gen(), vmap=True)
     ref = probes.landscape_1d(m, ce, b, steps=5, generator=gen())
     assert not r.vmapped
     torch.testing.assert_close(r.losses, ref.losses, rtol=1e-12, atol=1e-12)

@@ -176,13 +176,38 @@ class Evaluator:
         self.name = name
         self.seed = seed
         self.calls = 0
+        self._states: dict[int, tuple[Tensor, list[tuple[torch.device, Tensor]]]] = {}
+        self._cuda = sorted(
+            {
+                t.device
+                for t in list(model.parameters()) + list(model.buffers())
+                if t.device.type == "cuda"
+            },
+            key=str,
+        )
+
+    def _reseed(self, i: int) -> None:
+        """Put the RNG in the state it has after ``manual_seed(seed + i)``.
+
+        ``manual_seed`` itself is slow (it records a stack trace for lazy CUDA seeding), so the
+        states are captured once per batch and set again with ``set_rng_state``.
+        """
+        assert self.seed is not None
+        if i not in self._states:
+            torch.manual_seed(self.seed + i)
+            cuda = [(d, torch.cuda.get_rng_state(d)) for d in self._cuda]
+            self._states[i] = (torch.get_rng_state(), cuda)
+        cpu, cuda = self._states[i]
+        torch.set_rng_state(cpu)
+        for d, st in cuda:
+            torch.cuda.set_rng_state(st, d)
 
     def one(self, named: Mapping[str, Tensor], i: int) -> Tensor:
-        """``fn`` on batch ``i``; with a seed, the global RNG is re-seeded first (same dropout
-        masks at every evaluation of one probe; :func:`preserved` restores the RNG after)."""
+        """``fn`` on batch ``i``; with a seed, the RNG is reset first, so every evaluation in
+        one probe sees the same dropout masks (:func:`preserved` restores the RNG after)."""
         self.calls += 1
         if self.seed is not None:
-            torch.manual_seed(self.seed + i)
+            self._reseed(i)
         pb = {"model." + k: v for k, v in named.items()}
         out = torch.func.functional_call(self.bound, pb, (self.batches[i],))
         return _check_scalar(out, self.name)

@@ -378,14 +378,17 @@ def _lanczos(
     tol: float,
     which: str,
     generator: torch.Generator | None,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     """Lanczos with full (twice-applied Gram-Schmidt) reorthogonalisation.
 
     Returns (eigenvalues, Ritz vectors (k, n), residual norms, iterations, converged).
+    ``callback(iteration, wanted_ritz_values)`` is called after every iteration (benchmarks).
     """
     n = v0.numel()
     m = min(max_iter, n)
-    Q = torch.zeros(m, n, dtype=v0.dtype, device=v0.device)
+    # the basis grows by doubling: most runs stop after ~10-20 of max_iter vectors
+    Q = torch.empty(min(m, 16), n, dtype=v0.dtype, device=v0.device)
     alphas: list[float] = []
     betas: list[float] = []
     q = v0 / v0.norm()
@@ -395,6 +398,8 @@ def _lanczos(
     res = torch.zeros(0, dtype=torch.float64)
     j = 0
     for j in range(m):
+        if j == Q.shape[0]:
+            Q = torch.cat([Q, torch.empty_like(Q[: min(Q.shape[0], m - j)])])
         Q[j] = q
         w = matvec(q)
         alphas.append(float(torch.dot(w, q)))
@@ -410,6 +415,8 @@ def _lanczos(
         idx = _select(evals, min(k, j + 1), which)
         scale = float(evals.abs().max()) if evals.numel() else 1.0
         res = b * S[-1, idx].abs()
+        if callback is not None:
+            callback(j + 1, evals[idx])
         if j + 1 == n:
             converged = True
             break

@@ -11,12 +11,14 @@ the next layer's weights by ``1/c`` leaves filter-normalised curves unchanged.
 
 Grid points are evaluated with ``torch.func.functional_call``, batched with ``torch.vmap`` in
 chunks of ``chunk_size`` points where the loss function allows it (no ``.item()``, no
-data-dependent Python branching, no dropout in train mode), else in a plain loop.
+data-dependent Python branching, no dropout in train mode) and where that is faster (timed on the
+first chunks), else in a plain loop that reuses ``θ + x·d1`` along each grid row.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +167,7 @@ class _Grid:
         mode: str,
         bn: str,
         bn_batches: list[Any],
-        use_vmap: bool,
+        use_vmap: bool | None,
         chunk_size: int,
         progress: bool,
         desc: str,
@@ -179,7 +181,7 @@ class _Grid:
         self.mode = mode
         self.bn = bn
         self.bn_batches = bn_batches
-        self.use_vmap = use_vmap and bn == "carry"
+        self.use_vmap = use_vmap if bn == "carry" else False
         self.chunk_size = chunk_size
         self.progress = progress
         self.desc = desc
@@ -187,16 +189,26 @@ class _Grid:
         self.ev = Evaluator(template, loss_fn, batches, "loss_fn", self.seed)
         self.used_vmap = False
         self.evaluations = 0
+        self._row_key: float | None = None
+        self._row: dict[str, Tensor] = {}
 
     def _point(self, c: Sequence[float]) -> dict[str, Tensor]:
         st = dict(self.base)
+        # base + c_0 d_0 is shared by a whole grid row: cache it for the last c_0 seen
+        key = c[0]
+        if self._row_key != key:
+            self._row = {n: self._axpy(self.base[n], key, self.dirs[0].get(n)) for n in self.names}
+            self._row_key = key
         for n in self.names:
-            t = self.base[n]
-            for cj, d in zip(c, self.dirs):
-                if n in d and cj != 0.0:
-                    t = t + cj * d[n]
+            t = self._row[n]
+            for cj, d in zip(c[1:], self.dirs[1:]):
+                t = self._axpy(t, cj, d.get(n))
             st[n] = t
         return st
+
+    @staticmethod
+    def _axpy(t: Tensor, c: float, d: Tensor | None) -> Tensor:
+        return t if d is None or c == 0.0 else torch.add(t, d, alpha=c)
 
     def _one(self, c: Sequence[float]) -> float:
         st = self._point(c)
@@ -208,12 +220,17 @@ class _Grid:
     def _chunk_vmap(self, coords: Tensor) -> Tensor:
         batched = {}
         for n in self.names:
-            t = self.base[n].unsqueeze(0)
+            base = self.base[n].unsqueeze(0)
+            t: Tensor | None = None
             for j, d in enumerate(self.dirs):
                 if n in d:
-                    cj = coords[:, j].to(device=t.device, dtype=t.dtype)
-                    t = t + cj.reshape((-1,) + (1,) * d[n].dim()) * d[n].unsqueeze(0)
-            batched[n] = t
+                    cj = coords[:, j].to(device=base.device, dtype=base.dtype)
+                    cj = cj.reshape((-1,) + (1,) * d[n].dim())
+                    if t is None:
+                        t = torch.addcmul(base, cj, d[n].unsqueeze(0))
+                    else:
+                        t.addcmul_(cj, d[n].unsqueeze(0))
+            batched[n] = t if t is not None else base.expand((coords.shape[0], *base.shape[1:]))
         fixed = {k: v for k, v in self.base.items() if k not in batched}
 
         def f(params: dict[str, Tensor]) -> Tensor:
@@ -223,26 +240,49 @@ class _Grid:
             return torch.vmap(f)(batched).detach().to(torch.float64).cpu()
 
     def run(self, coords: Tensor) -> Tensor:
-        """``coords`` (P, ndirs) float64 -> losses (P,) float64."""
+        """``coords`` (P, ndirs) float64 -> losses (P,) float64.
+
+        ``use_vmap`` True: vmapped chunks (a loop where vmap fails); False: a loop; None
+        (auto): time one vmapped chunk against one looped chunk and keep the faster.
+        """
         out = torch.empty(coords.shape[0], dtype=torch.float64)
-        self.evaluations += coords.shape[0]
-        starts = list(range(0, coords.shape[0], self.chunk_size if self.use_vmap else 1))
-        vm = self.use_vmap
+        total = coords.shape[0]
+        self.evaluations += total
+        mode: str = {True: "vmap", False: "loop", None: "try"}[self.use_vmap]
+        per_point: dict[str, float] = {}
+        pos = 0
         with torch.no_grad():
-            for s in progress_iter(starts, len(starts), self.progress, self.desc):
-                stop = min(s + (self.chunk_size if vm else 1), coords.shape[0])
-                if vm:
+            bar = progress_iter(range(total), total, self.progress, self.desc)
+            it = iter(bar)
+            while pos < total:
+                if mode == "try" and "vmap" in per_point and "loop" in per_point:
+                    mode = "vmap" if per_point["vmap"] < per_point["loop"] else "loop"
+                use = (
+                    "loop"
+                    if mode == "loop"
+                    else ("loop" if mode == "try" and "vmap" in per_point else "vmap")
+                )
+                stop = min(pos + self.chunk_size, total)
+                t0 = time.perf_counter()
+                if use == "vmap":
                     try:
-                        out[s:stop] = self._chunk_vmap(coords[s:stop])
+                        out[pos:stop] = self._chunk_vmap(coords[pos:stop])
                         self.used_vmap = True
-                        continue
                     except (RuntimeError, NotImplementedError):
                         # the loss function does not vmap (.item(), data-dependent branching,
                         # randomness, an op without a batching rule): loop from here on; a
                         # genuine error in loss_fn recurs in the loop and propagates
-                        vm = False
-                for i in range(s, stop):
-                    out[i] = self._one(coords[i].tolist())
+                        mode = "loop"
+                        continue
+                else:
+                    for i in range(pos, stop):
+                        out[i] = self._one(coords[i].tolist())
+                per_point[use] = (time.perf_counter() - t0) / (stop - pos)
+                for _ in range(stop - pos):
+                    next(it, None)
+                pos = stop
+            for _ in it:
+                pass
         return out
 
 
@@ -313,7 +353,7 @@ def landscape_1d(
     bn: str = "carry",
     bn_data: Any = None,
     mode: str = "eval",
-    vmap: bool = True,
+    vmap: bool | None = None,
     chunk_size: int = 16,
     progress: bool = False,
 ) -> Landscape1D:
@@ -338,7 +378,9 @@ def landscape_1d(
         bn: ``"carry"`` (running statistics unchanged) or ``"recompute"``.
         bn_data: batches for ``bn="recompute"`` (default ``data``).
         mode: ``"eval"`` (default) or ``"train"``.
-        vmap: batch grid points with ``torch.vmap`` (falls back to a loop when it fails).
+        vmap: ``True`` batches grid points with ``torch.vmap`` (a loop where the loss function
+            does not vmap), ``False`` loops, ``None`` (default) times one vmapped chunk against
+            one looped chunk and keeps the faster (on CPU a loop often wins).
         chunk_size: grid points per vmap call (memory grows with it).
         progress: show a tqdm progress bar (needs tqdm).
 
@@ -414,7 +456,7 @@ def _grid2(
     mode: str,
     bn: str,
     bn_batches: list[Any],
-    vmap: bool,
+    vmap: bool | None,
     chunk_size: int,
     progress: bool,
     desc: str,
@@ -454,7 +496,7 @@ def landscape_2d(
     bn: str = "carry",
     bn_data: Any = None,
     mode: str = "eval",
-    vmap: bool = True,
+    vmap: bool | None = None,
     chunk_size: int = 16,
     progress: bool = False,
 ) -> Landscape2D:
@@ -563,7 +605,7 @@ def landscape_plane(
     bn: str = "carry",
     bn_data: Any = None,
     mode: str = "eval",
-    vmap: bool = True,
+    vmap: bool | None = None,
     chunk_size: int = 16,
     progress: bool = False,
 ) -> Landscape2D:
@@ -669,7 +711,7 @@ def landscape_trajectory(
     bn: str = "carry",
     bn_data: Any = None,
     mode: str = "eval",
-    vmap: bool = True,
+    vmap: bool | None = None,
     chunk_size: int = 16,
     progress: bool = False,
 ) -> Landscape2D:
