@@ -8,8 +8,8 @@ epoch, as in the paper; one record per ``log_epochs`` epochs.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -33,7 +33,9 @@ def tishby_net(widths: tuple[int, ...] = WIDTHS) -> nn.Sequential:
     layers: list[tuple[str, nn.Module]] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), 1):
         lin = nn.Linear(a, b)
-        nn.init.trunc_normal_(lin.weight, std=1 / math.sqrt(a), a=-2 / math.sqrt(a), b=2 / math.sqrt(a))
+        nn.init.trunc_normal_(
+            lin.weight, std=1 / math.sqrt(a), a=-2 / math.sqrt(a), b=2 / math.sqrt(a)
+        )
         nn.init.zeros_(lin.bias)
         layers.append((f"fc{i}", lin))
         if i < len(widths) - 1:
@@ -100,7 +102,9 @@ def main(args: object) -> int:
         if index % args.print_every:  # type: ignore[attr-defined]
             return
         snr = " ".join(f"{r.get(f'grad_snr/{n}', float('nan')):6.2f}" for n in layers)
-        print(f"{r['step']:>7} {r.get('loss', float('nan')):7.4f} {snr} {r.get('grad_snr', float('nan')):6.2f}")
+        print(
+            f"{r['step']:>7} {r.get('loss', float('nan')):7.4f} {snr} {r.get('grad_snr', float('nan')):6.2f}"
+        )
 
     t0 = time.perf_counter()
     mon = run(
