@@ -48,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from sgdlens import demo
 
-        return demo.main(args)
+        options = {k: v for k, v in vars(args).items() if k != "command"}
+        return demo.main(**options)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

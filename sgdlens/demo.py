@@ -7,6 +7,7 @@ epoch, as in the paper; one record per ``log_epochs`` epochs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import OrderedDict
@@ -31,11 +32,10 @@ def tishby_net(widths: tuple[int, ...] = WIDTHS) -> nn.Sequential:
     std ``1/sqrt(fan_in)`` and biases are 0, as in the authors' code.
     """
     layers: list[tuple[str, nn.Module]] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), 1):
+    for i, (a, b) in enumerate(itertools.pairwise(widths), 1):
         lin = nn.Linear(a, b)
-        nn.init.trunc_normal_(
-            lin.weight, std=1 / math.sqrt(a), a=-2 / math.sqrt(a), b=2 / math.sqrt(a)
-        )
+        std = 1 / math.sqrt(a)
+        nn.init.trunc_normal_(lin.weight, std=std, a=-2 * std, b=2 * std)
         nn.init.zeros_(lin.bias)
         layers.append((f"fc{i}", lin))
         if i < len(widths) - 1:
@@ -91,31 +91,43 @@ def run(
     return monitor
 
 
-def main(args: object) -> int:
+def main(
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    seed: int,
+    log_epochs: int,
+    print_every: int,
+    out: str,
+) -> int:
     """Run the demo and print per-layer SNR as it trains (the CLI's ``demo`` command)."""
     layers = [f"fc{i}" for i in range(1, len(WIDTHS))]
     print(f"{'step':>7} {'loss':>7} " + " ".join(f"{n:>6}" for n in layers) + f" {'model':>6}")
-    batches = math.ceil(0.8 * 4096 / args.batch_size)  # type: ignore[attr-defined]
+    per_record = math.ceil(0.8 * 4096 / batch_size) * log_epochs
+    nan = float("nan")
 
     def show(r: dict) -> None:
-        index = r["step"] // (batches * args.log_epochs) - 1  # type: ignore[attr-defined]
-        if index % args.print_every:  # type: ignore[attr-defined]
+        if (r["step"] // per_record - 1) % print_every:
             return
-        snr = " ".join(f"{r.get(f'grad_snr/{n}', float('nan')):6.2f}" for n in layers)
-        print(
-            f"{r['step']:>7} {r.get('loss', float('nan')):7.4f} {snr} {r.get('grad_snr', float('nan')):6.2f}"
-        )
+        snr = " ".join(f"{r.get(f'grad_snr/{n}', nan):6.2f}" for n in layers)
+        print(f"{r['step']:>7} {r.get('loss', nan):7.4f} {snr} {r.get('grad_snr', nan):6.2f}")
 
     t0 = time.perf_counter()
     mon = run(
-        epochs=args.epochs,  # type: ignore[attr-defined]
-        batch_size=args.batch_size,  # type: ignore[attr-defined]
-        lr=args.lr,  # type: ignore[attr-defined]
-        optimizer=args.optimizer,  # type: ignore[attr-defined]
-        seed=args.seed,  # type: ignore[attr-defined]
-        log_epochs=args.log_epochs,  # type: ignore[attr-defined]
-        out=args.out,  # type: ignore[attr-defined]
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        seed=seed,
+        log_epochs=log_epochs,
+        out=out,
         on_record=show,
     )
-    print(f"{mon.step} steps in {time.perf_counter() - t0:.1f} s; run written to {args.out}")  # type: ignore[attr-defined]
+    print(f"{mon.step} steps in {time.perf_counter() - t0:.1f} s; run appended to {out}")
+    for event in mon.events:
+        if event.new == "diffusion" and event.layer:
+            print(f"  {event.layer}: drift -> diffusion at step {event.step}")
+    print(f"final phases: {mon.phases}")
     return 0
