@@ -109,7 +109,7 @@ def main(
     nan = float("nan")
 
     def show(r: dict) -> None:
-        if (r["step"] // per_record - 1) % print_every:
+        if "event" in r or (r["step"] // per_record - 1) % print_every:
             return
         snr = " ".join(f"{r.get(f'grad_snr/{n}', nan):6.2f}" for n in layers)
         print(f"{r['step']:>7} {r.get('loss', nan):7.4f} {snr} {r.get('grad_snr', nan):6.2f}")
