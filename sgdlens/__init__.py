@@ -3,9 +3,21 @@
 ``from sgdlens import PhaseMonitor`` and add one line to a training loop; see the README.
 """
 
-from sgdlens import lenses, sinks
+from sgdlens import datasets, lenses, probes, sinks
 from sgdlens.monitor import PhaseMonitor
+from sgdlens.phase import PhaseDetector, PhaseEvent
 from sgdlens.records import History, Record, load
 
-__all__ = ["History", "PhaseMonitor", "Record", "lenses", "load", "sinks"]
+__all__ = [
+    "History",
+    "PhaseDetector",
+    "PhaseEvent",
+    "PhaseMonitor",
+    "Record",
+    "datasets",
+    "lenses",
+    "load",
+    "probes",
+    "sinks",
+]
 __version__ = "0.1.0.dev0"

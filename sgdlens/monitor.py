@@ -17,6 +17,7 @@ from sgdlens import _torch
 from sgdlens.lenses import default as default_lenses
 from sgdlens.lenses.base import Lens, ParamView, State, Step
 from sgdlens.phase import PhaseDetector, PhaseEvent
+from sgdlens.probes.scheduled import Probe, ProbeScheduler
 from sgdlens.records import History, Record
 
 __all__ = ["PhaseMonitor"]
@@ -80,6 +81,7 @@ def build_view(opt: Optimizer, model: nn.Module | None, log_every: int) -> Param
         device=device,
         dtype=_torch.acc_dtype(device),
         log_every=log_every,
+        optimizer=opt,
     )
 
 
@@ -112,6 +114,12 @@ class PhaseMonitor:
         trace_steps: per-step loss and gradient norm kept on device for the last
             ``trace_steps`` steps (default: ``log_every``) and written out with each phase
             event or loss spike, so the steps before it are never lost; 0 turns it off.
+        probes: loss-surface probes to run at log points on a schedule (see
+            :mod:`sgdlens.probes.scheduled`: ``sharpness_probe``, ``trace_probe``,
+            ``barrier_probe``, or any :class:`~sgdlens.probes.Probe`); needs ``model``.
+        probe_budget: the most probe time may take, as a fraction of the wall time since the
+            monitor attached (0.05: 5 %); due probes are postponed to stay within it, and
+            records carry ``probe_time_fraction``.
 
     Phase events reach ``monitor.events``, every :meth:`on_phase_change` callback, and every
     sink as an event record ``{"step", "time", "event", "layer", "old", "evidence/<name>",
@@ -152,6 +160,7 @@ class PhaseMonitor:
     _handles: list[Any]
     _lens_handles: list[Any]
     detector: PhaseDetector | None
+    probes: ProbeScheduler | None
     _callbacks: list[Callable[[PhaseEvent], Any]]
     _trace: Tensor
     _last_loss: Tensor
@@ -166,6 +175,8 @@ class PhaseMonitor:
         log_every: int = 50,
         detector: PhaseDetector | bool = True,
         trace_steps: int | None = None,
+        probes: Sequence[Probe] = (),
+        probe_budget: float = 0.05,
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         if model is not None and not isinstance(model, nn.Module):
@@ -188,6 +199,25 @@ class PhaseMonitor:
         if isinstance(trace, bool) or not isinstance(trace, numbers.Integral) or trace < 0:
             raise ValueError(
                 f"PhaseMonitor(trace_steps={trace_steps!r}) must be an int >= 0 (0: no trace)"
+            )
+        probe_list = list(probes) if isinstance(probes, Iterable) else probes
+        if not isinstance(probe_list, list) or not all(isinstance(p, Probe) for p in probe_list):
+            raise TypeError(
+                f"PhaseMonitor(probes=...) must be a list of sgdlens.probes.Probe, got {probes!r}; "
+                f"e.g. probes=[probes.sharpness_probe(loss_fn, batch)]"
+            )
+        if probe_list and model is None:
+            raise ValueError(
+                "PhaseMonitor(probes=...) needs model=: probes evaluate the model's loss surface"
+            )
+        if (
+            isinstance(probe_budget, bool)
+            or not isinstance(probe_budget, numbers.Real)
+            or not (0 < probe_budget <= 1)
+        ):
+            raise ValueError(
+                f"PhaseMonitor(probe_budget={probe_budget!r}) must be a fraction in (0, 1]; "
+                f"e.g. 0.05 for at most 5 % of the wall time"
             )
         lens_list = self._check_lenses(lenses)
         if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
@@ -228,6 +258,7 @@ class PhaseMonitor:
         self._observed: dict[str, list[Any]] = {}  # name -> [device sum, count]
         self._warned: set[str] = set()
         self.detector = detector or None
+        self.probes = ProbeScheduler(probe_list, float(probe_budget)) if probe_list else None
         self._callbacks: list[Callable[[PhaseEvent], Any]] = []
         # ring of (last observed loss, gradient norm) per step, on device
         self._trace = torch.full((int(trace), 2), float("nan"), dtype=self.view.dtype,
@@ -406,6 +437,8 @@ class PhaseMonitor:
         events = self.detector.update(record) if self.detector is not None else []
         if self.detector is not None:
             record.update(self.detector.annotate(record))
+        if self.probes is not None and self.model is not None:
+            record.update(self.probes.run(self.step, bool(events), self.model, self.optimizer))
         self._emit(record)
         if events:
             trace = self._trace_lists()
@@ -485,6 +518,7 @@ class PhaseMonitor:
             "lenses": [repr(lens) for lens in self.lenses],
             "states": list(self.states),
             "detector": None if self.detector is None else self.detector.state_dict(),
+            "probes": None if self.probes is None else self.probes.state_dict(),
             "trace": self._trace,
             "last_loss": self._last_loss,
         }
@@ -509,6 +543,8 @@ class PhaseMonitor:
         self._nonfinite.copy_(state_dict["nonfinite"])
         if self.detector is not None and state_dict.get("detector") is not None:
             self.detector.load_state_dict(state_dict["detector"])
+        if self.probes is not None and state_dict.get("probes") is not None:
+            self.probes.load_state_dict(state_dict["probes"])
         if state_dict["trace"].shape == self._trace.shape:
             self._trace.copy_(state_dict["trace"])
         self._last_loss.copy_(state_dict["last_loss"])

@@ -46,6 +46,7 @@ from sgdlens.probes.landscape import (
     random_direction,
 )
 from sgdlens.probes.restore import preserved
+from sgdlens.probes.scheduled import Probe, barrier_probe, sharpness_probe, trace_probe
 
 __all__ = [
     "BasinVerdict",
@@ -55,8 +56,10 @@ __all__ = [
     "InterpolationResult",
     "Landscape1D",
     "Landscape2D",
+    "Probe",
     "SharpnessResult",
     "TraceResult",
+    "barrier_probe",
     "basin_test",
     "eos_ratio",
     "eos_threshold",
@@ -71,4 +74,6 @@ __all__ = [
     "preserved",
     "random_direction",
     "sharpness",
+    "sharpness_probe",
+    "trace_probe",
 ]

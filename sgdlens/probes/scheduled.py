@@ -1,0 +1,236 @@
+"""Probes the monitor runs on a schedule, within a time budget.
+
+A :class:`Probe` wraps ``fn(model, optimizer) -> {key: number}`` with *when* to run it: every
+``every`` steps, at log-spaced steps, and/or as soon as the phase detector raises an event
+(a phase change or a loss spike), so a transition is characterised at once. The monitor checks
+probes at its log points only, runs each inside :func:`~sgdlens.probes.preserved`, and puts
+their numbers into that step's record. ``sharpness_probe``, ``trace_probe`` and
+``barrier_probe`` build the common ones.
+
+The time budget (``PhaseMonitor(probe_budget=0.05)``): probe time may be at most that fraction
+of the wall time since the monitor attached. A due probe whose expected cost (its last
+measured duration) would exceed the budget is postponed to a later log point, which stretches
+the schedule; every record carries ``probe_time_fraction``, the fraction spent so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sgdlens.probes.curvature import eos_ratio, hessian_trace, sharpness
+from sgdlens.probes.interpolate import interpolate
+from sgdlens.probes.restore import preserved
+
+__all__ = ["Probe", "ProbeScheduler", "barrier_probe", "sharpness_probe", "trace_probe"]
+
+ProbeFn = Callable[[nn.Module, torch.optim.Optimizer], Mapping[str, float]]
+
+
+class Probe:
+    """A measurement the monitor runs on a schedule.
+
+    Args:
+        fn: ``fn(model, optimizer) -> {key: number}``; the keys go into the record.
+        name: a name for messages and the checkpoint state.
+        every: run at the first log point at or after every ``every`` optimizer steps.
+        per_decade: run at log-spaced steps, this many per decade (10, 100, 1000, …).
+        on_event: also run at a log point where the phase detector raised an event.
+
+    Example:
+        >>> probe = Probe(lambda model, opt: {"w0": float(next(model.parameters())[0, 0])},
+        ...               name="first-weight", every=100)
+    """
+
+    def __init__(
+        self,
+        fn: ProbeFn,
+        *,
+        name: str,
+        every: int | None = None,
+        per_decade: int | None = None,
+        on_event: bool = False,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"Probe(fn=...) must be callable as fn(model, optimizer), got {fn!r}")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"Probe(name={name!r}) must be a non-empty string without '/'")
+        for arg, value in (("every", every), ("per_decade", per_decade)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1
+            ):
+                raise ValueError(f"Probe({arg}={value!r}) must be a positive int or None")
+        if not isinstance(on_event, bool):
+            raise TypeError(f"Probe(on_event=...) must be a bool, got {on_event!r}")
+        if every is None and per_decade is None and not on_event:
+            raise ValueError(
+                f"Probe(name={name!r}) has no schedule: give every=, per_decade= or on_event=True"
+            )
+        self.fn, self.name = fn, name
+        self.every, self.per_decade, self.on_event = every, per_decade, on_event
+
+    def __repr__(self) -> str:
+        return (
+            f"Probe({self.name!r}, every={self.every}, per_decade={self.per_decade}, "
+            f"on_event={self.on_event})"
+        )
+
+    def next_after(self, step: int) -> float:
+        """The first scheduled step strictly after ``step`` (``inf`` if none)."""
+        nxt = math.inf
+        if self.every is not None:
+            nxt = (step // self.every + 1) * self.every
+        if self.per_decade is not None:
+            k = math.floor(self.per_decade * math.log10(step)) + 1 if step >= 1 else 0
+            while (target := math.ceil(10 ** (k / self.per_decade))) <= step:
+                k += 1
+            nxt = min(nxt, target)
+        return nxt
+
+
+class ProbeScheduler:
+    """Runs a monitor's probes at log points, within a wall-time budget (used by the monitor)."""
+
+    def __init__(self, probes: Sequence[Probe], budget: float) -> None:
+        names = [p.name for p in probes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"PhaseMonitor(probes=...) names must be unique, got {names}")
+        self.probes = list(probes)
+        self.budget = budget
+        self.start = time.perf_counter()
+        self.spent = 0.0
+        self.due = [p.next_after(0) for p in self.probes]
+        self.cost = [0.0] * len(self.probes)
+
+    def run(
+        self, step: int, events: bool, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, probe in enumerate(self.probes):
+            if not (step >= self.due[i] or (events and probe.on_event)):
+                continue
+            elapsed = time.perf_counter() - self.start
+            if self.spent + self.cost[i] > self.budget * (elapsed + self.cost[i]):
+                continue  # postponed: the schedule stretches until the budget allows it
+            t0 = time.perf_counter()
+            try:
+                with torch.enable_grad(), preserved(model, optimizer):
+                    values = dict(probe.fn(model, optimizer))
+            except Exception as e:  # a failed probe must not stop training
+                warnings.warn(f"probe {probe.name!r} failed at step {step}: {e!r}", stacklevel=4)
+                values = {}
+            self.cost[i] = time.perf_counter() - t0
+            self.spent += self.cost[i]
+            self.due[i] = probe.next_after(step)
+            out.update({k: float(v) for k, v in values.items()})
+        out["probe_time_fraction"] = self.spent / max(time.perf_counter() - self.start, 1e-9)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spent": self.spent, "due": list(self.due), "cost": list(self.cost),
+                "elapsed": time.perf_counter() - self.start}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["due"]) != len(self.probes):
+            raise ValueError("load_state_dict: the checkpoint's probes differ from this monitor's")
+        self.spent, self.due, self.cost = (
+            float(state["spent"]),
+            list(state["due"]),
+            list(state["cost"]),
+        )
+        self.start = time.perf_counter() - float(state["elapsed"])
+
+
+def sharpness_probe(
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    data: Any,
+    *,
+    every: int | None = None,
+    per_decade: int | None = 4,
+    on_event: bool = True,
+    tol: float = 1e-3,
+    name: str = "sharpness",
+) -> Probe:
+    """λ_max of the Hessian on ``data`` and the edge-of-stability ratio for the optimizer.
+
+    Keys: ``sharpness`` (λ_max; for Adam/AdamW the preconditioned sharpness
+    λ_max(P^{-1/2} H P^{-1/2}), as Cohen et al. 2022 compare), ``eos_ratio`` (sharpness over
+    the threshold of :func:`~sgdlens.probes.eos_threshold` at the current learning rate), and
+    ``sharpness_hvps``. Each run warm-starts Lanczos from the previous top eigenvector.
+
+    Cost: one Hessian-vector product (1 forward + 2 backward per batch of ``data``) per Lanczos
+    iteration, typically 5-20.
+    """
+    last: dict[str, Any] = {}
+
+    def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
+        adam = "exp_avg_sq" in next(iter(opt.state.values()), {})
+        res = sharpness(model, loss_fn, data, tol=tol, v0=last.get("v"), return_vectors=True,
+                        preconditioner=opt if adam else None)  # fmt: skip
+        last["v"] = res.vector(0)
+        out = {"sharpness": float(res.value), "sharpness_hvps": float(res.hvps)}
+        with contextlib.suppress(TypeError, ValueError):  # no threshold for this optimizer
+            out["eos_ratio"] = eos_ratio(res, opt)
+        return out
+
+    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event)
+
+
+def trace_probe(
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    data: Any,
+    *,
+    samples: int = 20,
+    every: int | None = None,
+    per_decade: int | None = 2,
+    on_event: bool = False,
+    name: str = "hessian_trace",
+) -> Probe:
+    """Hutch++ estimate of tr H on ``data``. Keys: ``hessian_trace``, ``hessian_trace_stderr``.
+
+    Cost: ``samples`` Hessian-vector products.
+    """
+
+    def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
+        res = hessian_trace(model, loss_fn, data, method="hutch++", samples=samples)
+        return {"hessian_trace": float(res.trace), "hessian_trace_stderr": float(res.stderr)}
+
+    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event)
+
+
+def barrier_probe(
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    data: Any,
+    reference: Mapping[str, torch.Tensor],
+    *,
+    name: str = "init",
+    steps: int = 11,
+    every: int | None = None,
+    per_decade: int | None = 2,
+    on_event: bool = True,
+) -> Probe:
+    """The loss barrier on the straight line from ``reference`` (a state dict) to the model.
+
+    Keys: ``barrier/<name>`` (Entezari: the largest excess of the loss over the chord; ≤ 0
+    within a convex basin) and ``error_barrier/<name>`` (Frankle: the loss's supremum minus
+    the mean of the ends). Cost: ``steps`` forward passes per batch of ``data``.
+    """
+    ref = {k: v.detach().clone() for k, v in reference.items()}
+
+    def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
+        res = interpolate(ref, model, loss_fn, data, steps=steps, model=model)
+        return {
+            f"barrier/{name}": float(res.barrier),
+            f"error_barrier/{name}": float(res.error_barrier),
+        }
+
+    return Probe(fn, name=f"barrier/{name}".replace("/", "-"), every=every, per_decade=per_decade,
+                 on_event=on_event)  # fmt: skip

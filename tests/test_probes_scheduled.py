@@ -1,0 +1,129 @@
+"""Probes inside the monitor: schedule, records, budget, and training still bit-for-bit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sgdlens import PhaseMonitor, probes
+from sgdlens.probes.scheduled import Probe
+from tests._train import batches, make_model
+
+DATA = batches(2, seed=9)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def train(probe_list, steps=40, budget=1.0, model=None):
+    model = model or make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = PhaseMonitor(opt, model=model, log_every=5, probes=probe_list, probe_budget=budget)
+    torch.manual_seed(1)
+    for x, y in batches(steps):
+        opt.zero_grad()
+        loss = loss_fn(model, (x, y))
+        loss.backward()
+        mon.observe(loss=loss)
+        opt.step()
+    mon.close()
+    return model, mon
+
+
+def test_scheduled_probes_write_records_and_leave_training_unchanged():
+    bare, _ = train([])
+    ref = {k: v.clone() for k, v in make_model().state_dict().items()}
+    watched, mon = train(
+        [
+            probes.sharpness_probe(loss_fn, DATA, every=10, per_decade=None, on_event=False),
+            probes.trace_probe(loss_fn, DATA, samples=4, every=20, per_decade=None),
+            probes.barrier_probe(
+                loss_fn, DATA, ref, name="init", every=20, per_decade=None, on_event=False
+            ),
+        ]
+    )
+    for a, b in zip(bare.parameters(), watched.parameters()):
+        assert torch.equal(a, b)
+    h = mon.history
+    sharp = [r["step"] for r in h.records if "sharpness" in r]
+    assert sharp == [10, 20, 30, 40]
+    assert [r["step"] for r in h.records if "hessian_trace" in r] == [20, 40]
+    last = h.records[-1]
+    assert last["eos_ratio"] == pytest.approx(last["sharpness"] * 0.1 / (2 + 2 * 0.9))
+    assert "barrier/init" in last and "error_barrier/init" in last
+    assert 0 < last["probe_time_fraction"] <= 1
+    # the probe's sharpness is the one the function gives at those weights
+    direct = probes.sharpness(watched, loss_fn, DATA).value
+    assert last["sharpness"] == pytest.approx(direct, rel=1e-2)
+
+
+def test_budget_postpones_probes():
+    def slow(model, opt):
+        time.sleep(0.05)
+        return {"slow": 1.0}
+
+    _, mon = train([Probe(slow, name="slow", every=5)], steps=60, budget=0.05)
+    ran = [r["step"] for r in mon.history.records if "slow" in r]
+    assert ran[0] == 5 and len(ran) < 12  # due at all 12 log points, postponed at most
+    fractions = [r["probe_time_fraction"] for r in mon.history.records]
+    assert fractions[-1] < 0.5
+
+
+def test_probe_runs_when_the_detector_fires():
+    _, mon = train([Probe(lambda m, o: {"x": 1.0}, name="x", on_event=True)], steps=60)
+    ran = [r["step"] for r in mon.history.records if "x" in r]
+    assert ran and ran == sorted({e.step for e in mon.events})
+
+
+def test_probe_log_spaced_steps():
+    p = Probe(lambda m, o: {"x": 1.0}, name="x", per_decade=1)
+    assert [p.next_after(s) for s in (0, 1, 9, 10, 99)] == [1, 10, 10, 100, 100]
+    q = Probe(lambda m, o: {"x": 1.0}, name="x", every=7, per_decade=2)
+    assert q.next_after(7) == 10 and q.next_after(10) == 14
+
+
+def test_failing_probe_warns_and_training_continues():
+    def broken(model, opt):
+        next(model.parameters()).data.add_(1.0)  # even a probe that mutates the model
+        raise RuntimeError("boom")
+
+    bare, _ = train([], steps=10)
+    with pytest.warns(UserWarning, match="boom"):
+        watched, mon = train([Probe(broken, name="broken", every=5)], steps=10)
+    for a, b in zip(bare.parameters(), watched.parameters()):
+        assert torch.equal(a, b)
+    assert mon.step == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        ({"probes": [lambda m, o: {}]}, TypeError, "probes=.*Probe"),
+        (
+            {"probes": [Probe(lambda m, o: {}, name="a", every=1)], "model": None},
+            ValueError,
+            "needs model=",
+        ),
+        ({"probe_budget": 0}, ValueError, r"probe_budget=0.*\(0, 1\]"),
+    ],
+)
+def test_monitor_probe_arguments(kwargs, exc, pattern):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"model": model, **kwargs}
+    with pytest.raises(exc, match=pattern):
+        PhaseMonitor(opt, **kwargs)
+
+
+def test_probe_arguments():
+    with pytest.raises(ValueError, match="no schedule"):
+        Probe(lambda m, o: {}, name="a")
+    with pytest.raises(ValueError, match="every=0"):
+        Probe(lambda m, o: {}, name="a", every=0)
+    with pytest.raises(TypeError, match="fn="):
+        Probe(3, name="a", every=1)
