@@ -1,0 +1,314 @@
+"""The Lightning callback, proven on real ``Trainer.fit`` runs (CPU, a few dozen steps each)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from sgdlens import PhaseMonitor
+from sgdlens.integrations.lightning import PhaseMonitorCallback
+from sgdlens.phase import PhaseDetector
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec"),
+]
+
+N, BATCH = 64, 8  # 8 batches per epoch
+
+
+def _data(seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, 6, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+
+
+class Net(pl.LightningModule):
+    def __init__(self, lr: float = 0.1, spike_at: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+        self.lr = lr
+        self.spike_at = spike_at
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.losses.append(loss.item())
+        self.log("train_loss", loss)
+        if self.spike_at is not None and self.global_step == self.spike_at:
+            return loss * float("inf")
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def _trainer(tmp_path: Path, *, logger=None, callbacks=(), **kw) -> pl.Trainer:
+    kw.setdefault("max_epochs", 2)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=logger if logger is not None else False,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=4,
+        **kw,
+    )
+
+
+def _csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_csv_logger_gets_the_records_and_losses_are_the_batches_before_each_step(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = PhaseMonitorCallback(log_every=4)
+    module = Net()
+    _trainer(tmp_path, logger=logger, callbacks=[cb]).fit(module, _data())
+    rows = [r for r in _csv_rows(logger) if r.get("sgdlens/grad_snr")]
+    assert [int(r["step"]) for r in rows] == [4, 8, 12, 16]  # trainer.global_step
+    for key in ("sgdlens/grad_snr/net.0", "sgdlens/grad_snr/net.2", "sgdlens/weight_norm",
+                "sgdlens/loss", "sgdlens/nonfinite_steps"):  # fmt: skip
+        assert key in rows[0], key
+    assert not any(k.startswith("sgdlens/phase") for k in rows[0])  # strings stay out
+    # each record's loss is the mean of exactly the 4 batches that drove its 4 steps
+    for i, r in enumerate(rows):
+        expected = sum(module.losses[4 * i : 4 * i + 4]) / 4
+        assert float(r["sgdlens/loss"]) == pytest.approx(expected, rel=1e-6)
+    assert cb.monitor.step == 16 and len(cb.monitor.history) == 4
+    assert cb.monitor.history.records[-1]["phase"] in ("warmup", "drift", "diffusion")
+    assert cb.monitor._handles == []  # closed at fit end: no hook left on the optimizer
+
+
+def test_tensorboard_logger_event_file_read_back_with_tensorboards_reader(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _trainer(tmp_path, logger=logger, callbacks=[PhaseMonitorCallback(log_every=4)]).fit(
+        Net(), _data()
+    )
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"sgdlens/grad_snr", "sgdlens/grad_snr/net.0", "sgdlens/loss"} <= set(tags)
+    assert [e.step for e in acc.Scalars("sgdlens/grad_snr")] == [4, 8, 12, 16]
+
+
+def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path):
+    plain, watched = Net(), Net()
+    _trainer(tmp_path, accumulate_grad_batches=2).fit(plain, _data())
+    cb = PhaseMonitorCallback(log_every=2)
+    _trainer(tmp_path, callbacks=[cb], accumulate_grad_batches=2).fit(watched, _data())
+    assert cb.monitor.step == 8
+    for a, b in zip(_params(plain), _params(watched)):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_counts_real_steps_and_unscaled_losses(tmp_path):
+    cb = PhaseMonitorCallback(log_every=2)
+    module = Net()
+    trainer = _trainer(tmp_path, callbacks=[cb], accumulate_grad_batches=4)
+    trainer.fit(module, _data())
+    assert trainer.global_step == 4 and cb.monitor.step == 4  # 16 batches, 4 real steps
+    records = cb.monitor.history.records
+    assert [r["step"] for r in records] == [2, 4]
+    # the loss Lightning passes to backward is divided by 4; the record holds the batch mean
+    assert records[0]["loss"] == pytest.approx(sum(module.losses[:8]) / 8, rel=1e-6)
+
+
+def test_resuming_from_a_lightning_checkpoint_continues_the_monitor(tmp_path):
+    whole = PhaseMonitorCallback(log_every=4)
+    _trainer(tmp_path, callbacks=[whole], max_epochs=2).fit(Net(), _data())
+
+    first = PhaseMonitorCallback(log_every=4)
+    trainer = _trainer(tmp_path, callbacks=[first], max_epochs=1)
+    trainer.fit(Net(), _data())
+    ckpt = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["PhaseMonitorCallback"]
+    assert state["monitors"][0]["step"] == 8
+
+    second = PhaseMonitorCallback(log_every=4)
+    _trainer(tmp_path, callbacks=[second], max_epochs=2).fit(Net(), _data(), ckpt_path=ckpt)
+    resumed = second.monitor.history.records
+    assert [r["step"] for r in resumed] == [12, 16]  # the step count continues
+    for got, want in zip(resumed, whole.monitor.history.records[2:]):
+        for key, value in want.items():
+            if isinstance(value, str):
+                assert got[key] == value, key
+            elif key != "time":
+                assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    cb = PhaseMonitorCallback(log_every=4)
+    _trainer(tmp_path, callbacks=[cb], precision="bf16-mixed", max_epochs=1).fit(Net(), _data())
+    last = cb.monitor.history.records[-1]
+    assert cb.monitor.step == 8 and last["nonfinite_steps"] == 0
+    assert torch.isfinite(torch.tensor([last["grad_snr"], last["loss"]])).all()
+
+
+def test_16_mixed_scaler_skips_a_step_and_the_monitor_with_it(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+    cb = PhaseMonitorCallback(log_every=4)
+    module = Net(spike_at=2)  # an infinite loss at the third step: the scaler skips it
+    trainer = _trainer(tmp_path, callbacks=[cb], plugins=[plugin])
+    trainer.fit(module, _data())
+    assert trainer.global_step == 16  # Lightning counts the skipped step
+    assert cb.monitor.step == 15  # the optimizer's step() never ran for it, so no hook fired
+    records = cb.monitor.history.records
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert all(r["nonfinite_steps"] == 0 for r in records)  # skipped: never seen, never counted
+    # the skipped batch's (infinite) loss belongs to the first record; the second holds
+    # batches 5..8 exactly, unscaled (the scaler multiplied the loss by 2**16 before backward)
+    assert records[0]["loss"] == float("inf")
+    assert records[1]["loss"] == pytest.approx(sum(module.losses[5:9]) / 4, rel=1e-3)
+
+
+class TwoOptimizers(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.a = nn.Linear(6, 2)
+        self.b = nn.Linear(6, 2)
+        self.losses: dict[str, list[float]] = {"a": [], "b": []}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        for name, layer, opt in (("a", self.a, opt_a), ("b", self.b, opt_b)):
+            loss = nn.functional.cross_entropy(layer(x), y) * (1.0 if name == "a" else 3.0)
+            self.losses[name].append(loss.item())
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.Adam(self.b.parameters())
+
+
+def test_manual_optimisation_with_two_optimizers(tmp_path):
+    logger = CSVLogger(tmp_path, name="two")
+    cb = PhaseMonitorCallback(log_every=4)
+    module = TwoOptimizers()
+    _trainer(tmp_path, logger=logger, callbacks=[cb], max_epochs=1).fit(module, _data())
+    assert [m.step for m in cb.monitors] == [8, 8]
+    assert cb.monitors[0].view.layers == ("a",) and cb.monitors[1].view.layers == ("b",)
+    rows = _csv_rows(logger)
+    keys = set().union(*rows)
+    assert {"sgdlens/opt0/grad_snr/a", "sgdlens/opt1/grad_snr/b", "sgdlens/opt1/loss"} <= keys
+    # each optimizer's monitor got its own loss, not the other's
+    for name, monitor in zip("ab", cb.monitors):
+        first = monitor.history.records[0]["loss"]
+        assert first == pytest.approx(sum(module.losses[name][:4]) / 4, rel=1e-6)
+
+
+def test_pytorch_lightning_trainer_accepts_the_same_callback(tmp_path):
+    import pytorch_lightning as ptl
+
+    class Old(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(6, 2)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cb = PhaseMonitorCallback(log_every=4)
+    assert isinstance(cb, ptl.Callback) and isinstance(cb, pl.Callback)
+    trainer = ptl.Trainer(accelerator="cpu", max_epochs=1, logger=False,
+                          enable_progress_bar=False, enable_checkpointing=False,
+                          enable_model_summary=False, callbacks=[cb])  # fmt: skip
+    trainer.fit(Old(), _data())
+    assert cb.monitor.step == 8 and "grad_snr/net" in cb.monitor.history.records[-1]
+
+
+def test_events_printed_once_and_user_sinks_fed(tmp_path, capsys):
+    seen: list[dict] = []
+    detector = PhaseDetector(window=1, warmup=1, dwell=1)
+    cb = PhaseMonitorCallback(log_every=4, detector=detector, sinks=[seen.append])
+    _trainer(tmp_path, callbacks=[cb], max_epochs=1).fit(Net(), _data())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sgdlens:")]
+    assert len(cb.monitor.events) >= 1
+    assert len(lines) == len(cb.monitor.events) == len(set(lines))
+    assert lines[0].startswith("sgdlens: step 4: ")
+    assert len([r for r in seen if "event" not in r]) == 2  # both records reached the sink
+
+
+def test_rank_zero_only_logs_and_prints(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda self: False))
+    seen: list[dict] = []
+    logger = CSVLogger(tmp_path, name="rank1")
+    detector = PhaseDetector(window=1, warmup=1, dwell=1)
+    cb = PhaseMonitorCallback(log_every=4, detector=detector, sinks=[seen.append])
+    _trainer(tmp_path, logger=logger, callbacks=[cb], max_epochs=1).fit(Net(), _data())
+    assert cb.monitor.step == 8 and cb.monitor.events  # it still measures on every rank
+    assert seen == [] and "sgdlens:" not in capsys.readouterr().out
+    assert not (Path(logger.log_dir) / "metrics.csv").exists() or not any(
+        k.startswith("sgdlens/") for r in _csv_rows(logger) for k in r
+    )
+
+
+def test_an_optimizer_that_already_has_a_monitor_is_adopted(tmp_path):
+    class Wrapped(Net):
+        def configure_optimizers(self):
+            self.own = PhaseMonitor(opt := torch.optim.SGD(self.parameters(), lr=0.1), log_every=2)
+            return opt
+
+    module = Wrapped()
+    cb = PhaseMonitorCallback(log_every=4)
+    _trainer(tmp_path, callbacks=[cb], max_epochs=1).fit(module, _data())
+    assert cb.monitor is module.own and len(module.own.history) == 4
+    assert module.own._handles  # the user's monitor stays attached
+    assert len(module.own.sinks) == 1  # our relay was removed again
+    module.own.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"log_every": 0}, ValueError, ["PhaseMonitorCallback(log_every=0)", ">= 1"]),
+        ({"log_every": "10"}, TypeError, ["PhaseMonitorCallback(log_every=...)", "'10'"]),
+        ({"model": nn.Linear(1, 1)}, TypeError, ["PhaseMonitorCallback(model=...)", "drop"]),
+        ({"sinks": [3]}, TypeError, ["PhaseMonitorCallback(sinks=...)[0]", "not callable"]),
+        ({"prefix": 1}, TypeError, ["PhaseMonitorCallback(prefix=...)", "e.g."]),
+        ({"print_events": "yes"}, TypeError, ["print_events", "'yes'"]),
+        ({"lenses": ["GradSNR"]}, TypeError, ["PhaseMonitorCallback(lenses=...)[0]"]),
+        ({"detector": 3}, TypeError, ["PhaseMonitorCallback(detector=...)", "3"]),
+        ({"window": 3}, TypeError, ["unexpected keyword", "log_every"]),
+    ],
+)
+def test_constructor_validation(kwargs, error, words):
+    with pytest.raises(error) as info:
+        PhaseMonitorCallback(**kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_load_state_dict_rejects_foreign_state():
+    with pytest.raises(ValueError, match=r"PhaseMonitorCallback\.state_dict"):
+        PhaseMonitorCallback().load_state_dict({"step": 3})
