@@ -4,11 +4,23 @@
 """
 
 from sgdlens.lenses.base import Lens, ParamView, Step
+from sgdlens.lenses.batch_snr import BatchSNR
 from sgdlens.lenses.grad_norm import GradNorm
 from sgdlens.lenses.grad_snr import GradSNR
+from sgdlens.lenses.noise_scale import NoiseScale
 from sgdlens.lenses.weights import WeightNorms
 
-__all__ = ["GradNorm", "GradSNR", "Lens", "ParamView", "Step", "WeightNorms", "default"]
+__all__ = [
+    "BatchSNR",
+    "GradNorm",
+    "GradSNR",
+    "Lens",
+    "NoiseScale",
+    "ParamView",
+    "Step",
+    "WeightNorms",
+    "default",
+]
 
 
 def default() -> list[Lens]:

@@ -45,6 +45,8 @@ class ParamView:
         device: where per-layer scalars live (the first parameter's device).
         dtype: the dtype of accumulated scalars (float64 unless the backend lacks it).
         log_every: the monitor's log interval in optimizer steps.
+        optimizer: the optimizer the monitor watches (for lenses that read its state), or
+            ``None``.
     """
 
     params: tuple[Tensor, ...]
@@ -53,6 +55,7 @@ class ParamView:
     device: torch.device
     dtype: torch.dtype
     log_every: int
+    optimizer: Any = field(default=None, repr=False)
     _index: dict[tuple[int, ...], Tensor] = field(default_factory=dict, repr=False)
 
     def subset(self, keep: Sequence[int]) -> Subset:

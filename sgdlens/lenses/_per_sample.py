@@ -1,0 +1,432 @@
+"""Per-sample gradient statistics from module hooks, shared by NoiseScale and BatchSNR.
+
+A forward hook on each covered module keeps references to its inputs and registers a tensor
+hook on its outputs for the gradient flowing back into them; a hook on each parameter
+(``Tensor.register_hook`` on a leaf runs once per backward, with the summed incoming
+gradient, just before it is accumulated into ``.grad``) then turns activations and output
+gradients into per-sample statistics of that parameter's gradient contribution ``c_s``:
+
+* ``sq``: Σ_s ‖c_s‖² (and, with ``keep_last``, the per-sample vector of the last backward);
+* ``elem`` (with ``need_elem``): Σ_s c_s² elementwise, shaped like the parameter.
+
+Rules (all exact up to rounding; "materialise" means per-sample gradients of that one
+parameter, shape ``(B, *p.shape)``, exist for a moment):
+
+* ``nn.Linear`` on ``(B, in)``: ‖c_s‖² = ‖g_s‖²‖a_s‖² (Goodfellow's trick); elementwise
+  Σ_s c_s² = (g²)ᵀ(a²). Nothing per-sample is materialised.
+* ``nn.Linear`` on sequences ``(B, …, in)``: c_s = Σ_t g_st a_stᵀ. Norms by the Gram trick
+  ‖c_s‖² = Σ_{t,u} (a_t·a_u)(g_t·g_u) when ``T(in+out) ≤ in·out``, else materialised;
+  elementwise sums materialise.
+* ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``, numeric padding, zero padding mode): the same as
+  a sequence Linear over the unfolded input (``F.unfold``), positions as the sequence.
+* ``nn.Embedding``: ‖c_s‖² = Σ_{t,u} [x_t = x_u] g_t·g_u (Gram with a token-equality mask);
+  elementwise sums materialise ``(B, V, d)``. ``padding_idx`` rows get no gradient, as in
+  torch. ``scale_grad_by_freq`` and ``max_norm`` go to the fallback.
+* ``nn.LayerNorm``: c_s(weight) = Σ_t g_t ⊙ x̂_t, c_s(bias) = Σ_t g_t, materialised (small).
+* any other module owning parameters (and ``nn.MultiheadAttention`` as a whole, since it
+  reads ``out_proj``'s weights without calling it): ``torch.func`` fallback, ``vmap`` over
+  ``vjp`` of the module re-run on each sample with its recorded output gradient. Exact for
+  modules that treat samples independently and draw no random numbers (dropout ``p=0`` or
+  eval); tensor arguments whose first dimension is the batch size are split per sample.
+
+A module called several times between two backward passes (weight sharing, recurrence)
+has its uses joined along the sequence axis, which is exact: the per-sample gradient is the
+sum over uses. A parameter shared by several modules (tied embeddings) has its per-sample
+gradients materialised by each module and summed. Batch norm makes per-sample gradients
+undefined and is not supported. The batch is dimension 0 of every activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["MODES", "PerSampleEngine"]
+
+MODES = ("auto", "hooks", "func")
+
+# A rule's answer for one parameter: ("norm", sq (B,), elem or None) or ("full", (B, *shape)).
+Result = tuple[str, Tensor, Tensor | None]
+
+
+class _Use:
+    """One forward call of a module: its inputs and the gradients of its outputs."""
+
+    __slots__ = ("args", "grads", "kwargs", "output")
+
+    def __init__(self, args: Any, kwargs: Any, output: list[Tensor]) -> None:
+        self.args, self.kwargs, self.output = args, kwargs, output
+        self.grads: list[Tensor | None] = [None] * len(output)
+
+
+def _tensors(output: Any) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+
+
+def _seq(t: Tensor) -> Tensor:
+    """``(B, …, d)`` as ``(B, T, d)``."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _from_full(full: Tensor, need_elem: bool) -> Result:
+    sq = full.reshape(full.shape[0], -1).square().sum(1)
+    return ("norm", sq, full.square().sum(0) if need_elem else None)
+
+
+# -- rules: (module, uses, want) -> {param name: Result}; want[name] is "norm" or "full" -----
+
+
+def _linear_like(
+    a: Tensor, g: Tensor, want_w: str, need_elem: bool, flat_2d: bool
+) -> tuple[Result, Tensor]:
+    """Weight result for c_s = Σ_t g_st a_stᵀ with a (B,T,in), g (B,T,out); also g summed."""
+    if flat_2d and want_w == "norm":  # one position per sample: Goodfellow's trick
+        a2, g2 = a[:, 0], g[:, 0]
+        sq = a2.square().sum(1) * g2.square().sum(1)
+        elem = g2.square().t() @ a2.square() if need_elem else None
+        return ("norm", sq, elem), g2
+    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if want_w == "norm" and not need_elem and t * (d_in + d_out) <= d_in * d_out:
+        sq = (a @ a.transpose(1, 2)).mul_(g @ g.transpose(1, 2)).sum((1, 2))
+        return ("norm", sq, None), g.sum(1)
+    full = g.transpose(1, 2) @ a  # (B, out, in)
+    res = ("full", full, None) if want_w == "full" else _from_full(full, need_elem)
+    return res, g.sum(1)
+
+
+def _bias(gsum: Tensor, want: str, need_elem: bool) -> Result:
+    return ("full", gsum, None) if want == "full" else _from_full(gsum, need_elem)
+
+
+def _linear(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> dict[str, Result]:
+    assert isinstance(m, nn.Linear)
+    xs: list[Tensor] = [u.args[0] for u in uses]
+    gs: list[Tensor] = [u.grads[0] for u in uses]  # type: ignore[misc]
+    flat = len(uses) == 1 and xs[0].dim() == 2
+    a = torch.cat([_seq(x) if x.dim() > 2 else x[:, None] for x in xs], 1)
+    g = torch.cat([_seq(y) if y.dim() > 2 else y[:, None] for y in gs], 1)
+    out: dict[str, Result] = {}
+    w_res, gsum = _linear_like(a, g, want.get("weight", "norm"), need, flat)
+    if "weight" in want:
+        out["weight"] = w_res
+    if "bias" in want:
+        out["bias"] = _bias(gsum, want["bias"], need)
+    return out
+
+
+def _conv_ok(m: nn.Module) -> bool:
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d))
+        and m.groups == 1
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
+
+
+def _conv(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> dict[str, Result]:
+    assert isinstance(m, (nn.Conv1d, nn.Conv2d))
+    us, gs = [], []
+    for u in uses:
+        x, go = u.args[0], u.grads[0]
+        assert go is not None
+        pad: tuple[int, ...] = m.padding  # type: ignore[assignment]  # numeric (see _conv_ok)
+        k, dil, st = m.kernel_size, m.dilation, m.stride
+        if isinstance(m, nn.Conv1d):
+            x, go = x[:, :, None], go[:, :, None]
+            k, dil, pad, st = (1, *k), (1, *dil), (0, *pad), (1, *st)
+        us.append(F.unfold(x, k, dilation=dil, padding=pad, stride=st).transpose(1, 2))
+        gs.append(go.reshape(go.shape[0], go.shape[1], -1).transpose(1, 2))
+    a, g = torch.cat(us, 1), torch.cat(gs, 1)  # (B, L, in·k), (B, L, out)
+    out: dict[str, Result] = {}
+    w_res, gsum = _linear_like(a, g, want.get("weight", "norm"), need, False)
+    if "weight" in want:
+        if w_res[0] == "full":
+            w_res = ("full", w_res[1].reshape(a.shape[0], *m.weight.shape), None)
+        elif w_res[2] is not None:
+            w_res = ("norm", w_res[1], w_res[2].reshape(m.weight.shape))
+        out["weight"] = w_res
+    if "bias" in want:
+        out["bias"] = _bias(gsum, want["bias"], need)
+    return out
+
+
+def _embedding_ok(m: nn.Module) -> bool:
+    return isinstance(m, nn.Embedding) and not m.scale_grad_by_freq and m.max_norm is None
+
+
+def _embedding(
+    m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool
+) -> dict[str, Result]:
+    assert isinstance(m, nn.Embedding)
+    tok = torch.cat([u.args[0].reshape(u.args[0].shape[0], -1) for u in uses], 1)
+    g = torch.cat([_seq(u.grads[0]) for u in uses], 1)  # type: ignore[arg-type]
+    if m.padding_idx is not None:
+        g = g * (tok != m.padding_idx).unsqueeze(-1).to(g.dtype)
+    if want.get("weight") == "norm" and not need:
+        same = (tok[:, :, None] == tok[:, None, :]).to(g.dtype)
+        return {"weight": ("norm", (same * (g @ g.transpose(1, 2))).sum((1, 2)), None)}
+    b, v = tok.shape[0], m.num_embeddings
+    rows = (tok + v * torch.arange(b, device=tok.device)[:, None]).reshape(-1)
+    full = g.new_zeros(b * v, g.shape[-1]).index_add_(0, rows, g.reshape(-1, g.shape[-1]))
+    full = full.reshape(b, v, -1)
+    return {"weight": ("full", full, None) if want["weight"] == "full" else _from_full(full, need)}
+
+
+def _layer_norm(
+    m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool
+) -> dict[str, Result]:
+    assert isinstance(m, nn.LayerNorm)
+    shape = m.normalized_shape
+    k = len(shape)
+    xs, gs = [], []
+    for u in uses:
+        x, go = u.args[0], u.grads[0]
+        assert go is not None
+        xhat = F.layer_norm(x, shape, eps=m.eps)
+        xs.append(xhat.reshape(x.shape[0], -1, *shape))
+        gs.append(go.reshape(go.shape[0], -1, *shape))
+    xhat, g = torch.cat(xs, 1), torch.cat(gs, 1)
+    del k
+    fulls = {"weight": (g * xhat).sum(1), "bias": g.sum(1)}
+    return {
+        n: ("full", fulls[n], None) if w == "full" else _from_full(fulls[n], need)
+        for n, w in want.items()
+    }
+
+
+Rule = Callable[[nn.Module, list[_Use], dict[str, str], bool], dict[str, Result]]
+RULES: dict[type, tuple[Rule, Callable[[nn.Module], bool]]] = {
+    nn.Linear: (_linear, lambda m: True),
+    nn.Conv1d: (_conv, _conv_ok),
+    nn.Conv2d: (_conv, _conv_ok),
+    nn.Embedding: (_embedding, _embedding_ok),
+    nn.LayerNorm: (_layer_norm, lambda m: True),
+}
+
+
+def _func_rule(
+    m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool
+) -> dict[str, Result]:
+    """The torch.func fallback: vmap over the vjp of the module re-run on one sample."""
+    from torch.func import functional_call, vjp, vmap
+
+    names = list(want)
+    own = dict(m.named_parameters())
+    params = {n: own[n].detach() for n in names}
+    totals: dict[str, Tensor] = {}
+    for use in uses:
+        leaves, spec = pytree.tree_flatten((use.args, use.kwargs))
+        tens = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+        batch = leaves[tens[0]].shape[0]
+        dims = tuple(0 if leaves[i].dim() > 0 and leaves[i].shape[0] == batch else None
+                     for i in tens)  # fmt: skip
+        cots = tuple(
+            torch.zeros_like(o) if gr is None else gr for o, gr in zip(use.output, use.grads)
+        )
+        buffers = {n: b.clone() for n, b in m.named_buffers()}
+
+        def one(cot: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+            filled = list(leaves)  # noqa: B023 - used at once by vmap below
+            for i, x, d in zip(tens, xs, dims):  # noqa: B023
+                filled[i] = x.unsqueeze(0) if d == 0 else x
+            args, kwargs = pytree.tree_unflatten(filled, spec)  # noqa: B023
+
+            def f(ps: dict[str, Tensor]) -> tuple[Tensor, ...]:
+                out = functional_call(m, ({**ps, **buffers}), tuple(args), kwargs)  # noqa: B023
+                return tuple(_tensors(out))
+
+            pull = vjp(f, params)[1]
+            return pull(tuple(c.unsqueeze(0) for c in cot))[0]
+
+        grads = vmap(one, in_dims=(0, dims), randomness="different")(
+            cots, tuple(leaves[i] for i in tens)
+        )
+        for n in names:
+            totals[n] = grads[n] if n not in totals else totals[n] + grads[n]
+    return {
+        n: ("full", totals[n], None) if w == "full" else _from_full(totals[n], need)
+        for n, w in want.items()
+    }
+
+
+class _Unit:
+    """A module whose forward calls give the per-sample gradients of ``names``."""
+
+    def __init__(self, module: nn.Module, rule: Rule, names: dict[str, int]) -> None:
+        self.module, self.rule, self.names = module, rule, names  # names: param name -> index
+        self.uses: list[_Use] = []
+        self.result: dict[str, Result] | None = None
+        self.want: dict[str, str] = {}
+
+
+class PerSampleEngine:
+    """Hooks computing per-sample gradient statistics of ``params`` inside ``model``.
+
+    Args:
+        model: the module whose forward and backward produce the gradients.
+        params: the parameters to cover (others are left alone).
+        mode: ``"auto"`` (rules where they exist, ``torch.func`` elsewhere), ``"hooks"``
+            (rules only; other parameters uncovered) or ``"func"`` (``torch.func`` for all).
+        need_elem: also accumulate Σ_s c_s² elementwise.
+        keep_last: keep the per-sample squared norms of the last backward in ``last_sq``.
+        dtype: dtype of the accumulated ``sq`` scalars.
+
+    Attributes:
+        covered: per parameter, whether some hook computes its per-sample statistics.
+        sq, elem, count: per parameter, Σ_s ‖c_s‖² (0-d), Σ_s c_s², and the number of
+            samples, since the last :meth:`reset` (``None``/0 before any backward).
+        armed: hooks do nothing while ``False``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        *,
+        mode: str = "auto",
+        need_elem: bool = False,
+        keep_last: bool = False,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.model, self.params, self.mode = model, list(params), mode
+        self.need_elem, self.keep_last, self.dtype = need_elem, keep_last, dtype
+        self.armed = True
+        self._busy = False
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.units: list[_Unit] = []
+        self._visit(model, index)
+        self.units_of: list[list[_Unit]] = [[] for _ in self.params]
+        for u in self.units:
+            for i in u.names.values():
+                self.units_of[i].append(u)
+        for u in self.units:  # a parameter in several units is materialised by each
+            u.want = {n: "full" if len(self.units_of[i]) > 1 else "norm"
+                      for n, i in u.names.items()}  # fmt: skip
+        self.covered = [bool(us) for us in self.units_of]
+        n = len(self.params)
+        self.sq: list[Tensor | None] = [None] * n
+        self.elem: list[Tensor | None] = [None] * n
+        self.count = [0] * n
+        self.last_sq: list[Tensor | None] = [None] * n
+        self._done = [0] * len(self.units)
+
+    def _visit(self, module: nn.Module, index: dict[int, int]) -> None:
+        rule = RULES.get(type(module))
+        if self.mode != "func" and rule is not None and rule[1](module):
+            names = {n: index[id(p)] for n, p in module.named_parameters(recurse=False)
+                     if id(p) in index}  # fmt: skip
+            if names:
+                self.units.append(_Unit(module, rule[0], names))
+            return
+        if isinstance(module, nn.MultiheadAttention):  # reads out_proj's weights directly
+            if self.mode != "hooks":
+                names = {n: index[id(p)] for n, p in module.named_parameters() if id(p) in index}
+                if names:
+                    self.units.append(_Unit(module, _func_rule, names))
+            return
+        for child in module.children():
+            self._visit(child, index)
+        if self.mode != "hooks":
+            names = {n: index[id(p)] for n, p in module.named_parameters(recurse=False)
+                     if id(p) in index}  # fmt: skip
+            if names:
+                self.units.append(_Unit(module, _func_rule, names))
+
+    def attach(self) -> list[Any]:
+        """Register the hooks; returns their handles."""
+        handles = []
+        for k, u in enumerate(self.units):
+            handles.append(
+                u.module.register_forward_hook(partial(self._on_forward, u), with_kwargs=True)
+            )
+            del k
+        for i, p in enumerate(self.params):
+            if self.covered[i]:
+                handles.append(p.register_hook(partial(self._on_param, i)))
+        return handles
+
+    def reset(self) -> None:
+        """Forget the statistics and any pending forward calls (after an optimizer step)."""
+        n = len(self.params)
+        self.sq, self.elem, self.count = [None] * n, [None] * n, [0] * n
+        for u in self.units:
+            u.uses, u.result = [], None
+        self._done = [0] * len(self.units)
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def _on_forward(self, unit: _Unit, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        if not self.armed or self._busy or not torch.is_grad_enabled() or _transformed():
+            return
+        if unit.result is not None:  # the previous backward is over
+            unit.uses, unit.result = [], None
+        outs = _tensors(out)
+        use = _Use(args, kwargs, outs)
+        for j, t in enumerate(outs):
+            if t.requires_grad:
+                t.register_hook(partial(_store, use, j))
+        unit.uses.append(use)
+
+    def _on_param(self, i: int, grad: Tensor) -> None:
+        if self._busy or not self.armed:
+            return
+        p = self.params[i]
+        if p.grad is None:  # a new accumulation cycle (zero_grad(set_to_none=True))
+            self.sq[i], self.elem[i], self.count[i] = None, None, 0
+        results = []
+        for u in self.units_of[i]:
+            if u.result is None:
+                self._busy = True
+                try:
+                    u.result = self._process(u)
+                finally:
+                    self._busy = False
+            name = next(n for n, j in u.names.items() if j == i)
+            if name in u.result:
+                results.append(u.result[name])
+        if not results:
+            return
+        if len(results) == 1 and results[0][0] == "norm":
+            _, sq, elem = results[0]
+        else:
+            full = results[0][1]
+            for r in results[1:]:
+                full = full + r[1]
+            _, sq, elem = _from_full(full, self.need_elem)
+        total = sq.sum().to(self.dtype)
+        self.sq[i] = total if self.sq[i] is None else self.sq[i] + total  # type: ignore[operator]
+        if self.need_elem and elem is not None:
+            e = elem.to(torch.promote_types(p.dtype, torch.float32))
+            self.elem[i] = e if self.elem[i] is None else self.elem[i] + e  # type: ignore[operator]
+        self.count[i] += int(sq.shape[0])
+        if self.keep_last:
+            self.last_sq[i] = sq.detach()
+
+    def _process(self, unit: _Unit) -> dict[str, Result]:
+        uses = [u for u in unit.uses if any(g is not None for g in u.grads)]
+        if not uses:
+            return {}
+        with torch.no_grad():
+            for u in uses:  # outputs that got no gradient contribute zero
+                u.grads = [torch.zeros_like(o) if g is None else g
+                           for o, g in zip(u.output, u.grads)]  # fmt: skip
+            res = unit.rule(unit.module, uses, unit.want, self.need_elem)
+        for u in uses:
+            u.args = u.kwargs = None
+            u.grads = []
+        return res
+
+
+def _store(use: _Use, j: int, grad: Tensor) -> None:
+    use.grads[j] = grad
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform is running (its forward passes are not training)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None

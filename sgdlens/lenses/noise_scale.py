@@ -1,0 +1,427 @@
+"""The gradient noise scale of McCandlish et al. (2018): ``B_simple = tr Σ / |G|²``.
+
+``G`` is the true gradient and ``Σ`` the per-example gradient covariance; a batch of ``B``
+examples has ``E‖G_B − G‖² = tr Σ / B``, so ``B_simple`` is the batch size past which a larger
+batch stops paying. Two gradient estimates over batches of sizes ``B_small < B_big`` give
+unbiased estimates of each (the paper's App. A.1)::
+
+    |G|² ≈ (B_big·|G_big|² − B_small·|G_small|²) / (B_big − B_small)
+    tr Σ ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
+
+Their ratio is biased, so, as the paper and GPT-NeoX do, the lens keeps separate exponential
+moving averages of both (bias-corrected as Adam does) and divides the averages. The two
+batches come from one of three estimators:
+
+* ``"accumulation"``: the ``m`` micro-batches of one optimizer step (gradient accumulation).
+  ``G_small`` are the micro-batch gradients (``|G_small|²`` averaged over them), ``G_big``
+  their mean, ``B_small = b`` (the micro-batch size), ``B_big = m·b``. Each micro-batch's
+  contribution is read by a hook on each parameter (``Tensor.register_hook`` on a leaf sees
+  the gradient just before it is added to ``.grad``: the difference of ``.grad`` before and
+  after, without a copy), so it costs one norm per parameter per micro-batch. Exactly
+  unbiased: all micro-batches see the same weights.
+* ``"per_sample"``: per-example gradient norms from module hooks (see
+  :mod:`sgdlens.lenses._per_sample`): ``B_small = 1``, ``B_big = B``; this reproduces the
+  within-batch estimates ``tr Σ̂ = Σ_k Var_i(g_ik)`` (ddof 1) and
+  ``|G|² = ‖ḡ‖² − tr Σ̂ / B`` exactly.
+* ``"ranks"``: one rank's local gradient against the all-reduced one (data parallel). Not
+  wired yet: the distributed integration feeds :meth:`NoiseScale.feed_two_batch`.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from sgdlens.lenses._per_sample import MODES, PerSampleEngine
+from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
+
+__all__ = ["NoiseScale", "two_batch_estimates"]
+
+ESTIMATORS = ("auto", "accumulation", "per_sample", "ranks")
+
+
+def two_batch_estimates(
+    small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float
+) -> tuple[Tensor, Tensor]:
+    """Unbiased ``(|G|², tr Σ)`` from ``|G_small|²`` and ``|G_big|²`` (McCandlish App. A.1).
+
+    Args:
+        small_sq: ``|G_small|²`` (or its mean over several small batches), any shape.
+        big_sq: ``|G_big|²``, the same shape.
+        b_small: the small batch size.
+        b_big: the big batch size (``> b_small``).
+
+    Example:
+        >>> g2, tr = two_batch_estimates(torch.tensor(3.0), torch.tensor(1.5), 1, 4)
+        >>> float(g2), float(tr)
+        (1.0, 2.0)
+    """
+    g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    tr = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+    return g2, tr
+
+
+class _MicroBatches:
+    """Per-parameter Σ_j ‖Δ_j‖² over the backward passes of one step, Δ_j each one's gradient."""
+
+    def __init__(self, params: list[Tensor], dtype: torch.dtype) -> None:
+        self.params, self.dtype = params, dtype
+        self.acc: list[Tensor | None] = [None] * len(params)
+        self.fires = [0] * len(params)
+
+    def attach(self) -> list[Any]:
+        return [p.register_hook(partial(self._on, i))
+                for i, p in enumerate(self.params) if p.requires_grad]  # fmt: skip
+
+    def _on(self, i: int, grad: Tensor) -> None:
+        if self.params[i].grad is None:  # zero_grad(set_to_none=True): a new step began
+            self.acc[i], self.fires[i] = None, 0
+        g = grad.coalesce().values() if grad.is_sparse else grad
+        sq = torch.linalg.vector_norm(g).to(self.dtype).square()
+        prev = self.acc[i]
+        self.acc[i] = sq if prev is None else prev + sq
+        self.fires[i] += 1
+
+    def reset(self) -> None:
+        self.acc = [None] * len(self.params)
+        self.fires = [0] * len(self.params)
+
+
+def _check_int(name: str, value: Any, low: int, example: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"NoiseScale({name}=...) must be an int, got {value!r}; e.g. {example}")
+    if value < low:
+        raise ValueError(f"NoiseScale({name}={value}) must be >= {low}; e.g. {example}")
+
+
+class NoiseScale(Lens):
+    """The gradient noise scale ``B_simple = tr Σ / |G|²``, per layer and for the whole model.
+
+    ``estimator="auto"`` picks from what the run offers: at the first step, if it
+    accumulated gradients over two or more backward passes, the micro-batch estimator
+    (nearly free); otherwise, given a model, per-sample gradient norms; the hooks of the
+    estimator not chosen are removed. Choose explicitly with ``"accumulation"``,
+    ``"per_sample"`` or ``"ranks"`` (reserved for data-parallel runs, see
+    :meth:`feed_two_batch`).
+
+    Per-step estimates of ``|G|²`` and ``tr Σ`` (each unbiased) go into separate EMAs with
+    factor ``decay``, bias-corrected by ``1 − decay^n`` over the ``n`` steps fed so far
+    (steps with non-finite gradients are skipped). ``B_simple`` is the ratio of the EMAs.
+    Per-layer values use the layer's own gradient entries (``Σ`` and ``G`` restricted to the
+    layer); the global ones sum the per-layer EMAs. The gradient scale follows
+    ``reduction``: ``"mean"`` when ``.grad`` at ``optimizer.step()`` is the mean over all the
+    step's examples of the per-example gradients (mean loss, divided by the number of
+    micro-batches when accumulating), ``"sum"`` when it is their sum. ``B_simple`` itself
+    does not depend on this choice; ``grad_sq_norm`` and ``grad_noise_tr`` do.
+
+    Logged keys (``<l>`` for every covered layer), with ``B`` the examples per step:
+
+    * ``noise_scale/<l>``, ``noise_scale``: ``B_simple = EMA(tr Σ) / EMA(|G|²)``;
+    * ``grad_noise_tr/<l>``, ``grad_noise_tr``: ``EMA(tr Σ)``, the per-example noise;
+    * ``grad_sq_norm/<l>``, ``grad_sq_norm``: ``EMA(|G|²)``, the true gradient's norm²;
+    * ``batch_over_noise_scale/<l>``, ``batch_over_noise_scale``: ``B / B_simple``, about
+      the square of the minibatch gradient SNR (SCIENCE §A2).
+
+    Keys are absent until a step could be estimated (the accumulation estimator needs at
+    least two micro-batches, the per-sample one at least two examples).
+
+    Args:
+        estimator: ``"auto"``, ``"accumulation"``, ``"per_sample"`` or ``"ranks"``.
+        batch_size: examples per micro-batch (accumulation estimator); ``None`` reads it
+            from the first dimension of the model's first tensor input at each forward.
+        decay: EMA factor in [0, 1); 0.99 as in GPT-NeoX. 0 keeps only the last step.
+        reduction: ``"mean"`` or ``"sum"``, how ``.grad`` relates to per-example gradients.
+        per_sample: the per-sample machinery: ``"auto"`` (layer rules, ``torch.func``
+            elsewhere), ``"hooks"`` (layer rules only; parameters of other modules are left
+            out and listed in ``uncovered`` after attaching) or ``"func"`` (``torch.func``
+            for every module, for comparison).
+
+    Example:
+        >>> from sgdlens import PhaseMonitor, lenses
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> monitor = PhaseMonitor(opt, model=model, lenses=[lenses.NoiseScale()])
+    """
+
+    name = "noise_scale"
+    estimator: str
+    batch_size: int | None
+    decay: float
+    reduction: str
+    per_sample: str
+
+    def __init__(
+        self,
+        estimator: str = "auto",
+        *,
+        batch_size: int | None = None,
+        decay: float = 0.99,
+        reduction: str = "mean",
+        per_sample: str = "auto",
+    ) -> None:
+        if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+            raise ValueError(
+                f"NoiseScale(estimator={estimator!r}) must be one of {ESTIMATORS}; e.g. "
+                f"estimator='auto'"
+            )
+        if estimator == "ranks":
+            raise NotImplementedError(
+                "NoiseScale(estimator='ranks') is reserved for data-parallel runs and is not "
+                "wired yet (local vs all-reduced gradients); use estimator='accumulation' or "
+                "'per_sample', or feed per-rank norms to NoiseScale.feed_two_batch"
+            )
+        _check_int("batch_size", batch_size, 1, "batch_size=32")
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+            raise TypeError(f"NoiseScale(decay=...) must be a float, got {decay!r}; e.g. 0.99")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"NoiseScale(decay={decay}) must lie in [0, 1); e.g. decay=0.99")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"NoiseScale(reduction={reduction!r}) must be 'mean' or 'sum': how .grad "
+                f"relates to per-example gradients; e.g. reduction='mean'"
+            )
+        if per_sample not in MODES:
+            raise ValueError(
+                f"NoiseScale(per_sample={per_sample!r}) must be one of {MODES}; e.g. 'auto'"
+            )
+        self.estimator = estimator
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.decay = float(decay)
+        self.reduction = reduction
+        self.per_sample = per_sample
+
+    def __repr__(self) -> str:
+        return (
+            f"NoiseScale({self.estimator!r}, batch_size={self.batch_size}, decay={self.decay}, "
+            f"reduction={self.reduction!r}, per_sample={self.per_sample!r})"
+        )
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def init(self, view: ParamView) -> State:
+        self._view = view
+        zeros = torch.zeros(len(view.layers), dtype=view.dtype, device=view.device)
+        self._mode: str | None = None if self.estimator == "auto" else self.estimator
+        self._micro: _MicroBatches | None = None
+        self._engine: PerSampleEngine | None = None
+        self._handles: dict[str, list[Any]] = {}
+        self._last_batch: int | None = None
+        self._covered = [True] * len(view.params)
+        self.uncovered: list[str] = []
+        self._warned = False
+        return {
+            "g2": zeros.clone(),  # EMA of the |G|² estimates, per layer
+            "tr": zeros.clone(),  # EMA of the tr Σ estimates, per layer
+            "n": torch.zeros((), dtype=view.dtype, device=view.device),  # finite steps fed
+            "batch": torch.zeros((), dtype=view.dtype, device=view.device),  # B of last step
+            "feeds": 0,
+        }
+
+    def attach(self, model: nn.Module | None, view: ParamView) -> list[Any]:
+        """Register the hooks the estimator needs (the monitor removes them on close)."""
+        handles: list[Any] = []
+        params = list(view.params)
+        if self.estimator in ("auto", "accumulation"):
+            if self.batch_size is None and model is None:
+                if self.estimator == "accumulation":
+                    raise ValueError(
+                        "NoiseScale(estimator='accumulation', batch_size=None) reads the "
+                        "micro-batch size from the model's inputs, but the monitor has no "
+                        "model: pass PhaseMonitor(model=model) or NoiseScale(batch_size=...)"
+                    )
+            else:
+                self._micro = _MicroBatches(params, view.dtype)
+                self._handles["accumulation"] = self._micro.attach()
+        if self.estimator in ("auto", "per_sample") and model is not None:
+            self._engine = PerSampleEngine(
+                model, [p for p in params], mode=self.per_sample, dtype=view.dtype
+            )
+            self._handles["per_sample"] = self._engine.attach()
+        elif self.estimator == "per_sample":
+            raise ValueError(
+                "NoiseScale(estimator='per_sample') needs the model for its module hooks: "
+                "pass PhaseMonitor(opt, model=model, lenses=[...])"
+            )
+        if self._micro is None and self._engine is None:
+            raise ValueError(
+                "NoiseScale(estimator='auto') has nothing to read without a model or a "
+                "batch_size: pass PhaseMonitor(model=model) or NoiseScale(batch_size=...)"
+            )
+        if model is not None and self.batch_size is None:
+            handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        for hs in self._handles.values():
+            handles.extend(hs)
+        if self._mode == "per_sample":
+            self._use_per_sample(view)
+        return handles
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if torch.is_grad_enabled():
+            for leaf in pytree.tree_leaves((args, kwargs)):
+                if isinstance(leaf, Tensor) and leaf.dim() > 0:
+                    self._last_batch = int(leaf.shape[0])
+                    return
+
+    def _use_per_sample(self, view: ParamView) -> None:
+        assert self._engine is not None
+        self._covered = list(self._engine.covered)
+        names = dict(self._named(view))
+        self.uncovered = [names[i] for i, c in enumerate(self._covered) if not c]
+
+    @staticmethod
+    def _named(view: ParamView) -> list[tuple[int, str]]:
+        return [(i, f"{view.layers[view.layer_of[i]]}[{i}]") for i in range(len(view.params))]
+
+    def _choose(self, view: ParamView) -> str:
+        """``auto``: accumulation if the first step had several backward passes."""
+        fires = max(self._micro.fires) if self._micro is not None else 0
+        mode = "accumulation" if fires >= 2 or self._engine is None else "per_sample"
+        drop = "per_sample" if mode == "accumulation" else "accumulation"
+        for h in self._handles.pop(drop, []):
+            h.remove()
+        if mode == "per_sample":
+            self._micro = None
+            self._use_per_sample(view)
+        else:
+            self._engine = None
+        return mode
+
+    # -- per step ------------------------------------------------------------------------
+
+    def update(self, state: State, step: Step) -> State:
+        view = step.view
+        if self._mode is None:
+            self._mode = self._choose(view)
+        try:
+            if self._mode == "accumulation":
+                self._update_accumulation(state, step)
+            elif self._mode == "per_sample":
+                self._update_per_sample(state, step)
+        finally:
+            if self._micro is not None:
+                self._micro.reset()
+            if self._engine is not None:
+                self._engine.reset()
+        return state
+
+    def _stack(self, values: list[Tensor | None]) -> Tensor:
+        view = self._view
+        zero = torch.zeros((), dtype=view.dtype, device=view.device)
+        return torch.stack([zero if v is None else v.to(view.device) for v in values])
+
+    def _grad_sq(self, step: Step) -> Tensor:
+        """‖.grad‖² per layer over the covered parameters."""
+        view = step.view
+        sq = step.grad_sq
+        if not all(self._covered):
+            mask = torch.tensor(self._covered, dtype=sq.dtype, device=sq.device)
+            sq = sq * mask
+        return view.per_layer(sq, range(len(view.params)))
+
+    def _update_accumulation(self, state: State, step: Step) -> None:
+        micro = self._micro
+        assert micro is not None
+        m = max(micro.fires)
+        b = self.batch_size or self._last_batch
+        if m < 2 or b is None:
+            if self.estimator == "accumulation" and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"NoiseScale(estimator='accumulation') saw {m} backward pass(es) in a step; "
+                    f"it needs gradient accumulation over >= 2 micro-batches (or use "
+                    f"estimator='per_sample')",
+                    stacklevel=4,
+                )
+            return
+        view = step.view
+        n_total = m * b
+        acc = view.per_layer(self._stack(micro.acc), range(len(view.params)))
+        big = self._grad_sq(step)
+        if self.reduction == "mean":  # G_small_j = m Δ_j, G_big = .grad
+            small = acc * m
+        else:  # G_small_j = Δ_j / b, G_big = .grad / (m b)
+            small, big = acc / (m * b * b), big / (n_total * n_total)
+        self.feed_two_batch(state, small, big, b, n_total, step.ok)
+
+    def _update_per_sample(self, state: State, step: Step) -> None:
+        engine = self._engine
+        assert engine is not None
+        n = max(engine.count)
+        if n < 2:
+            return
+        view = step.view
+        s = view.per_layer(self._stack(engine.sq), range(len(view.params)))  # Σ_s ‖c_s‖²
+        big = self._grad_sq(step)
+        if self.reduction == "mean":  # g_s = n c_s, ḡ = .grad
+            small = s * n
+        else:  # g_s = c_s, ḡ = .grad / n
+            small, big = s / n, big / (n * n)
+        self.feed_two_batch(state, small, big, 1, n, step.ok)
+
+    def feed_two_batch(
+        self, state: State, small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float,
+        ok: Tensor,
+    ) -> None:  # fmt: skip
+        """Fold one step's two-batch measurement (per layer) into the moving averages.
+
+        This is the entry point every estimator ends in, and the one the data-parallel
+        integration is to call with ``small_sq`` = the mean over ranks of each rank's local
+        ``|G_local|²`` per layer (``b_small`` = the local batch) and ``big_sq`` =
+        ``|G_all-reduced|²`` (``b_big`` = world size × local batch).
+
+        Args:
+            state: this lens's state.
+            small_sq: per-layer ``|G_small|²`` (tensor over the view's layers).
+            big_sq: per-layer ``|G_big|²``.
+            b_small: examples behind each small estimate.
+            b_big: examples behind the big one (``> b_small``).
+            ok: 0-d bool; the step is skipped where false (non-finite gradients).
+        """
+        g2, tr = two_batch_estimates(small_sq, big_sq, b_small, b_big)
+        ok = ok & torch.isfinite(g2).all() & torch.isfinite(tr).all()
+        w = 1.0 - self.decay
+        state["g2"].copy_(
+            torch.where(ok, state["g2"].lerp(g2.to(state["g2"].dtype), w), state["g2"])
+        )
+        state["tr"].copy_(
+            torch.where(ok, state["tr"].lerp(tr.to(state["tr"].dtype), w), state["tr"])
+        )
+        state["n"].add_(ok)
+        state["batch"].fill_(float(b_big))
+        state["feeds"] += 1
+
+    # -- log points ----------------------------------------------------------------------
+
+    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+        if state["feeds"] == 0:
+            return {}
+        view = step.view
+        n = state["n"]
+        corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
+        g2, tr = state["g2"] / corr, state["tr"] / corr
+        ns = tr / g2
+        keep = sorted({view.layer_of[i] for i, c in enumerate(self._covered) if c})
+        layers = [view.layers[j] for j in keep]
+        idx = torch.tensor(keep, dtype=torch.long, device=view.device)
+        g2_l, tr_l, ns_l = g2[idx], tr[idx], ns[idx]
+        g2_all, tr_all = g2_l.sum(), tr_l.sum()
+        ns_all = tr_all / g2_all
+        batch = state["batch"]
+        return {
+            **per_layer_keys("noise_scale", layers, ns_l),
+            **per_layer_keys("grad_noise_tr", layers, tr_l),
+            **per_layer_keys("grad_sq_norm", layers, g2_l),
+            **per_layer_keys("batch_over_noise_scale", layers, batch / ns_l),
+            "noise_scale": ns_all,
+            "grad_noise_tr": tr_all,
+            "grad_sq_norm": g2_all,
+            "batch_over_noise_scale": batch / ns_all,
+        }

@@ -1,0 +1,450 @@
+"""NoiseScale and the per-sample machinery against independent float64 references.
+
+The reference per-example gradients come from ``torch.func`` (vmap over grad of each example's
+own loss), written independently of :mod:`sgdlens.lenses._per_sample`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from sgdlens import PhaseMonitor, lenses
+from sgdlens.lenses._per_sample import PerSampleEngine
+from sgdlens.lenses.noise_scale import NoiseScale, two_batch_estimates
+
+REL = 1e-6
+
+
+class Attention(nn.Module):
+    """Embedding + positional parameter + LayerNorm + multi-head attention + MLP + head."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, seq: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(seq, d) * 0.1)
+        self.ln = nn.LayerNorm(d)
+        self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.fc = nn.Linear(d, 16)
+        self.fc2 = nn.Linear(16, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x) + self.pos
+        z = self.ln(h)
+        h = h + self.att(z, z, z, need_weights=False)[0]
+        h = h + self.fc2(torch.relu(self.fc(h)))
+        return self.head(h)
+
+
+class Tied(nn.Module):
+    """Tied embedding/head weights, a Linear applied twice, and a Conv1d."""
+
+    def __init__(self, vocab: int = 7, d: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.conv = nn.Conv1d(d, d, 3, padding=1)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(torch.tanh(self.mix(self.emb(x)))))
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h)
+
+
+def build(kind: str, seed: int = 0):
+    """``(model, x, y)`` in float64; the batch is 9 examples (MLP), 7 (CNN), 6 (sequence)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3))
+        x, y = (
+            torch.randn(9, 6, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (9,), generator=g),
+        )
+    elif kind == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 2, stride=2),
+            nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
+        )  # fmt: skip
+        x, y = (
+            torch.randn(7, 2, 5, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (7,), generator=g),
+        )
+    elif kind == "attention":
+        model = Attention()
+        x, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 11, (6, 5), generator=g)
+    elif kind == "tied":
+        model = Tied()
+        x, y = torch.randint(0, 7, (6, 4), generator=g), torch.randint(0, 7, (6, 4), generator=g)
+    else:
+        raise ValueError(kind)
+    return model.double(), x, y
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over every position of every example."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{name: (B, *shape)}``: gradients of each example's own loss, by vmap over grad."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(ps, xi, yi):
+        return loss_fn(functional_call(model, ps, (xi[None],)), yi[None])
+
+    return vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def layer_of(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> layer name (its owning module's name), as the monitor names layers."""
+    out = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            out.setdefault(f"{mname}.{pname}" if mname else pname, mname or "model")
+    return out
+
+
+def stats(grads: dict[str, torch.Tensor], names: list[str] | None = None):
+    """Within-batch ``(Σ_i ‖g_i‖², ‖ḡ‖², tr Σ̂ (ddof 1), |G|²_unb, GSNR sum, size)``."""
+    names = list(grads) if names is None else names
+    g = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], 1)
+    b = g.shape[0]
+    gbar = g.mean(0)
+    tr = g.var(0, correction=1).sum()
+    mean_sq = gbar.square().sum()
+    return g.square().sum(), mean_sq, tr, mean_sq - tr / b, g, gbar
+
+
+def rel_err(a, b) -> float:
+    """The largest entrywise relative error."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
+
+
+def rel_err_max(a, b) -> float:
+    """Relative to the largest entry (for tensors with exact zeros, e.g. attention key bias)."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+KINDS = ["mlp", "cnn", "attention", "tied"]
+
+
+# -- per-sample norms -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["auto", "func"])
+@pytest.mark.parametrize("need_elem", [False, True])
+def test_per_sample_norms_match_torch_func(kind, mode, need_elem):
+    model, x, y = build(kind)
+    ref = per_sample_grads(model, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    engine = PerSampleEngine(
+        model, list(model.parameters()), mode=mode, need_elem=need_elem, keep_last=True
+    )
+    handles = engine.attach()
+    try:
+        loss_fn(model(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    b = x.shape[0]
+    assert all(engine.covered)
+    for i, n in enumerate(names):
+        want = ref[n].reshape(b, -1).square().sum(1)
+        # mean loss: the hooks see c_s = g_s / B
+        assert rel_err(engine.last_sq[i] * b * b, want) < REL, n
+        assert rel_err(engine.sq[i] * b * b, want.sum()) < REL, n
+        assert engine.count[i] == b
+        if need_elem:
+            assert rel_err_max(engine.elem[i] * b * b, ref[n].square().sum(0)) < REL, n
+
+
+def test_hooks_mode_leaves_unruled_modules_out():
+    model, x, y = build("attention")
+    params = list(model.parameters())
+    engine = PerSampleEngine(model, params, mode="hooks", keep_last=True)
+    names = [n for n, _ in model.named_parameters()]
+    uncovered = {n for n, c in zip(names, engine.covered) if not c}
+    assert uncovered == {"pos", "att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight",
+                         "att.out_proj.bias"}  # fmt: skip
+
+
+# -- NoiseScale against the within-batch reference -------------------------------------------
+
+
+def _monitor(model, lens, opt=None, log_every=1):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05)
+    return opt, PhaseMonitor(opt, model=model, lenses=[lens], log_every=log_every, detector=False)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "attention"])
+def test_per_sample_estimator_matches_reference(kind):
+    model, x, y = build(kind)
+    decay, steps = 0.7, 3
+    opt, mon = _monitor(model, NoiseScale("per_sample", decay=decay))
+    lay = layer_of(model)
+    layers = list(dict.fromkeys(lay.values()))
+    ema = {name: [0.0, 0.0] for name in [*layers, ""]}
+    for t in range(1, steps + 1):
+        ref = per_sample_grads(model, x, y)
+        per = {name: [n for n in ref if lay[n] == name] for name in layers}
+        for name, ns in [*per.items(), ("", list(ref))]:
+            _, _, tr, g2, _, _ = stats(ref, ns)
+            if name:
+                ema[name][0] = decay * ema[name][0] + (1 - decay) * float(g2)
+                ema[name][1] = decay * ema[name][1] + (1 - decay) * float(tr)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        rec = mon.history.records[-1]
+        corr = 1 - decay**t
+        tot_g2 = sum(ema[n][0] for n in layers) / corr
+        tot_tr = sum(ema[n][1] for n in layers) / corr
+        for name in layers:
+            g2, tr = ema[name][0] / corr, ema[name][1] / corr
+            assert rel_err(rec[f"grad_sq_norm/{name}"], g2) < REL, name
+            assert rel_err(rec[f"grad_noise_tr/{name}"], tr) < REL, name
+            assert rel_err(rec[f"noise_scale/{name}"], tr / g2) < REL, name
+            assert rel_err(rec[f"batch_over_noise_scale/{name}"], x.shape[0] * g2 / tr) < REL
+        assert rel_err(rec["grad_sq_norm"], tot_g2) < REL
+        assert rel_err(rec["grad_noise_tr"], tot_tr) < REL
+        assert rel_err(rec["noise_scale"], tot_tr / tot_g2) < REL
+    mon.close()
+
+
+def test_single_step_is_the_within_batch_estimate_and_sum_reduction():
+    for reduction in ["mean", "sum"]:
+        model, x, y = build("mlp")
+        ref = per_sample_grads(model, x, y)
+        _, _, tr, g2, _, _ = stats(ref)
+        opt, mon = _monitor(model, NoiseScale(decay=0.0, reduction=reduction))
+        out = model(x)
+        loss = loss_fn(out, y) * (x.shape[0] if reduction == "sum" else 1)
+        loss.backward()
+        opt.step()
+        rec = mon.history.records[-1]
+        assert mon.lenses[0]._mode == "per_sample"  # auto: one backward per step
+        assert rel_err(rec["grad_noise_tr"], tr) < REL
+        assert rel_err(rec["grad_sq_norm"], g2) < REL
+        assert rel_err(rec["noise_scale"], tr / g2) < REL
+        mon.close()
+
+
+def test_two_batch_formula_with_b_small_one_is_the_within_batch_estimate():
+    g = torch.randn(12, 5, dtype=torch.float64)
+    small = g.square().sum(1).mean()
+    big = g.mean(0).square().sum()
+    g2, tr = two_batch_estimates(small, big, 1, 12)
+    tr_ref = g.var(0, correction=1).sum()
+    assert rel_err(tr, tr_ref) < 1e-12
+    assert rel_err(g2, big - tr_ref / 12) < 1e-12
+
+
+# -- the micro-batch estimator ----------------------------------------------------------------
+
+
+def _accumulate(model, opt, x, y, m):
+    opt.zero_grad()
+    for xb, yb in zip(x.chunk(m), y.chunk(m)):
+        (loss_fn(model(xb), yb) / m).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_accumulation_matches_micro_batch_gradients(m):
+    model, x, y = build("cnn")
+    x, y = x[:6], y[:6]
+    opt, mon = _monitor(model, NoiseScale(decay=0.0))
+    ref = per_sample_grads(model, x, y)
+    b = 6 // m
+    small = torch.stack([
+        sum(ref[n][j * b:(j + 1) * b].mean(0).square().sum() for n in ref) for j in range(m)
+    ]).mean()  # fmt: skip
+    big = sum(ref[n].mean(0).square().sum() for n in ref)
+    g2, tr = two_batch_estimates(small, big, b, 6)
+    _accumulate(model, opt, x, y, m)
+    rec = mon.history.records[-1]
+    assert mon.lenses[0]._mode == "accumulation"
+    assert rel_err(rec["grad_sq_norm"], g2) < REL
+    assert rel_err(rec["grad_noise_tr"], tr) < REL
+    assert rel_err(rec["noise_scale"], tr / g2) < REL
+    assert rel_err(rec["batch_over_noise_scale"], 6 * g2 / tr) < REL
+    mon.close()
+
+
+class _Linear(nn.Module):
+    """Per-example loss w·z: per-example gradient z, so G = μ and Σ = diag(σ²) are known."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.w
+
+
+@settings(max_examples=12)
+@given(b=st.integers(1, 6), m=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_accumulation_estimator_is_unbiased(b, m, seed):
+    d, steps = 3, 300
+    mu = torch.tensor([0.5, -1.0, 0.25], dtype=torch.float64)
+    sigma = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    model = _Linear(d)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: i.i.d. steps
+    mon = PhaseMonitor(opt, model=model, log_every=1, detector=False,
+                       lenses=[NoiseScale("accumulation", batch_size=b, decay=0.0)])  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        for _ in range(m):
+            z = mu + sigma * torch.randn(b, d, generator=g, dtype=torch.float64)
+            (model(z).mean() / m).backward()
+        opt.step()
+    g2 = torch.tensor([r["grad_sq_norm"] for r in mon.history.records])
+    tr = torch.tensor([r["grad_noise_tr"] for r in mon.history.records])
+    mon.close()
+    true_g2, true_tr = float(mu.square().sum()), float(sigma.square().sum())
+    # each step's estimate is unbiased: the mean over steps is within 5 standard errors
+    for est, truth in [(g2, true_g2), (tr, true_tr)]:
+        se = float(est.std()) / math.sqrt(steps)
+        assert abs(float(est.mean()) - truth) < 5 * se + 1e-9, (float(est.mean()), truth, se)
+
+
+def test_accumulation_infers_micro_batch_size_from_inputs():
+    model, x, y = build("mlp")
+    x, y = x[:8], y[:8]
+    opt, mon = _monitor(model, NoiseScale("accumulation", decay=0.0))
+    opt2, mon2 = _monitor(build("mlp")[0], NoiseScale("accumulation", batch_size=2, decay=0.0))
+    _accumulate(model, opt, x, y, 4)
+    _accumulate(mon2.model, opt2, x, y, 4)
+    a, b = mon.history.records[-1], mon2.history.records[-1]
+    assert a["noise_scale"] == b["noise_scale"]
+    mon.close()
+    mon2.close()
+
+
+def test_accumulation_without_accumulating_warns_and_logs_nothing():
+    model, x, y = build("mlp")
+    opt, mon = _monitor(model, NoiseScale("accumulation", batch_size=9))
+    with pytest.warns(UserWarning, match="micro-batches"):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    assert "noise_scale" not in mon.history.records[-1]
+    mon.close()
+
+
+# -- guarantees -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lens",
+    [
+        NoiseScale(),
+        NoiseScale("accumulation"),
+        NoiseScale("per_sample", per_sample="func"),
+        lenses.BatchSNR(),
+    ],
+    ids=["auto", "accumulation", "func", "batch_snr"],
+)
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_training_is_unchanged(lens, opt_name):
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+            "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[opt_name]  # fmt: skip
+    finals = []
+    for watched in (False, True):
+        model, x, y = build("attention")
+        model = model.float()
+        opt = make(model.parameters())
+        mon = None
+        if watched:
+            mon = PhaseMonitor(opt, model=model, lenses=[lens], log_every=2)
+        for _ in range(4):
+            _accumulate(model, opt, x, y, 2)
+        finals.append([p.detach().clone() for p in model.parameters()])
+        if mon is not None:
+            assert any("noise_scale" in r or "batch_snr" in r for r in mon.history.records)
+            mon.close()
+            assert not any(m._forward_hooks for m in model.modules())
+            assert not any(p._backward_hooks for p in model.parameters())
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_step_is_skipped(mask_path):
+    model, x, y = build("mlp")
+    opt, mon = _monitor(model, NoiseScale(decay=0.5), opt=torch.optim.SGD(
+        model.parameters(), lr=0.0))  # fmt: skip
+    for bad in (False, True, False):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        if bad:
+            model[0].weight.grad[0, 0] = float("nan")
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        opt.step()
+        model.load_state_dict(saved)  # lr 0 would still turn the weights into NaN
+    recs = mon.history.records
+    assert math.isfinite(recs[-1]["noise_scale"])
+    assert recs[1]["noise_scale"] == pytest.approx(recs[0]["noise_scale"], rel=1e-12)
+    assert recs[2]["noise_scale"] == pytest.approx(recs[0]["noise_scale"], rel=1e-12)  # lr 0
+    assert recs[-1]["nonfinite_steps"] == 1
+    mon.close()
+
+
+def test_state_dict_round_trip():
+    model, x, y = build("mlp")
+    opt, mon = _monitor(model, NoiseScale(decay=0.9), log_every=2)
+    for _ in range(4):
+        _accumulate(model, opt, x, y, 1)
+    sd = mon.state_dict()
+    model2, _, _ = build("mlp")
+    model2.load_state_dict(model.state_dict())
+    opt2, mon2 = _monitor(model2, NoiseScale(decay=0.9), log_every=2)
+    mon2.load_state_dict(sd)
+    for m_, o_ in ((model, opt), (model2, opt2)):
+        for _ in range(2):
+            _accumulate(m_, o_, x, y, 1)
+    assert mon.history.records[-1]["noise_scale"] == pytest.approx(
+        mon2.history.records[-1]["noise_scale"], rel=1e-12
+    )
+    mon.close()
+    mon2.close()
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="estimator='bogus'"):
+        NoiseScale("bogus")
+    with pytest.raises(NotImplementedError, match="feed_two_batch"):
+        NoiseScale("ranks")
+    with pytest.raises(TypeError, match="batch_size"):
+        NoiseScale(batch_size=2.5)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        NoiseScale(batch_size=0)
+    with pytest.raises(ValueError, match=r"decay=1\.0"):
+        NoiseScale(decay=1.0)
+    with pytest.raises(TypeError, match="decay"):
+        NoiseScale(decay="0.9")
+    with pytest.raises(ValueError, match="reduction='none'"):
+        NoiseScale(reduction="none")
+    with pytest.raises(ValueError, match="per_sample='vmap'"):
+        NoiseScale(per_sample="vmap")
+    opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="needs the model"):
+        PhaseMonitor(opt, lenses=[NoiseScale("per_sample")])
+    with pytest.raises(ValueError, match="batch_size"):
+        PhaseMonitor(opt, lenses=[NoiseScale("accumulation")])
+    with pytest.raises(ValueError, match="batch_size"):
+        PhaseMonitor(opt, lenses=[NoiseScale()])
+    assert "NoiseScale('auto'" in repr(NoiseScale())
