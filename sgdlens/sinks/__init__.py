@@ -4,18 +4,23 @@ A sink is anything callable with one record (a flat ``dict``). It may also have 
 ``close()``; the monitor calls them when it flushes and closes. Built in:
 
 * :class:`sgdlens.records.History` – in memory (every monitor keeps one as ``monitor.history``);
-* :class:`JSONLSink` – one JSON object per line, appended and flushed per record.
+* :class:`JSONLSink` – one JSON object per line, appended and flushed per record;
+* :class:`TensorBoardSink` – TensorBoard event files (extra ``sgdlens[tensorboard]``; imported
+  only when first used, so ``import sgdlens.sinks`` never imports tensorboard).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from sgdlens.records import History, Value, to_json_line
 
-__all__ = ["History", "JSONLSink", "Sink"]
+if TYPE_CHECKING:  # at run time __getattr__ below imports it on first use
+    from sgdlens.sinks.tensorboard import TensorBoardSink
+
+__all__ = ["History", "JSONLSink", "Sink", "TensorBoardSink"]
 
 
 @runtime_checkable
@@ -77,3 +82,16 @@ class JSONLSink:
 
     def __repr__(self) -> str:
         return f"JSONLSink({self.path!r})"
+
+
+def __getattr__(name: str) -> Any:
+    # TensorBoardSink lives in its own module so that tensorboard is imported only on use
+    if name == "TensorBoardSink":
+        from sgdlens.sinks.tensorboard import TensorBoardSink
+
+        return TensorBoardSink
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "TensorBoardSink"])
