@@ -312,3 +312,11 @@ def test_constructor_validation(kwargs, error, words):
 def test_load_state_dict_rejects_foreign_state():
     with pytest.raises(ValueError, match=r"PhaseMonitorCallback\.state_dict"):
         PhaseMonitorCallback().load_state_dict({"step": 3})
+
+
+def test_building_the_callback_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    PhaseMonitorCallback(log_every=5)
+    assert torch.equal(torch.rand(3), expected)

@@ -65,7 +65,8 @@ def check_callback_args(
             )
     if monitor_kwargs.get("log_every", 1) is None:
         monitor_kwargs.pop("log_every")
-    probe = nn.Linear(1, 1)
+    probe = nn.Module()  # no nn.Linear: its init would draw from the global RNG
+    probe.register_parameter("weight", nn.Parameter(torch.zeros(1)))
     opt = torch.optim.SGD(probe.parameters(), lr=0.0)
     try:
         PhaseMonitor(opt, model=probe, **monitor_kwargs).close()
