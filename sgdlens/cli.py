@@ -1,4 +1,9 @@
-"""The ``sgdlens`` command line: ``sgdlens demo``."""
+"""The ``sgdlens`` command line: ``sgdlens demo | report | summary | compare``.
+
+``report``, ``summary`` and ``compare`` read JSONL runs. A file that is missing, empty, not
+UTF-8 text, not JSON lines, or malformed before its last line gives one line on stderr and exit
+status 1 (a truncated last line is skipped with a note); bad arguments give status 2.
+"""
 
 from __future__ import annotations
 
@@ -40,17 +45,146 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-epochs", type=_positive_int, default=10, help="epochs per record")
     demo.add_argument("--print-every", type=_positive_int, default=4, help="records per line")
     demo.add_argument("--out", default="runs/demo.jsonl", help="JSONL file to append the run to")
+
+    run_help = "which run of a file that holds several (0-based, negative from the end; default -1)"
+    report = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report of a run (needs matplotlib)",
+        description=(
+            "Write a self-contained HTML file (figures embedded, no network) with the run "
+            "summary, the phase timeline, every figure the records support and the events."
+        ),
+    )
+    report.add_argument("run", metavar="RUN.jsonl", help="a JSONL run (JSONLSink, sgdlens demo)")
+    report.add_argument("-o", "--out", default=None, help="HTML file (default: RUN.html)")
+    report.add_argument("--title", default=None, help="page title")
+    report.add_argument("--run", dest="index", type=int, default=-1, help=run_help)
+
+    summary = sub.add_parser(
+        "summary",
+        help="print a table of a run: phase per layer, transition steps, last values",
+    )
+    summary.add_argument("run", metavar="RUN.jsonl", help="a JSONL run")
+    summary.add_argument("--run", dest="index", type=int, default=-1, help=run_help)
+
+    compare = sub.add_parser(
+        "compare",
+        help="overlay two runs (a figure or HTML page with -o, else a text table)",
+        description=(
+            "Compare two runs: without -o print the phases, transitions and last values side "
+            "by side; with -o write the runs overlaid, as an image (.png, .svg, .pdf) or a "
+            "self-contained HTML page (.html). Figures need matplotlib."
+        ),
+    )
+    compare.add_argument("a", metavar="A.jsonl")
+    compare.add_argument("b", metavar="B.jsonl")
+    compare.add_argument("-o", "--out", default=None, help="out.png | out.svg | out.pdf | out.html")
+    compare.add_argument("--labels", nargs=2, default=None, metavar=("LA", "LB"))
     return ap
 
 
+_FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _error(command: str, message: str) -> int:
+    print(f"sgdlens {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> int:
+    import os
+
+    from sgdlens import report
+
+    history, notes = report.read_run(args.run, run=args.index)
+    _notes(notes)
+    out = args.out or os.path.splitext(args.run)[0] + ".html"
+    title = args.title or f"sgdlens report: {os.path.basename(args.run)}"
+    page = report.report_html(history, title=title, notes=notes)
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as e:
+        return _error("report", f"cannot write {out}: {e.strerror or e}")
+    print(f"wrote {out} ({len(history)} records, {len(history.events)} events)")
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from sgdlens import report
+
+    history, notes = report.read_run(args.run, run=args.index)
+    _notes(notes)
+    print(report.summary(history, name=args.run))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import os
+
+    from sgdlens import report
+
+    labels = args.labels or [os.path.basename(args.a), os.path.basename(args.b)]
+    if labels[0] == labels[1]:
+        labels = ["A", "B"]
+    a, notes_a = report.read_run(args.a)
+    b, notes_b = report.read_run(args.b)
+    _notes([*notes_a, *notes_b])
+    if args.out is None:
+        print(report.compare_text(a, b, labels=labels))
+        return 0
+    suffix = os.path.splitext(args.out)[1].lower()
+    try:
+        if suffix == ".html":
+            page = report.compare_html(
+                a, b, labels=labels, title=f"sgdlens compare: {labels[0]} vs {labels[1]}"
+            )
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(page)
+        else:
+            from sgdlens import plot
+
+            plot.compare([a, b], labels=labels).savefig(args.out, dpi=110)
+    except OSError as e:
+        return _error("compare", f"cannot write {args.out}: {e.strerror or e}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run the command line; returns the exit status (argparse exits with 2 on bad usage).
+
+    Example:
+        >>> main(["summary", "runs/demo.jsonl"])  # doctest: +SKIP
+        0
+    """
+    ap = parser()
+    args = ap.parse_args(argv)
     if args.command == "demo":
         from sgdlens import demo
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
         return demo.main(**options)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    if args.command == "compare" and args.out is not None:
+        import os
+
+        suffix = os.path.splitext(args.out)[1].lower()
+        if suffix not in (*_FIGURE_SUFFIXES, ".html"):
+            ap.error(f"compare -o {args.out}: use a .png, .svg, .pdf or .html file")
+    commands = {"report": _report, "summary": _summary, "compare": _compare}
+    from sgdlens.report import RunError
+
+    try:
+        return commands[args.command](args)
+    except RunError as e:
+        return _error(args.command, str(e))
+    except ImportError as e:
+        return _error(args.command, str(e))
 
 
 if __name__ == "__main__":  # pragma: no cover
