@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from sgdlens import _torch
+from sgdlens._optim import unwrap_optimizer
 from sgdlens.lenses import default as default_lenses
 from sgdlens.lenses.base import Lens, ParamView, State, Step
 from sgdlens.phase import PhaseDetector, PhaseEvent
@@ -24,27 +25,6 @@ __all__ = ["PhaseMonitor"]
 
 _ATTR = "_sgdlens_monitor"
 _STATE_VERSION = 1
-
-
-def unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The real ``torch.optim.Optimizer`` under framework wrappers.
-
-    Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer`` keep the real
-    optimizer in ``.optimizer`` (possibly nested); hooks must go on that object.
-    """
-    opt = optimizer
-    for _ in range(16):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or inner is opt:
-            break
-        opt = inner
-    if isinstance(opt, Optimizer):
-        return opt
-    raise TypeError(
-        f"PhaseMonitor(optimizer=...) needs a torch.optim.Optimizer (or a wrapper with one in "
-        f".optimizer), got {type(optimizer).__name__} {optimizer!r:.80}; pass the optimizer you "
-        f"call .step() on"
-    )
 
 
 def _layer_names(opt: Optimizer, params: Sequence[Tensor], model: nn.Module | None) -> list[str]:
@@ -154,7 +134,7 @@ class PhaseMonitor:
     sinks: list[Callable[[Record], Any]]
     step: int
     _n_params: int
-    _nonfinite: Tensor
+    _finite: Tensor
     _observed: dict[str, list[Any]]
     _warned: set[str]
     _handles: list[Any]
@@ -178,7 +158,7 @@ class PhaseMonitor:
         probes: Sequence[Probe] = (),
         probe_budget: float = 0.05,
     ) -> None:
-        opt = unwrap_optimizer(optimizer)
+        opt = unwrap_optimizer(optimizer, "PhaseMonitor(optimizer=...)")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(
                 f"PhaseMonitor(model=...) must be a torch.nn.Module or None, got "
@@ -254,7 +234,7 @@ class PhaseMonitor:
         self.sinks = [self.history, *sink_list]
         self.step = 0
         self._n_params = len(self.view.params)
-        self._nonfinite = torch.zeros((), dtype=self.view.dtype, device=self.view.device)
+        self._finite = torch.zeros((), dtype=self.view.dtype, device=self.view.device)
         self._observed: dict[str, list[Any]] = {}  # name -> [device sum, count]
         self._warned: set[str] = set()
         self.detector = detector or None
@@ -401,11 +381,10 @@ class PhaseMonitor:
         with torch.no_grad():
             for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
                 self.states[i] = lens.update(state, step)
-            self._nonfinite.add_(~step.ok)
-            if len(self._trace):
+            self._finite.add_(step.ok)
+            if len(self._trace):  # (loss, squared gradient norm) of this step
                 row = self._trace[(self.step - 1) % len(self._trace)]
-                row[0].copy_(self._last_loss)
-                row[1].copy_(step.grad_sq.sum().sqrt())
+                torch.stack([self._last_loss, step.grad_sq_total], out=row)
             if logging:
                 self._check_param_groups()
                 self._log(step)
@@ -425,7 +404,7 @@ class PhaseMonitor:
         values: dict[str, Tensor] = {}
         for lens, state in zip(self.lenses, self.states):
             values.update(lens.compute(state, step))
-        values["nonfinite_steps"] = self._nonfinite
+        values["nonfinite_steps"] = self.step - self._finite
         for name, (total, count) in self._observed.items():
             values[name] = total / count
         self._observed = {}
@@ -458,7 +437,7 @@ class PhaseMonitor:
         return {
             "trace/step": list(range(first, self.step + 1)),
             "trace/loss": [v[0] for v in values],
-            "trace/grad_norm": [v[1] for v in values],
+            "trace/grad_norm": [v[1] ** 0.5 for v in values],
         }
 
     def _emit(self, record: Record) -> None:
@@ -513,7 +492,7 @@ class PhaseMonitor:
         return {
             "version": _STATE_VERSION,
             "step": self.step,
-            "nonfinite": self._nonfinite,
+            "finite": self._finite,
             "observed": {k: [v[0], v[1]] for k, v in self._observed.items()},
             "lenses": [repr(lens) for lens in self.lenses],
             "states": list(self.states),
@@ -540,7 +519,7 @@ class PhaseMonitor:
         for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
             self.states[i] = _load_into(state, loaded, f"states[{i}]")
         self.step = int(state_dict["step"])
-        self._nonfinite.copy_(state_dict["nonfinite"])
+        self._finite.copy_(state_dict["finite"])
         if self.detector is not None and state_dict.get("detector") is not None:
             self.detector.load_state_dict(state_dict["detector"])
         if self.probes is not None and state_dict.get("probes") is not None:

@@ -101,7 +101,9 @@ class Subset:
         return [self.view.layers[j] for j in self._layer_ids]
 
     @cached_property
-    def _compact(self) -> Tensor:
+    def _compact(self) -> Tensor | None:
+        if len(self._layer_ids) == len(self.view.layers):
+            return None
         return torch.tensor(self._layer_ids, dtype=torch.long, device=self.view.device)
 
     @cached_property
@@ -116,7 +118,8 @@ class Subset:
 
     def per_layer(self, values: Tensor) -> Tensor:
         """Sum per-parameter ``values`` (aligned with ``params``) into one entry per layer."""
-        return self.view.per_layer(values, self.which).index_select(0, self._compact)
+        out = self.view.per_layer(values, self.which)
+        return out if self._compact is None else out.index_select(0, self._compact)
 
 
 class Step:
@@ -152,9 +155,14 @@ class Step:
         return out.index_copy_(0, torch.tensor(self.present, device=view.device), sq)
 
     @cached_property
+    def grad_sq_total(self) -> Tensor:
+        """Squared norm of the whole gradient (0-d)."""
+        return self.grad_sq.sum()
+
+    @cached_property
     def ok(self) -> Tensor:
         """0-d bool: every gradient of this step is finite (an overflow of the norm counts too)."""
-        return torch.isfinite(self.grad_sq.sum())
+        return torch.isfinite(self.grad_sq_total)
 
 
 def per_layer_keys(metric: str, layers: Sequence[str], values: Tensor) -> dict[str, Tensor]:

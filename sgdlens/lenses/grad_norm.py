@@ -19,6 +19,7 @@ class GradNorm(Lens):
     Logged keys: ``grad_norm/<l>`` for every layer and ``grad_norm``.
 
     Example:
+        >>> import torch
         >>> from sgdlens import PhaseMonitor, lenses
         >>> opt = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1)
         >>> monitor = PhaseMonitor(opt, lenses=[lenses.GradNorm()])

@@ -84,6 +84,7 @@ class GradSNR(Lens):
             and norm-layer parameters skipped, as the authors' plotting code does.
 
     Example:
+        >>> import torch
         >>> from sgdlens import PhaseMonitor, lenses
         >>> opt = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1)
         >>> monitor = PhaseMonitor(opt, lenses=[lenses.GradSNR(window=10)], log_every=10)

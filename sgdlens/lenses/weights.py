@@ -33,6 +33,7 @@ class WeightNorms(Lens):
     ``update_size``, ``update_ratio`` for the whole model.
 
     Example:
+        >>> import torch
         >>> from sgdlens import PhaseMonitor, lenses
         >>> opt = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1)
         >>> monitor = PhaseMonitor(opt, lenses=[lenses.WeightNorms()])

@@ -314,18 +314,3 @@ def progress_iter(it: Iterable[Any], total: int, enabled: bool, desc: str) -> It
         for x in it:
             yield x
             bar.update(1)
-
-
-def unwrap_optimizer(optimizer: Any, name: str = "optimizer") -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` behind framework wrappers (``.optimizer`` chains)."""
-    seen = 0
-    opt = optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer") and seen < 8:
-        opt = opt.optimizer
-        seen += 1
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(
-            f"{name} must be a torch.optim.Optimizer (or a wrapper exposing .optimizer), got "
-            f"{type(optimizer).__name__}"
-        )
-    return opt

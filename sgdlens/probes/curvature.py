@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sgdlens._optim import unwrap_optimizer
 from sgdlens.probes._common import (
     Evaluator,
     LossFn,
@@ -39,7 +40,6 @@ from sgdlens.probes._common import (
     probe_seed,
     set_mode,
     trainable,
-    unwrap_optimizer,
 )
 from sgdlens.probes.restore import preserved
 

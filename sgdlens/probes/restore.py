@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sgdlens.probes._common import check_model, unwrap_optimizer
+from sgdlens._optim import unwrap_optimizer
+from sgdlens.probes._common import check_model
 
 __all__ = ["preserved", "same_bits"]
 

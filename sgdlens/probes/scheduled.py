@@ -168,6 +168,17 @@ def sharpness_probe(
 
     Cost: one Hessian-vector product (1 forward + 2 backward per batch of ``data``) per Lanczos
     iteration, typically 5-20.
+
+    Example:
+        >>> import torch
+        >>> from sgdlens import PhaseMonitor, probes
+        >>> model = torch.nn.Linear(3, 1)
+        >>> batch = (torch.randn(16, 3), torch.randn(16, 1))
+        >>> def loss_fn(m, b):
+        ...     return torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> monitor = PhaseMonitor(opt, model=model, log_every=10,
+        ...                        probes=[probes.sharpness_probe(loss_fn, batch, every=100)])
     """
     last: dict[str, Any] = {}
 
@@ -197,6 +208,11 @@ def trace_probe(
     """Hutch++ estimate of tr H on ``data``. Keys: ``hessian_trace``, ``hessian_trace_stderr``.
 
     Cost: ``samples`` Hessian-vector products.
+
+    Example:
+        >>> import torch
+        >>> batch = (torch.randn(16, 3), torch.randn(16, 1))
+        >>> probe = trace_probe(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batch, samples=10)
     """
 
     def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
@@ -222,6 +238,13 @@ def barrier_probe(
     Keys: ``barrier/<name>`` (Entezari: the largest excess of the loss over the chord; ≤ 0
     within a convex basin) and ``error_barrier/<name>`` (Frankle: the loss's supremum minus
     the mean of the ends). Cost: ``steps`` forward passes per batch of ``data``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> batch = (torch.randn(16, 3), torch.randn(16, 1))
+        >>> probe = barrier_probe(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batch,
+        ...                       reference=model.state_dict(), name="init")
     """
     ref = {k: v.detach().clone() for k, v in reference.items()}
 
