@@ -631,7 +631,7 @@ def report_html(
         *[f'<p class="note">{_e(n)}</p>' for n in notes],
         "</header>",
         '<section id="summary"><h2>Run summary</h2>',
-        _html_table(["", ""], [[k, v] for k, v in _run_facts(history)], "facts"),
+        _html_table(["quantity", "value"], [[k, v] for k, v in _run_facts(history)], "facts"),
         "</section>",
     ]
     timeline = [f for f in figs if f[0] == "timeline"]
