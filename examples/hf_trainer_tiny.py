@@ -21,23 +21,23 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub: everything is local
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
+import random
+import tempfile
+import time
+import warnings
 
-import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from torch.utils.data import Dataset
+from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     PrinterCallback,
     Trainer,
     TrainingArguments,
 )
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers.utils import logging as hf_logging
 
-from sgdlens.integrations.transformers import attach  # noqa: E402
+from sgdlens.integrations.transformers import attach
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 hf_logging.set_verbosity_error()

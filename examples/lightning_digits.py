@@ -57,7 +57,8 @@ def main() -> None:
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
-    loader = DataLoader(TensorDataset(x, y), batch_size=256, shuffle=True, drop_last=True)  # 7 steps
+    data = TensorDataset(x, y)
+    loader = DataLoader(data, batch_size=256, shuffle=True, drop_last=True)  # 7 steps an epoch
 
     callback = PhaseMonitorCallback(log_every=len(loader))  # one record per epoch
     with tempfile.TemporaryDirectory() as tmp:
