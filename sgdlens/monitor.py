@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sgdlens import _torch
+from sgdlens import _dist, _torch
 from sgdlens._optim import unwrap_optimizer
 from sgdlens.lenses import default as default_lenses
 from sgdlens.lenses.base import Lens, ParamView, State, Step
@@ -405,9 +405,7 @@ class PhaseMonitor:
         for lens, state in zip(self.lenses, self.states):
             values.update(lens.compute(state, step))
         values["nonfinite_steps"] = self.step - self._finite
-        for name, (total, count) in self._observed.items():
-            values[name] = total / count
-        self._observed = {}
+        values.update(self._observed_means())
         dev, dt = self.view.device, self.view.dtype
         host = torch.stack([v.to(device=dev, dtype=dt) for v in values.values()]).tolist()
         numbers: dict[str, float] = dict(zip(values, host))
@@ -440,8 +438,26 @@ class PhaseMonitor:
             "trace/grad_norm": [v[1] ** 0.5 for v in values],
         }
 
+    def _observed_means(self) -> dict[str, Tensor]:
+        """Means of the observed scalars since the last record, over every rank's observations.
+
+        Under torch.distributed this is the monitor's one collective per record: an all-reduce
+        of the sums and counts (every rank must observe the same names).
+        """
+        names = sorted(self._observed)
+        self._observed, observed = {}, self._observed
+        if not names:
+            return {}
+        sums = torch.stack([observed[n][0] for n in names])
+        counts = torch.tensor([float(observed[n][1]) for n in names], dtype=sums.dtype,
+                              device=sums.device)  # fmt: skip
+        both = _dist.all_sum_(torch.cat([sums, counts]))
+        means = both[: len(names)] / both[len(names) :]
+        return dict(zip(names, means.unbind()))
+
     def _emit(self, record: Record) -> None:
-        for sink in self.sinks:
+        sinks = self.sinks if _dist.rank_and_size()[0] == 0 else self.sinks[:1]
+        for sink in sinks:
             try:
                 sink(record)
             except Exception as e:  # a broken sink must not stop training

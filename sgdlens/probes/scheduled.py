@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sgdlens import _dist
 from sgdlens.probes.curvature import eos_ratio, hessian_trace, sharpness
 from sgdlens.probes.interpolate import interpolate
 from sgdlens.probes.restore import preserved
@@ -114,12 +115,19 @@ class ProbeScheduler:
         self, step: int, events: bool, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, float]:
         out: dict[str, float] = {}
+        elapsed = time.perf_counter() - self.start
+        wanted = [
+            (step >= self.due[i] or (events and p.on_event))
+            # postponed while over budget: the schedule stretches until the budget allows it
+            and self.spent + self.cost[i] <= self.budget * (elapsed + self.cost[i])
+            for i, p in enumerate(self.probes)
+        ]
+        # under torch.distributed every rank follows rank 0's decisions (timings differ)
+        device = next(model.parameters()).device
+        flags = _dist.broadcast_(torch.tensor(wanted, dtype=torch.float32, device=device))
         for i, probe in enumerate(self.probes):
-            if not (step >= self.due[i] or (events and probe.on_event)):
+            if not flags[i]:
                 continue
-            elapsed = time.perf_counter() - self.start
-            if self.spent + self.cost[i] > self.budget * (elapsed + self.cost[i]):
-                continue  # postponed: the schedule stretches until the budget allows it
             t0 = time.perf_counter()
             try:
                 with torch.enable_grad(), preserved(model, optimizer):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
 from sgdlens.records import History, Value, to_json_line
 
@@ -33,8 +33,9 @@ class Sink(Protocol):
 class JSONLSink:
     """Append records to a JSON-lines file, one object per line, flushed after each record.
 
-    The file is opened in append mode, so a resumed run continues the same file and nothing
-    already written is lost. Parent folders are created.
+    The file is opened in append mode at the first record, so a resumed run continues the same
+    file and nothing already written is lost (and a process that never writes, such as a
+    non-zero rank under torch.distributed, creates no file). Parent folders are created.
 
     Args:
         path: the ``.jsonl`` file to append to.
@@ -63,22 +64,27 @@ class JSONLSink:
         if folder:
             os.makedirs(folder, exist_ok=True)
         self.fsync = fsync
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file: TextIO | None = None  # opened at the first record
+        self._closed = False
 
     def __call__(self, record: Mapping[str, Value]) -> None:
-        if self._file.closed:
+        if self._closed:
             raise ValueError(f"JSONLSink({self.path!r}) is closed")
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - see close()
         self._file.write(to_json_line(record))
         self._file.flush()
         if self.fsync:
             os.fsync(self._file.fileno())
 
     def flush(self) -> None:
-        if not self._file.closed:
+        if self._file is not None:
             self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
 
     def __repr__(self) -> str:
         return f"JSONLSink({self.path!r})"

@@ -1,0 +1,57 @@
+"""The per-rank body of tests/test_distributed.py (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sgdlens import PhaseMonitor
+from sgdlens.sinks import JSONLSink
+from tests._train import batches, make_model
+
+STEPS, LOG_EVERY, GLOBAL_BATCH = 20, 5, 16
+
+
+def model_without_dropout():
+    model = make_model()
+    model.drop.p = 0.0
+    return model
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str, crash_rank: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        model = model_without_dropout()
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        sink = JSONLSink(os.path.join(out_dir, f"rank{rank}.jsonl"))
+        mon = PhaseMonitor(opt, model=model, log_every=LOG_EVERY, sinks=[sink])
+        for t, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH)):
+            if rank == crash_rank and t == 7:
+                raise RuntimeError(f"rank {rank} crashed on purpose")
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+            opt.zero_grad()
+            loss = F.cross_entropy(ddp(xs), ys)
+            loss.backward()
+            mon.observe(loss=loss)
+            opt.step()
+        mon.close()
+        result = {
+            "params": [p.detach() for p in model.parameters()],
+            "records": mon.history.records,
+        }
+        torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
