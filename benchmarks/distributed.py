@@ -1,0 +1,87 @@
+"""Per-step overhead of the default PhaseMonitor under 2-process DDP (gloo, CPU).
+
+Each rank trains two identical DDP copies of the MLP of ``overhead.py`` (784-512-512-10, a
+global batch of 128, so 64 per rank) side by side, steps interleaved; one copy has a monitor
+that observes the loss (so each record costs the monitor's one all-reduce). Rank 0 prints the
+median over pairs of monitored/bare step time.
+
+Usage: python benchmarks/distributed.py [--steps 300] [--world 2] [--log-every 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import mlp
+
+from sgdlens import PhaseMonitor
+
+
+def run(rank: int, world: int, init: str, steps: int, log_every: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    torch.manual_seed(0)
+    models = [mlp(), mlp()]
+    models[1].load_state_dict(models[0].state_dict())
+    ddps = [DDP(m) for m in models]
+    opts = [torch.optim.SGD(d.parameters(), lr=0.01, momentum=0.9) for d in ddps]
+    mon = PhaseMonitor(opts[1], model=models[1], log_every=log_every)
+    g = torch.Generator().manual_seed(rank)
+    x, y = (
+        torch.randn(128 // world, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (128 // world,), generator=g),
+    )
+    times: list[list[float]] = [[], []]
+    for i in range(steps + 20):
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
+            dist.barrier()
+            t0 = time.perf_counter()
+            opts[j].zero_grad()
+            loss = F.cross_entropy(ddps[j](x), y)
+            loss.backward()
+            if j == 1:
+                mon.observe(loss=loss)
+            opts[j].step()
+            if i >= 20:
+                times[j].append(time.perf_counter() - t0)
+    if rank == 0:
+        ratio = statistics.median(m / b for b, m in zip(*times))
+        print(f"| mlp 784-512-512-10, global batch 128 | {world} | sgd-momentum | "
+              f"{statistics.median(times[0]) * 1e3:.2f} | {ratio:.3f} |")  # fmt: skip
+    mon.close()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=50)
+    args = ap.parse_args()
+    print(
+        f"torch {torch.__version__}, gloo on CPU, 1 thread per rank, {args.steps} interleaved steps"
+    )
+    print("| model | ranks | optimizer | bare step (ms) | median ratio |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(run, args=(args.world, os.path.join(tmp, "init"), args.steps, args.log_every),
+                 nprocs=args.world, join=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
