@@ -68,12 +68,20 @@ def two_batch_estimates(
 
 
 class _MicroBatches:
-    """Per-parameter Σ_j ‖Δ_j‖² over the backward passes of one step, Δ_j each one's gradient."""
+    """Per-parameter ‖Δ_j‖ over the backward passes of one step, Δ_j each one's gradient.
+
+    The hook only launches one norm per parameter per backward; squaring, summing and the
+    float64 conversion happen once per step in :meth:`sums`.
+    """
 
     def __init__(self, params: list[Tensor], dtype: torch.dtype) -> None:
         self.params, self.dtype = params, dtype
-        self.acc: list[Tensor | None] = [None] * len(params)
-        self.fires = [0] * len(params)
+        self.norms: list[list[Tensor]] = [[] for _ in params]
+        self._index: dict[tuple[int, ...], Tensor] = {}
+
+    @property
+    def fires(self) -> list[int]:
+        return [len(n) for n in self.norms]
 
     def attach(self) -> list[Any]:
         return [p.register_hook(partial(self._on, i))
@@ -81,16 +89,24 @@ class _MicroBatches:
 
     def _on(self, i: int, grad: Tensor) -> None:
         if self.params[i].grad is None:  # zero_grad(set_to_none=True): a new step began
-            self.acc[i], self.fires[i] = None, 0
+            self.norms[i] = []
         g = grad.coalesce().values() if grad.is_sparse else grad
-        sq = torch.linalg.vector_norm(g).to(self.dtype).square()
-        prev = self.acc[i]
-        self.acc[i] = sq if prev is None else prev + sq
-        self.fires[i] += 1
+        self.norms[i].append(torch.linalg.vector_norm(g))
+
+    def sums(self, device: torch.device) -> Tensor:
+        """Σ_j ‖Δ_j‖² per parameter, in ``dtype`` on ``device``."""
+        flat = [t.to(device) for ns in self.norms for t in ns]
+        index = tuple(i for i, ns in enumerate(self.norms) for _ in ns)
+        out = torch.zeros(len(self.params), dtype=self.dtype, device=device)
+        if not flat:
+            return out
+        if index not in self._index:
+            self._index[index] = torch.tensor(index, device=device)
+        sq = torch.stack(flat).to(self.dtype).square()
+        return out.index_add_(0, self._index[index], sq)
 
     def reset(self) -> None:
-        self.acc = [None] * len(self.params)
-        self.fires = [0] * len(self.params)
+        self.norms = [[] for _ in self.params]
 
 
 def _check_int(name: str, value: Any, low: int, example: str) -> None:
@@ -343,7 +359,7 @@ class NoiseScale(Lens):
             return
         view = step.view
         n_total = m * b
-        acc = view.per_layer(self._stack(micro.acc), range(len(view.params)))
+        acc = view.per_layer(micro.sums(view.device), range(len(view.params)))
         big = self._grad_sq(step)
         if self.reduction == "mean":  # G_small_j = m Δ_j, G_big = .grad
             small = acc * m
