@@ -135,6 +135,8 @@ class PhaseMonitorCallback(TrainerCallback):
             self._resume(args, state)
 
     def _resume(self, args: Any, state: Any) -> None:
+        if self.monitor is None:
+            return
         folders = []
         if isinstance(self._resume_from, str):
             folders.append(self._resume_from)
@@ -144,7 +146,6 @@ class PhaseMonitorCallback(TrainerCallback):
         for folder in folders:
             path = os.path.join(folder, STATE_FILE)
             if os.path.isfile(path):
-                assert self.monitor is not None
                 saved = torch.load(path, map_location=self.monitor.view.device, weights_only=True)
                 self.monitor.load_state_dict(saved)
                 return
