@@ -92,8 +92,8 @@ class PhaseMonitor:
             keys ``phase`` and ``phase/<layer>`` go into the record); ``True`` for a default
             one, ``False`` for none.
         trace_steps: per-step loss and gradient norm kept on device for the last
-            ``trace_steps`` steps (default: ``log_every``) and written out with each phase
-            event or loss spike, so the steps before it are never lost; 0 turns it off.
+            ``trace_steps`` steps (default: ``log_every``, at most 1024) and written out with
+            each phase event or loss spike, so the steps before it are never lost; 0: none.
         probes: loss-surface probes to run at log points on a schedule (see
             :mod:`sgdlens.probes.scheduled`: ``sharpness_probe``, ``trace_probe``,
             ``barrier_probe``, or any :class:`~sgdlens.probes.Probe`); needs ``model``.
@@ -175,7 +175,7 @@ class PhaseMonitor:
                 f"PhaseMonitor(detector=...) must be a PhaseDetector, True or False, got "
                 f"{detector!r}; e.g. detector=PhaseDetector(enter_diffusion=0.7)"
             )
-        trace = log_every if trace_steps is None else trace_steps
+        trace = min(log_every, 1024) if trace_steps is None else trace_steps
         if isinstance(trace, bool) or not isinstance(trace, numbers.Integral) or trace < 0:
             raise ValueError(
                 f"PhaseMonitor(trace_steps={trace_steps!r}) must be an int >= 0 (0: no trace)"
