@@ -71,3 +71,12 @@ def test_jsonl_sink_arguments(tmp_path):
 def test_tishby12_argument():
     with pytest.raises(TypeError, match=r"dtype="):
         tishby12(torch.long)
+
+
+def test_detector_and_trace_arguments(opt):
+    with pytest.raises(TypeError, match=r"detector=.*'yes'"):
+        PhaseMonitor(opt, detector="yes")
+    with pytest.raises(ValueError, match=r"trace_steps=-1"):
+        PhaseMonitor(opt, trace_steps=-1)
+    with PhaseMonitor(opt, log_every=10**9) as mon:  # the default trace is capped
+        assert mon._trace.shape[0] == 1024
