@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,16 +60,29 @@ def test_scheduled_probes_write_records_and_leave_training_unchanged():
     assert last["sharpness"] == pytest.approx(direct, rel=1e-2)
 
 
-def test_budget_postpones_probes():
-    def slow(model, opt):
-        time.sleep(0.05)
-        return {"slow": 1.0}
+def test_budget_postpones_probes_and_holds_the_fraction(monkeypatch):
+    from sgdlens.probes import scheduled
 
-    _, mon = train([Probe(slow, name="slow", every=5)], steps=60, budget=0.05)
-    ran = [r["step"] for r in mon.history.records if "slow" in r]
-    assert ran[0] == 5 and len(ran) < 12  # due at all 12 log points, postponed at most
-    fractions = [r["probe_time_fraction"] for r in mon.history.records]
-    assert fractions[-1] < 0.5
+    clock = [0.0]
+    monkeypatch.setattr(scheduled.time, "perf_counter", lambda: clock[0])
+
+    def probe(model, opt):
+        clock[0] += 1.0  # each run costs 1 s
+        return {"p": 1.0}
+
+    sched = scheduled.ProbeScheduler([Probe(probe, name="p", every=1)], budget=0.1)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ran = []
+    for step in range(1, 201):
+        clock[0] += 2.0  # 2 s of training between log points
+        out = sched.run(step, False, model, opt)
+        if "p" in out:
+            ran.append(step)
+        assert out["probe_time_fraction"] <= 0.1 + 1.0 / clock[0] + 1e-12
+    assert ran[0] == 1  # the first run measures the cost
+    assert 40 <= len(ran) <= 45  # n = 0.1 (400 + n) runs of 1 s: 44 of the 200 due runs
+    assert out["probe_time_fraction"] == pytest.approx(0.1, abs=0.01)
 
 
 def test_probe_runs_when_the_detector_fires():
