@@ -96,6 +96,5 @@ def test_random_labels_are_fitted_and_records_hold_both_phase_timelines(short_di
 
 
 def test_plot_writes_the_figure(linear, short_digits, tmp_path):
-    pytest.importorskip("matplotlib")
     path = plot(*linear, *short_digits, path=str(tmp_path / "implicit_regularization.png"))
     assert path is not None and Path(path).stat().st_size > 10_000

@@ -305,7 +305,9 @@ def test_phase_events_reach_history_sinks_and_callbacks(tmp_path):
     opt = torch.optim.SGD([p], lr=0.0)
     seen = []
     path = tmp_path / "run.jsonl"
-    with PhaseMonitor(opt, lenses=[lenses.GradSNR(window=20)], log_every=20, sinks=[JSONLSink(path)]) as mon:
+    with PhaseMonitor(
+        opt, lenses=[lenses.GradSNR(window=20)], log_every=20, sinks=[JSONLSink(path)]
+    ) as mon:
         mon.on_phase_change(seen.append)
         for t in range(40 * 20):
             mean = 1.0 if t < 20 * 20 else 0.02  # SNR ≈ 2.8 for 20 records, then ≈ 0.06
@@ -313,14 +315,25 @@ def test_phase_events_reach_history_sinks_and_callbacks(tmp_path):
             mon.observe(loss=1.0 / (1 + t))
             opt.step()
     kinds = [(e.layer, e.old, e.new) for e in mon.events]
-    assert kinds == [("group0.0", "warmup", "drift"), ("", "warmup", "drift"),
-                     ("group0.0", "drift", "diffusion"), ("", "drift", "diffusion")]
-    assert seen == mon.events and mon.phase == "diffusion" and mon.phases == {"group0.0": "diffusion"}
+    assert kinds == [
+        ("group0.0", "warmup", "drift"),
+        ("", "warmup", "drift"),
+        ("group0.0", "drift", "diffusion"),
+        ("", "drift", "diffusion"),
+    ]
+    assert (
+        seen == mon.events and mon.phase == "diffusion" and mon.phases == {"group0.0": "diffusion"}
+    )
     switch = mon.events[-1].step
     assert 20 * 20 < switch <= 20 * 20 + 5 * 20  # within the documented 4-record delay
     assert mon.history.records[-1]["phase"] == "diffusion"
     run = sgdlens.load(path)
-    assert len(run) == 40 and [e["event"] for e in run.events] == ["drift", "drift", "diffusion", "diffusion"]
+    assert len(run) == 40 and [e["event"] for e in run.events] == [
+        "drift",
+        "drift",
+        "diffusion",
+        "diffusion",
+    ]
     last = run.events[-1]
     assert last["trace/step"] == list(range(switch - 19, switch + 1))
     assert last["trace/loss"][-1] == pytest.approx(1.0 / switch)

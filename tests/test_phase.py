@@ -404,7 +404,8 @@ def test_state_dict_round_trip_gives_identical_future_events(seed: int, n: int, 
 
 
 def test_state_dict_loads_with_torch_weights_only() -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     det = PhaseDetector()
     feed(det, full_stream(3, 200))
     buf = io.BytesIO()

@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-matplotlib = pytest.importorskip("matplotlib")
-
-import sgdlens  # noqa: E402
-from sgdlens import plot, probes  # noqa: E402
-from sgdlens.report import phase_spans  # noqa: E402
+import sgdlens
+from sgdlens import plot, probes
+from sgdlens.report import phase_spans
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TISHBY = os.path.join(FIXTURES, "tishby.jsonl")

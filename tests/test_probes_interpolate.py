@@ -164,7 +164,8 @@ def test_bn_recompute_with_momentum_default():
 
 
 def test_progress_bar_runs():
-    pytest.importorskip("tqdm")
+    import tqdm  # noqa: F401 - installed with the test extra; fails loudly if missing
+
     a, b = mlp(0), mlp(1)
     res = probes.interpolate(a, b, ce, data(), steps=4, progress=True)
     assert res.losses.shape == (4,)

@@ -132,7 +132,6 @@ def test_summary_table(tishby):
 
 
 def test_report_structure(tishby):
-    pytest.importorskip("matplotlib")
     text = report.report_html(tishby, title="demo <run>", notes=["a note"])
     page = Page(text)
     assert page.title == "demo <run>"
@@ -153,7 +152,6 @@ def test_report_structure(tishby):
 
 
 def test_report_of_a_richer_run_has_every_figure():
-    pytest.importorskip("matplotlib")
     history, notes = report.read_run(PROBES)
     page = Page(report.report_html(history))
     assert notes == []
@@ -179,7 +177,6 @@ def run_cli(capsys, *argv):
 
 
 def test_cli_report_summary_compare_on_good_files(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "r.html"
     code, stdout, err = run_cli(capsys, "report", TISHBY, "-o", str(out))
     assert (code, err) == (0, "") and f"wrote {out}" in stdout
@@ -198,7 +195,6 @@ def test_cli_report_summary_compare_on_good_files(tmp_path, capsys):
 
 
 def test_cli_report_default_output_next_to_the_run(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     run = tmp_path / "exp.jsonl"
     with open(PROBES, "rb") as f:
         run.write_bytes(f.read())
@@ -264,8 +260,6 @@ def test_cli_truncated_last_line_is_tolerated_with_a_note(tmp_path, capsys, comm
     path = tmp_path / "crashed.jsonl"
     path.write_text("\n".join([*good[:-1], good[-1][:30]]))
     argv = [command, str(path)] + (["-o", str(tmp_path / "r.html")] if command == "report" else [])
-    if command == "report":
-        pytest.importorskip("matplotlib")
     code, stdout, err = run_cli(capsys, *argv)
     assert code == 0
     assert "skipped a truncated last line" in err
@@ -294,7 +288,6 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
 
 
 def test_cli_unwritable_output(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     code, _, err = run_cli(capsys, "report", TISHBY, "-o", str(tmp_path / "no" / "such" / "r.html"))
     assert code == 1 and err.startswith("sgdlens report: error: cannot write")
 
