@@ -20,6 +20,7 @@ from sgdlens.lenses.base import Lens, ParamView, State, Step
 from sgdlens.phase import PhaseDetector, PhaseEvent
 from sgdlens.probes.scheduled import Probe, ProbeScheduler
 from sgdlens.records import History, Record
+from sgdlens.sinks import check_sinks
 
 __all__ = ["PhaseMonitor"]
 
@@ -200,18 +201,7 @@ class PhaseMonitor:
                 f"e.g. 0.05 for at most 5 % of the wall time"
             )
         lens_list = self._check_lenses(lenses)
-        if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
-            raise TypeError(
-                f"PhaseMonitor(sinks=...) must be a list of callables, got {sinks!r}; "
-                f"e.g. sinks=[JSONLSink('run.jsonl')]"
-            )
-        sink_list = list(sinks)
-        for i, s in enumerate(sink_list):
-            if not callable(s):
-                raise TypeError(
-                    f"PhaseMonitor(sinks=...)[{i}] is {type(s).__name__} ({s!r}), not callable; "
-                    f"a sink is called with each record, e.g. JSONLSink('run.jsonl') or print"
-                )
+        sink_list = check_sinks(sinks, "PhaseMonitor")
         if getattr(opt, _ATTR, None) is not None:
             raise ValueError(
                 f"this {type(opt).__name__} already has a PhaseMonitor; close() it first, or "

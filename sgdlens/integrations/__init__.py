@@ -14,7 +14,7 @@ Importing this package imports no framework; the helpers below are shared by the
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from sgdlens.monitor import PhaseMonitor
 from sgdlens.phase import PhaseDetector
 from sgdlens.records import Record, Value
+from sgdlens.sinks import check_sinks
 
 __all__: list[str] = []
 
@@ -50,19 +51,7 @@ def check_callback_args(
                 f"{owner}({taken}=...) is not an argument: the callback attaches to the "
                 f"Trainer's {taken} itself; drop {taken}=..."
             )
-    sinks = monitor_kwargs.pop("sinks", ())
-    if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
-        raise TypeError(
-            f"{owner}(sinks=...) must be a list of callables, got {sinks!r}; "
-            f"e.g. sinks=[JSONLSink('run.jsonl')]"
-        )
-    sink_list = list(sinks)
-    for i, s in enumerate(sink_list):
-        if not callable(s):
-            raise TypeError(
-                f"{owner}(sinks=...)[{i}] is {type(s).__name__} ({s!r}), not callable; a sink "
-                f"is called with each record, e.g. JSONLSink('run.jsonl')"
-            )
+    sink_list = check_sinks(monitor_kwargs.pop("sinks", ()), owner)
     if monitor_kwargs.get("log_every", 1) is None:
         monitor_kwargs.pop("log_every")
     probe = nn.Module()  # no nn.Linear: its init would draw from the global RNG

@@ -12,7 +12,7 @@ A sink is anything callable with one record (a flat ``dict``). It may also have 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
 from sgdlens.records import History, Value, to_json_line
@@ -28,6 +28,23 @@ class Sink(Protocol):
     """Anything that takes a record."""
 
     def __call__(self, record: Mapping[str, Value]) -> Any: ...
+
+
+def check_sinks(sinks: Any, owner: str) -> list[Any]:
+    """``sinks`` as a list after checking that each is callable (errors name ``owner``)."""
+    if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
+        raise TypeError(
+            f"{owner}(sinks=...) must be a list of callables, got {sinks!r}; "
+            f"e.g. sinks=[JSONLSink('run.jsonl')]"
+        )
+    sink_list = list(sinks)
+    for i, sink in enumerate(sink_list):
+        if not callable(sink):
+            raise TypeError(
+                f"{owner}(sinks=...)[{i}] is {type(sink).__name__} ({sink!r}), not callable; "
+                f"a sink is called with each record, e.g. JSONLSink('run.jsonl') or print"
+            )
+    return sink_list
 
 
 class JSONLSink:
