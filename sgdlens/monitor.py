@@ -230,7 +230,7 @@ class PhaseMonitor:
         self.detector = detector or None
         self.probes = ProbeScheduler(probe_list, float(probe_budget)) if probe_list else None
         self._callbacks: list[Callable[[PhaseEvent], Any]] = []
-        # ring of (last observed loss, gradient norm) per step, on device
+        # ring of (last observed loss, squared gradient norm) per step, on device
         self._trace = torch.full((int(trace), 2), float("nan"), dtype=self.view.dtype,
                                  device=self.view.device)  # fmt: skip
         self._last_loss = torch.full(
