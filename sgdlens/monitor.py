@@ -145,6 +145,7 @@ class PhaseMonitor:
     _callbacks: list[Callable[[PhaseEvent], Any]]
     _trace: Tensor
     _last_loss: Tensor
+    _step: Step | None
 
     def __init__(
         self,
@@ -236,6 +237,7 @@ class PhaseMonitor:
         self._last_loss = torch.full(
             (), float("nan"), dtype=self.view.dtype, device=self.view.device
         )
+        self._step = None  # the step read in the pre-hook, finished in the post-hook
         self._handles = [
             opt.register_step_pre_hook(self._pre_step),
             opt.register_step_post_hook(self._post_step),
@@ -357,27 +359,37 @@ class PhaseMonitor:
                 slot[1] += 1
 
     def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        if (self.step + 1) % self.log_every:
-            return
-        step = Step(self.view, self.step + 1, logging=True)
+        index = self.step + 1
+        step = Step(self.view, index, logging=index % self.log_every == 0)
         with torch.no_grad():
-            for lens, state in zip(self.lenses, self.states):
-                lens.prepare(state, step)
+            if step.logging:
+                for lens, state in zip(self.lenses, self.states):
+                    lens.prepare(state, step)
+            # The gradients are final before step() unless it gets a closure (LBFGS), which
+            # computes them inside; read them now, while backward() has left them in cache.
+            closure = args[0] if args else kwargs.get("closure")
+            self._step = None if closure is not None else self._update(step)
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1
-        logging = self.step % self.log_every == 0
-        step = Step(self.view, self.step, logging)
         with torch.no_grad():
-            for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
-                self.states[i] = lens.update(state, step)
-            self._finite.add_(step.ok)
-            if len(self._trace):  # (loss, squared gradient norm) of this step
-                row = self._trace[(self.step - 1) % len(self._trace)]
-                torch.stack([self._last_loss, step.grad_sq_total], out=row)
-            if logging:
+            step = self._step or self._update(
+                Step(self.view, self.step, self.step % self.log_every == 0)
+            )
+            self._step = None
+            if step.logging:
                 self._check_param_groups()
                 self._log(step)
+
+    def _update(self, step: Step) -> Step:
+        """Every lens's per-step update, the finite-step count and the per-step trace."""
+        for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
+            self.states[i] = lens.update(state, step)
+        self._finite.add_(step.ok)
+        if len(self._trace):  # (loss, squared gradient norm) of this step
+            row = self._trace[(step.index - 1) % len(self._trace)]
+            torch.stack([self._last_loss, step.grad_sq_total], out=row)
+        return step
 
     def _check_param_groups(self) -> None:
         n = len([p for g in self.optimizer.param_groups for p in g["params"]])

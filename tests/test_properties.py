@@ -32,7 +32,9 @@ def test_snr_is_invariant_to_scaling_all_gradients(seed, k, d, c):
     for lens in (lenses.GradSNR(window=k), lenses.GradSNR(decay=0.9)):
         a = run(g, lens, k)["grad_snr"]
         b = run(g * c, lens, k)["grad_snr"]
-        assert math.isclose(a, b, rel_tol=1e-4), (a, b)
+        # float32 running sums: tr Var = E‖g‖² − ‖E g‖² loses about 1e-7·SNR² of relative
+        # accuracy to cancellation (documented in docs/lenses/grad_snr.md)
+        assert math.isclose(a, b, rel_tol=1e-4 + 1e-7 * a * a), (a, b)
 
 
 @given(

@@ -64,8 +64,9 @@ class GradSNR(Lens):
       Adam does (divide by ``1 − β^t``), so ``E g`` and ``E‖g‖²`` weight recent steps by
       ``(1 − β) β^age``; roughly a window of ``2/(1 − β) − 1`` steps.
 
-    The gradient read is the one the optimizer has just used (read after ``step()``, at moving
-    weights, as the authors' code and Saxe et al.'s do). A parameter without a gradient at a
+    The gradient read is the one each ``step()`` uses, taken at the moving weights of the
+    training run itself (the cheap choice of SCIENCE.md §A1.5; the authors' code and Saxe et
+    al.'s compute extra gradients for the statistic). A parameter without a gradient at a
     step counts as a zero gradient. Steps with non-finite gradients are skipped: they do not
     count towards ``K`` samples of the window nor move the moving averages.
 
@@ -127,7 +128,8 @@ class GradSNR(Lens):
         zeros = torch.zeros(len(sub.layers), dtype=view.dtype, device=view.device)
         state: State = {
             "buf": [torch.zeros_like(p, dtype=_torch.buffer_dtype(p.dtype)) for p in sub.params],
-            "sq": zeros.clone(),  # Σ‖g‖² per layer (window) or its EMA
+            # Σ‖g‖² per parameter (window) or its EMA; summed into layers at log points
+            "sq": torch.zeros(len(sub.which), dtype=view.dtype, device=view.device),
             "n": torch.zeros((), dtype=view.dtype, device=view.device),  # finite steps
             "window": self.window or view.log_every,
         }
@@ -143,10 +145,9 @@ class GradSNR(Lens):
         grads = [step.grads[i] for i in sub.which]
         pairs = [(b, g) for b, g in zip(state["buf"], grads) if g is not None]
         bufs, present = [b for b, _ in pairs], [g for _, g in pairs]
-        sq = sub.per_layer(sub.take(step.grad_sq))
+        sq = sub.take(step.grad_sq)
         if self.decay is None:
-            _torch.masked_add_(bufs, present, ok)
-            state["sq"].add_(torch.where(ok, sq, 0))
+            _torch.masked_add_([*bufs, state["sq"]], [*present, sq], ok)
             state["n"].add_(ok)
             if step.index % state["window"] == 0:
                 self._close_window(state)
@@ -165,7 +166,7 @@ class GradSNR(Lens):
         n = state["n"]
         buf_sq = self._sub.per_layer(_torch.norms(state["buf"], n.device, n.dtype).square())
         state["mean_sq"].copy_(buf_sq / n.square())
-        state["second"].copy_(state["sq"] / n)
+        state["second"].copy_(self._sub.per_layer(state["sq"]) / n)
         _torch.zero_(state["buf"])
         state["sq"].zero_()
         n.zero_()
@@ -180,7 +181,7 @@ class GradSNR(Lens):
             n = state["n"]
             corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
             buf_sq = self._sub.per_layer(_torch.norms(state["buf"], n.device, n.dtype).square())
-            mean_sq, second = buf_sq / corr.square(), state["sq"] / corr
+            mean_sq, second = buf_sq / corr.square(), self._sub.per_layer(state["sq"]) / corr
         mean, std, snr = snr_from_moments(mean_sq, second)
         layers = self._sub.layers
         out = {
