@@ -55,3 +55,32 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, crash_rank: int)
         torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def worker_noise_scale(rank: int, world: int, init_file: str, out_dir: str, decay: float) -> None:
+    """DDP training with NoiseScale('ranks'): local vs all-reduced gradients."""
+    from sgdlens.lenses import NoiseScale
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        model = model_without_dropout()
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        lens = NoiseScale("ranks", ddp=ddp, decay=decay)
+        mon = PhaseMonitor(opt, model=model, lenses=[lens], log_every=LOG_EVERY, detector=False)
+        for x, y in batches(STEPS, size=GLOBAL_BATCH):
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+            opt.zero_grad()
+            F.cross_entropy(ddp(xs), ys).backward()
+            opt.step()
+        mon.close()
+        torch.save({"records": mon.history.records}, os.path.join(out_dir, f"noise{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

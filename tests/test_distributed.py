@@ -60,3 +60,54 @@ def test_a_crashed_rank_fails_the_run_with_its_error(tmp_path):
     with pytest.raises(Exception, match="rank 1 crashed on purpose"):
         mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), 1), nprocs=2, join=True)
     assert not os.path.exists(tmp_path / "result0.pt")
+
+
+def test_noise_scale_from_ranks_matches_the_two_batch_reference(tmp_path):
+    from sgdlens.lenses.noise_scale import two_batch_estimates
+    from tests._dist_worker import worker_noise_scale
+
+    world, decay = 2, 0.5
+    mp.spawn(
+        worker_noise_scale,
+        args=(world, str(tmp_path / "init"), str(tmp_path), decay),
+        nprocs=world,
+        join=True,
+    )
+    # reference: one process; each rank's local gradient and the full-batch one, per layer
+    model = model_without_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layers = {"fc1": [model.fc1.weight, model.fc1.bias], "fc2": [model.fc2.weight, model.fc2.bias]}
+
+    def layer_sq():
+        return torch.stack(
+            [sum(p.grad.double().square().sum() for p in ps) for ps in layers.values()]
+        )
+
+    b = GLOBAL_BATCH // world
+    g2 = tr = torch.zeros(2, dtype=torch.float64)
+    expected = {}
+    for step, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH), 1):
+        small = []
+        for xs, ys in zip(x.chunk(world), y.chunk(world)):
+            opt.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            small.append(layer_sq())
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        est = two_batch_estimates(torch.stack(small).mean(0), layer_sq(), b, world * b)
+        g2, tr = g2.lerp(est[0], 1 - decay), tr.lerp(est[1], 1 - decay)
+        opt.step()
+        if step % LOG_EVERY == 0:
+            corr = 1 - decay**step
+            expected[step] = (tr / corr) / (g2 / corr), tr.sum() / g2.sum()
+    for r in range(world):
+        records = torch.load(tmp_path / f"noise{r}.pt", weights_only=True)["records"]
+        assert [rec["step"] for rec in records] == sorted(expected)
+        for rec in records:
+            per_layer, total = expected[rec["step"]]
+            assert rec["noise_scale/fc1"] == pytest.approx(float(per_layer[0]), rel=1e-4)
+            assert rec["noise_scale/fc2"] == pytest.approx(float(per_layer[1]), rel=1e-4)
+            assert rec["noise_scale"] == pytest.approx(float(total), rel=1e-4)
+            assert rec["batch_over_noise_scale"] == pytest.approx(
+                GLOBAL_BATCH / float(total), rel=1e-4
+            )

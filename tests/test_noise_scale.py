@@ -426,8 +426,10 @@ def test_state_dict_round_trip():
 def test_validation():
     with pytest.raises(ValueError, match="estimator='bogus'"):
         NoiseScale("bogus")
-    with pytest.raises(NotImplementedError, match="feed_two_batch"):
+    with pytest.raises(TypeError, match=r"ddp=None.*DistributedDataParallel"):
         NoiseScale("ranks")
+    with pytest.raises(ValueError, match=r"ddp=.*only read by estimator='ranks'"):
+        NoiseScale("auto", ddp=object())
     with pytest.raises(TypeError, match="batch_size"):
         NoiseScale(batch_size=2.5)
     with pytest.raises(ValueError, match="batch_size=0"):

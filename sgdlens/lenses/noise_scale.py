@@ -23,8 +23,12 @@ batches come from one of three estimators:
   :mod:`sgdlens.lenses._per_sample`): ``B_small = 1``, ``B_big = B``; this reproduces the
   within-batch estimates ``tr Σ̂ = Σ_k Var_i(g_ik)`` (ddof 1) and
   ``|G|² = ‖ḡ‖² − tr Σ̂ / B`` exactly.
-* ``"ranks"``: one rank's local gradient against the all-reduced one (data parallel). Not
-  wired yet: the distributed integration feeds :meth:`NoiseScale.feed_two_batch`.
+* ``"ranks"``: under DDP, each rank's local gradient (``B_small`` = the local batch) against
+  the all-reduced one (``B_big`` = world size × local batch), as McCandlish et al. propose for
+  data-parallel training. A DDP communication hook reads the local per-parameter norms of
+  each bucket and then performs DDP's normal all-reduce, so it adds no communication per
+  step; at log points the ranks' moving averages are averaged (one small all-reduce), which
+  averages ``|G_small|²`` over ranks as the paper does.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from sgdlens import _dist, _torch
 from sgdlens.lenses._per_sample import MODES, PerSampleEngine
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
 
@@ -125,8 +130,8 @@ class NoiseScale(Lens):
     accumulated gradients over two or more backward passes, the micro-batch estimator
     (nearly free); otherwise, given a model, per-sample gradient norms; the hooks of the
     estimator not chosen are removed. Choose explicitly with ``"accumulation"``,
-    ``"per_sample"`` or ``"ranks"`` (reserved for data-parallel runs, see
-    :meth:`feed_two_batch`).
+    ``"per_sample"`` or ``"ranks"`` (DDP: each rank's local gradient against the
+    all-reduced one; needs ``ddp=``).
 
     Per-step estimates of ``|G|²`` and ``tr Σ`` (each unbiased) go into separate EMAs with
     factor ``decay``, bias-corrected by ``1 − decay^n`` over the ``n`` steps fed so far
@@ -159,6 +164,10 @@ class NoiseScale(Lens):
             elsewhere), ``"hooks"`` (layer rules only; parameters of other modules are left
             out and listed in ``uncovered`` after attaching) or ``"func"`` (``torch.func``
             for every module, for comparison).
+        ddp: the ``DistributedDataParallel`` module, for ``estimator="ranks"``; its
+            communication hook is set to one that records local norms and then all-reduces
+            as DDP does (DDP takes one hook, registered before the first backward, and keeps
+            it after the monitor closes).
 
     Example:
         >>> from sgdlens import PhaseMonitor, lenses
@@ -173,6 +182,7 @@ class NoiseScale(Lens):
     decay: float
     reduction: str
     per_sample: str
+    ddp: Any
 
     def __init__(
         self,
@@ -182,17 +192,22 @@ class NoiseScale(Lens):
         decay: float = 0.99,
         reduction: str = "mean",
         per_sample: str = "auto",
+        ddp: Any = None,
     ) -> None:
         if not isinstance(estimator, str) or estimator not in ESTIMATORS:
             raise ValueError(
                 f"NoiseScale(estimator={estimator!r}) must be one of {ESTIMATORS}; e.g. "
                 f"estimator='auto'"
             )
-        if estimator == "ranks":
-            raise NotImplementedError(
-                "NoiseScale(estimator='ranks') is reserved for data-parallel runs and is not "
-                "wired yet (local vs all-reduced gradients); use estimator='accumulation' or "
-                "'per_sample', or feed per-rank norms to NoiseScale.feed_two_batch"
+        if estimator == "ranks" and not callable(getattr(ddp, "register_comm_hook", None)):
+            raise TypeError(
+                f"NoiseScale(estimator='ranks', ddp={ddp!r}) needs the DistributedDataParallel "
+                f"module, to read each rank's gradient before the all-reduce: "
+                f"NoiseScale('ranks', ddp=ddp_model)"
+            )
+        if estimator != "ranks" and ddp is not None:
+            raise ValueError(
+                f"NoiseScale(ddp=...) is only read by estimator='ranks', not {estimator!r}"
             )
         _check_int("batch_size", batch_size, 1, "batch_size=32")
         if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
@@ -213,6 +228,7 @@ class NoiseScale(Lens):
         self.decay = float(decay)
         self.reduction = reduction
         self.per_sample = per_sample
+        self.ddp = ddp
 
     def __repr__(self) -> str:
         return (
@@ -245,6 +261,18 @@ class NoiseScale(Lens):
         """Register the hooks the estimator needs (the monitor removes them on close)."""
         handles: list[Any] = []
         params = list(view.params)
+        if self.estimator == "ranks":
+            if model is None and self.batch_size is None:
+                raise ValueError(
+                    "NoiseScale(estimator='ranks', batch_size=None) reads the local batch size "
+                    "from the model's inputs: pass PhaseMonitor(model=model) or batch_size="
+                )
+            self._local = torch.zeros(len(params), dtype=view.dtype, device=view.device)
+            self._index = {id(p): i for i, p in enumerate(params)}
+            self.ddp.register_comm_hook(None, self._comm_hook)
+            if model is not None and self.batch_size is None:
+                handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+            return handles
         if self.estimator in ("auto", "accumulation"):
             if self.batch_size is None and model is None:
                 if self.estimator == "accumulation":
@@ -278,6 +306,20 @@ class NoiseScale(Lens):
         if self._mode == "per_sample":
             self._use_per_sample(view)
         return handles
+
+    def _comm_hook(self, process_group, bucket):
+        """Record this rank's per-parameter gradient norms, then all-reduce as DDP does.
+
+        Unannotated on purpose: DDP rejects a hook whose annotations are not the real
+        ``dist.GradBucket`` / ``Future[Tensor]`` objects, and this module's are strings.
+        """
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        grads, params = bucket.gradients(), bucket.parameters()
+        index = torch.tensor([self._index[id(p)] for p in params], device=self._local.device)
+        local = _torch.norms(grads, self._local.device, self._local.dtype).square()
+        self._local.index_copy_(0, index, local)
+        return allreduce_hook(process_group, bucket)
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if torch.is_grad_enabled():
@@ -317,7 +359,9 @@ class NoiseScale(Lens):
         if self._mode is None:
             self._mode = self._choose(view)
         try:
-            if self._mode == "accumulation":
+            if self._mode == "ranks":
+                self._update_ranks(state, step)
+            elif self._mode == "accumulation":
                 self._update_accumulation(state, step)
             elif self._mode == "per_sample":
                 self._update_per_sample(state, step)
@@ -367,6 +411,19 @@ class NoiseScale(Lens):
             small, big = acc / (m * b * b), big / (n_total * n_total)
         self.feed_two_batch(state, small, big, b, n_total, step.ok)
 
+    def _update_ranks(self, state: State, step: Step) -> None:
+        world = _dist.rank_and_size()[1]
+        b = self.batch_size or self._last_batch
+        if world < 2 or b is None:
+            return
+        view = step.view
+        small = view.per_layer(self._local, range(len(view.params)))  # this rank's |G_local|²
+        big = self._grad_sq(step)  # .grad after DDP's all-reduce: the global-batch gradient
+        if self.reduction == "sum":  # G = .grad / examples
+            small, big = small / (b * b), big / (world * b) ** 2
+        self.feed_two_batch(state, small, big, b, world * b, step.ok)
+        self._local.zero_()
+
     def _update_per_sample(self, state: State, step: Step) -> None:
         engine = self._engine
         assert engine is not None
@@ -388,10 +445,9 @@ class NoiseScale(Lens):
     ) -> None:  # fmt: skip
         """Fold one step's two-batch measurement (per layer) into the moving averages.
 
-        This is the entry point every estimator ends in, and the one the data-parallel
-        integration is to call with ``small_sq`` = the mean over ranks of each rank's local
-        ``|G_local|²`` per layer (``b_small`` = the local batch) and ``big_sq`` =
-        ``|G_all-reduced|²`` (``b_big`` = world size × local batch).
+        This is the entry point every estimator ends in (the ``"ranks"`` estimator feeds
+        each rank's local ``|G_local|²``, ``b_small`` = the local batch, against
+        ``|G_all-reduced|²``, ``b_big`` = world size × local batch).
 
         Args:
             state: this lens's state.
@@ -423,6 +479,10 @@ class NoiseScale(Lens):
         n = state["n"]
         corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
         g2, tr = state["g2"] / corr, state["tr"] / corr
+        if self._mode == "ranks":  # average |G_small|² over ranks: the EMAs are linear in it
+            world = _dist.rank_and_size()[1]
+            both = _dist.all_sum_(torch.cat([g2, tr])) / world
+            g2, tr = both[: len(g2)], both[len(g2) :]
         ns = tr / g2
         keep = sorted({view.layer_of[i] for i, c in enumerate(self._covered) if c})
         layers = [view.layers[j] for j in keep]
