@@ -12,6 +12,16 @@ import torch
 from torch import Tensor
 
 
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (FSDP2 parameters and gradients), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` split across ranks (some placement is a shard)."""
+    return any(p.is_shard() for p in getattr(t, "placements", ()))
+
+
 def acc_dtype(device: torch.device) -> torch.dtype:
     """The dtype for accumulated scalars: float64, except where a backend lacks it (MPS)."""
     return torch.float32 if device.type == "mps" else torch.float64

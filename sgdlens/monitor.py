@@ -63,6 +63,7 @@ def build_view(opt: Optimizer, model: nn.Module | None, log_every: int) -> Param
         dtype=_torch.acc_dtype(device),
         log_every=log_every,
         optimizer=opt,
+        sharded=any(_torch.is_sharded(p) for p in params),
     )
 
 

@@ -23,7 +23,9 @@ def model_without_dropout():
     return model
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, crash_rank: int) -> None:
+def worker(
+    rank: int, world: int, init_file: str, out_dir: str, crash_rank: int, wrap: str = "ddp"
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -34,8 +36,13 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, crash_rank: int)
     )
     try:
         model = model_without_dropout()
-        ddp = DDP(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        if wrap == "ddp":
+            net: torch.nn.Module = DDP(model)
+        else:  # FSDP2: every parameter sharded across the ranks
+            from torch.distributed.fsdp import fully_shard
+
+            net = fully_shard(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         sink = JSONLSink(os.path.join(out_dir, f"rank{rank}.jsonl"))
         mon = PhaseMonitor(opt, model=model, log_every=LOG_EVERY, sinks=[sink])
         for t, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH)):
@@ -43,16 +50,15 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, crash_rank: int)
                 raise RuntimeError(f"rank {rank} crashed on purpose")
             xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
             opt.zero_grad()
-            loss = F.cross_entropy(ddp(xs), ys)
+            loss = F.cross_entropy(net(xs), ys)
             loss.backward()
             mon.observe(loss=loss)
             opt.step()
         mon.close()
-        result = {
-            "params": [p.detach() for p in model.parameters()],
-            "records": mon.history.records,
-        }
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+        result = {"params": [p.detach() for p in full], "records": mon.history.records}
         torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
+        dist.barrier()  # nobody tears the group down while another rank still uses it
     finally:
         dist.destroy_process_group()
 
@@ -82,5 +88,6 @@ def worker_noise_scale(rank: int, world: int, init_file: str, out_dir: str, deca
             opt.step()
         mon.close()
         torch.save({"records": mon.history.records}, os.path.join(out_dir, f"noise{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""DDP with real processes (gloo on CPU): records equal a one-process run on the whole batches."""
+"""DDP and FSDP2 with real processes (gloo on CPU): records equal a one-process run."""
 
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ def reference():
     return list(model.parameters()), mon.history.records
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ddp_records_match_one_process_and_only_rank0_writes(tmp_path, world):
-    mp.spawn(
-        worker, args=(world, str(tmp_path / "init"), str(tmp_path), -1), nprocs=world, join=True
-    )
+@pytest.mark.parametrize(("wrap", "world"), [("ddp", 2), ("ddp", 4), ("fsdp", 2)])
+def test_records_match_one_process_and_only_rank0_writes(tmp_path, wrap, world):
+    args = (world, str(tmp_path / "init"), str(tmp_path), -1, wrap)
+    mp.spawn(worker, args=args, nprocs=world, join=True)
     params, records = reference()
     results = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(world)]
     for res in results:

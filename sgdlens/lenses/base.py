@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sgdlens import _torch
+from sgdlens import _dist, _torch
 
 State = dict[str, Any]
 
@@ -58,6 +58,7 @@ class ParamView:
     dtype: torch.dtype
     log_every: int
     optimizer: Any = field(default=None, repr=False)
+    sharded: bool = False
     _index: dict[tuple[int, ...], Tensor] = field(default_factory=dict, repr=False)
 
     def subset(self, keep: Sequence[int]) -> Subset:
@@ -72,6 +73,20 @@ class ParamView:
                 [self.layer_of[i] for i in key], dtype=torch.long, device=self.device
             )
         return self._index[key]
+
+    @property
+    def local_params(self) -> list[Tensor]:
+        """Each parameter's data on this rank: its shard under FSDP2, else the tensor."""
+        return [_torch.local(p.detach()) for p in self.params]
+
+    def reduce_sum(self, sums: Tensor) -> Tensor:
+        """Sums of squares (or counts) over this rank's shards, summed over every rank.
+
+        Under FSDP each rank holds a shard of every parameter, so per-layer sums of squares
+        are partial until they are added up across ranks (one all-reduce; call it at log
+        points only). Replicated parameters (one process, DDP) need nothing and get ``sums``.
+        """
+        return _dist.all_sum_(sums.clone()) if self.sharded else sums
 
     def per_layer(self, values: Tensor, which: Sequence[int]) -> Tensor:
         """Sum per-parameter ``values`` (aligned with ``which``) into one entry per layer."""
@@ -138,7 +153,9 @@ class Step:
         self.view = view
         self.index = index
         self.logging = logging
-        self.grads: list[Tensor | None] = [p.grad for p in view.params]
+        self.grads: list[Tensor | None] = [
+            None if p.grad is None else _torch.local(p.grad) for p in view.params
+        ]
 
     @cached_property
     def present(self) -> list[int]:
@@ -163,8 +180,15 @@ class Step:
 
     @cached_property
     def ok(self) -> Tensor:
-        """0-d bool: every gradient of this step is finite (an overflow of the norm counts too)."""
-        return torch.isfinite(self.grad_sq_total)
+        """0-d bool: every gradient of this step is finite (an overflow of the norm counts too).
+
+        Under FSDP the ranks agree on it through one tiny all-reduce per step (every rank must
+        skip the same steps, and a non-finite value sits on one rank's shard).
+        """
+        ok = torch.isfinite(self.grad_sq_total)
+        if self.view.sharded:
+            ok = self.view.reduce_sum((~ok).to(self.view.dtype)) == 0
+        return ok
 
 
 def per_layer_keys(metric: str, layers: Sequence[str], values: Tensor) -> dict[str, Tensor]:

@@ -35,5 +35,5 @@ class GradNorm(Lens):
 
     def compute(self, state: State, step: Step) -> dict[str, Tensor]:
         view = step.view
-        sq = view.per_layer(step.grad_sq, range(len(view.params)))
+        sq = view.reduce_sum(view.per_layer(step.grad_sq, range(len(view.params))))
         return {**per_layer_keys("grad_norm", view.layers, sq.sqrt()), "grad_norm": sq.sum().sqrt()}

@@ -127,7 +127,10 @@ class GradSNR(Lens):
         sub = self._subset(view)
         zeros = torch.zeros(len(sub.layers), dtype=view.dtype, device=view.device)
         state: State = {
-            "buf": [torch.zeros_like(p, dtype=_torch.buffer_dtype(p.dtype)) for p in sub.params],
+            "buf": [
+                torch.zeros_like(_torch.local(p), dtype=_torch.buffer_dtype(p.dtype))
+                for p in sub.params
+            ],
             # Σ‖g‖² per parameter (window) or its EMA; summed into layers at log points
             "sq": torch.zeros(len(sub.which), dtype=view.dtype, device=view.device),
             "n": torch.zeros((), dtype=view.dtype, device=view.device),  # finite steps
@@ -164,13 +167,20 @@ class GradSNR(Lens):
 
     def _close_window(self, state: State) -> None:
         n = state["n"]
-        buf_sq = self._sub.per_layer(_torch.norms(state["buf"], n.device, n.dtype).square())
+        buf_sq, sq = self._layer_sums(state)
         state["mean_sq"].copy_(buf_sq / n.square())
-        state["second"].copy_(self._sub.per_layer(state["sq"]) / n)
+        state["second"].copy_(sq / n)
         _torch.zero_(state["buf"])
         state["sq"].zero_()
         n.zero_()
         state["done"] += 1
+
+    def _layer_sums(self, state: State) -> tuple[Tensor, Tensor]:
+        """Per layer: ‖Σ g‖² (or ‖EMA g‖²) and Σ‖g‖² (or its EMA), over every rank's shards."""
+        n, sub = state["n"], self._sub
+        buf_sq = sub.per_layer(_torch.norms(state["buf"], n.device, n.dtype).square())
+        both = sub.view.reduce_sum(torch.cat([buf_sq, sub.per_layer(state["sq"])]))
+        return both[: len(buf_sq)], both[len(buf_sq) :]
 
     def compute(self, state: State, step: Step) -> dict[str, Tensor]:
         if self.decay is None:
@@ -180,8 +190,8 @@ class GradSNR(Lens):
         else:
             n = state["n"]
             corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
-            buf_sq = self._sub.per_layer(_torch.norms(state["buf"], n.device, n.dtype).square())
-            mean_sq, second = buf_sq / corr.square(), self._sub.per_layer(state["sq"]) / corr
+            buf_sq, sq = self._layer_sums(state)
+            mean_sq, second = buf_sq / corr.square(), sq / corr
         mean, std, snr = snr_from_moments(mean_sq, second)
         layers = self._sub.layers
         out = {

@@ -47,19 +47,24 @@ class WeightNorms(Lens):
     def init(self, view: ParamView) -> State:
         self._view = view
         with torch.no_grad():
-            return {"init": [p.detach().clone() for p in view.params], "prev": None}
+            return {"init": [p.clone() for p in view.local_params], "prev": None}
 
     def prepare(self, state: State, step: Step) -> State:
-        state["prev"] = [p.detach().clone() for p in self._view.params]
+        state["prev"] = [p.clone() for p in self._view.local_params]
         return state
 
     def compute(self, state: State, step: Step) -> dict[str, Tensor]:
         view = self._view
-        params = [p.detach() for p in view.params]
+        params = view.local_params
         everything = range(len(params))
         norm_sq = view.per_layer(_torch.norms(params, view.device, view.dtype).square(), everything)
         dist = _torch.distances(params, state["init"], view.device, view.dtype)
         dist_sq = view.per_layer(dist.square(), everything)
+        upd_sq = torch.zeros_like(norm_sq)
+        if state["prev"] is not None:
+            upd = _torch.distances(params, state["prev"], view.device, view.dtype)
+            upd_sq = view.per_layer(upd.square(), everything)
+        norm_sq, dist_sq, upd_sq = view.reduce_sum(torch.stack([norm_sq, dist_sq, upd_sq]))
         out = {
             **per_layer_keys("weight_norm", view.layers, norm_sq.sqrt()),
             **per_layer_keys("weight_dist", view.layers, dist_sq.sqrt()),
@@ -67,8 +72,6 @@ class WeightNorms(Lens):
             "weight_dist": dist_sq.sum().sqrt(),
         }
         if state["prev"] is not None:
-            upd = _torch.distances(params, state["prev"], view.device, view.dtype)
-            upd_sq = view.per_layer(upd.square(), everything)
             state["prev"] = None
             out.update(per_layer_keys("update_size", view.layers, upd_sq.sqrt()))
             out.update(per_layer_keys("update_ratio", view.layers, (upd_sq / norm_sq).sqrt()))
