@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree  # noqa: F401 - re-exported for the lenses
 
 
 def local(t: Tensor) -> Tensor:
@@ -125,3 +126,9 @@ def masked_lerp_(
 def zero_(tensors: Sequence[Tensor]) -> None:
     if tensors:
         torch._foreach_zero_(list(tensors))
+
+
+def mul_(tensors: Sequence[Tensor], factor: Tensor) -> None:
+    """``t *= factor`` for every tensor, in one fused op."""
+    if tensors:
+        torch._foreach_mul_(list(tensors), factor)

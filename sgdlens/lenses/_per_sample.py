@@ -45,7 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
+
+from sgdlens._torch import pytree
 
 __all__ = ["MODES", "PerSampleEngine"]
 

@@ -159,7 +159,7 @@ class GradSNR(Lens):
             # A missing gradient is a zero gradient: decay its buffer too.
             absent = [b for b, g in zip(state["buf"], grads) if g is None]
             if absent:
-                torch._foreach_mul_(absent, torch.where(ok, beta, 1.0).to(absent[0].dtype))
+                _torch.mul_(absent, torch.where(ok, beta, 1.0).to(absent[0].dtype))
             _torch.masked_lerp_(bufs, present, 1.0 - beta, ok)
             state["sq"].copy_(torch.where(ok, state["sq"].lerp(sq, 1.0 - beta), state["sq"]))
             state["n"].add_(ok)

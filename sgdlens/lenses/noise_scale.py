@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
 from sgdlens import _dist, _torch
 from sgdlens.lenses._per_sample import MODES, PerSampleEngine
@@ -323,7 +322,7 @@ class NoiseScale(Lens):
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if torch.is_grad_enabled():
-            for leaf in pytree.tree_leaves((args, kwargs)):
+            for leaf in _torch.pytree.tree_leaves((args, kwargs)):
                 if isinstance(leaf, Tensor) and leaf.dim() > 0:
                     self._last_batch = int(leaf.shape[0])
                     return
