@@ -23,8 +23,18 @@ def model_without_dropout():
     return model
 
 
+def probe_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
 def worker(
-    rank: int, world: int, init_file: str, out_dir: str, crash_rank: int, wrap: str = "ddp"
+    rank: int,
+    world: int,
+    init_file: str,
+    out_dir: str,
+    crash_rank: int,
+    wrap: str = "ddp",
+    with_probes: bool = False,
 ) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -44,7 +54,15 @@ def worker(
             net = fully_shard(model)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         sink = JSONLSink(os.path.join(out_dir, f"rank{rank}.jsonl"))
-        mon = PhaseMonitor(opt, model=model, log_every=LOG_EVERY, sinks=[sink])
+        probe_list = []
+        if with_probes:  # the same fixed probe batch on every rank
+            from sgdlens import probes
+
+            x0, y0 = batches(1, seed=9, size=8)[0]
+            probe_list = [probes.sharpness_probe(probe_loss, (x0, y0), every=10, per_decade=None)]
+        mon = PhaseMonitor(
+            opt, model=model, log_every=LOG_EVERY, sinks=[sink], probes=probe_list, probe_budget=1.0
+        )
         for t, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH)):
             if rank == crash_rank and t == 7:
                 raise RuntimeError(f"rank {rank} crashed on purpose")

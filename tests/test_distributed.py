@@ -27,9 +27,12 @@ def reference():
     return list(model.parameters()), mon.history.records
 
 
-@pytest.mark.parametrize(("wrap", "world"), [("ddp", 2), ("ddp", 4), ("fsdp", 2)])
-def test_records_match_one_process_and_only_rank0_writes(tmp_path, wrap, world):
-    args = (world, str(tmp_path / "init"), str(tmp_path), -1, wrap)
+@pytest.mark.parametrize(
+    ("wrap", "world", "with_probes"),
+    [("ddp", 2, False), ("ddp", 4, False), ("fsdp", 2, False), ("ddp", 2, True)],
+)
+def test_records_match_one_process_and_only_rank0_writes(tmp_path, wrap, world, with_probes):
+    args = (world, str(tmp_path / "init"), str(tmp_path), -1, wrap, with_probes)
     mp.spawn(worker, args=args, nprocs=world, join=True)
     params, records = reference()
     results = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(world)]
@@ -46,9 +49,15 @@ def test_records_match_one_process_and_only_rank0_writes(tmp_path, wrap, world):
                 else:
                     assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
+        # probes ran on every rank at the same steps (rank 0 decides), without changing training
+        assert [r["step"] for r in res["records"] if "sharpness" in r] == (
+            [10, 20] if with_probes else []
+        )
+
     # every rank sees the same records, phases included; only rank 0 wrote its file
     def untimed(res):
-        return [{k: v for k, v in r.items() if k != "time"} for r in res["records"]]
+        per_rank = ("time", "probe_time_fraction")  # wall-clock readings differ between ranks
+        return [{k: v for k, v in r.items() if k not in per_rank} for r in res["records"]]
 
     assert all(untimed(res) == untimed(results[0]) for res in results)
     assert (tmp_path / "rank0.jsonl").exists()
