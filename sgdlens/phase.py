@@ -155,6 +155,7 @@ class _Channel:
         self.dist: float | None = None
         self.path = 0.0
         self.path_step = 0.0
+        self.noise: float | None = None  # last B / B_simple (NoiseScale), evidence only
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,6 +168,7 @@ class _Channel:
             "dist": self.dist,
             "path": self.path,
             "path_step": self.path_step,
+            "noise": self.noise,
         }
 
     @classmethod
@@ -183,6 +185,8 @@ class _Channel:
         ch.dist = None if d["dist"] is None else float(d["dist"])
         ch.path = float(d["path"])
         ch.path_step = float(d["path_step"])
+        noise = d.get("noise")
+        ch.noise = None if noise is None else float(noise)
         return ch
 
 
@@ -271,7 +275,10 @@ class PhaseDetector:
     over the last ``motion_window`` records: ≈1 ballistic drift, ≤½ diffusion),
     ``net_to_path`` (``weight_dist`` over the path length ``Σ update_size · Δstep``
     accumulated since step 0, an estimate because ``update_size`` is sampled at log
-    points), ``loss`` and ``loss_change`` (relative change of the median loss between the
+    points), ``batch_over_noise_scale`` (the last ``B / B_simple`` a
+    :class:`~sgdlens.lenses.NoiseScale` lens logged for the layer: about the within-batch
+    SNR², below 1 where noise dominates), ``loss`` and ``loss_change`` (relative change of
+    the median loss between the
     older and newer half of the loss window; negative while the loss falls). Spike events
     carry ``loss``, ``loss_median``, ``loss_scale`` (1.4826 · MAD), ``robust_z`` and
     ``threshold``.
@@ -517,6 +524,9 @@ class PhaseDetector:
             ch.dist = dist
             if not ch.motion or step > ch.motion[-1][0]:
                 ch.motion.append((step, dist))
+        noise = _number(record.get("batch_over_noise_scale" + suffix))
+        if noise is not None:
+            ch.noise = noise
         upd = _number(record.get("update_size" + suffix))
         if upd is not None and upd >= 0.0 and step > ch.path_step:
             ch.path += upd * (step - ch.path_step)
@@ -551,6 +561,8 @@ class PhaseDetector:
             ev["motion_exponent"] = c
         if ch.dist is not None and ch.path > 0.0:
             ev["net_to_path"] = ch.dist / ch.path
+        if ch.noise is not None:  # B / B_simple ≈ the minibatch SNR² (SCIENCE.md §A2)
+            ev["batch_over_noise_scale"] = ch.noise
         return ev
 
     def _switch(

@@ -573,3 +573,16 @@ def test_other_signal_key() -> None:
     det = PhaseDetector(signal="gsnr", warmup=1, window=1)
     det.update({"step": 1, "gsnr/fc1": 0.1, "grad_snr/fc1": 9.0, "gsnr": 5.0})
     assert det.phases == {"fc1": "diffusion"} and det.phase == "drift"
+
+
+def test_noise_scale_is_carried_as_evidence_and_survives_a_round_trip() -> None:
+    det = PhaseDetector()
+    for i in range(12):
+        snr = 3.0 if i < 6 else 0.2
+        det.update({"step": 10 * i, "grad_snr/fc1": snr, "grad_snr": snr,
+                    "batch_over_noise_scale/fc1": 0.5 + i, "batch_over_noise_scale": 7.0})  # fmt: skip
+    switch = next(e for e in det.events if e.layer == "fc1" and e.new == "diffusion")
+    assert switch.evidence["batch_over_noise_scale"] == 0.5 + switch.step // 10
+    clone = PhaseDetector()
+    clone.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert clone.state_dict() == det.state_dict()
