@@ -83,6 +83,11 @@ def _from_full(full: Tensor, need_elem: bool) -> Result:
 # -- rules: (module, uses, want) -> {param name: Result}; want[name] is "norm" or "full" -----
 
 
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat``, except that one tensor is returned as it is (no copy of a strided view)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
 def _linear_like(
     a: Tensor, g: Tensor, want_w: str, need_elem: bool, flat_2d: bool
 ) -> tuple[Result, Tensor]:
@@ -110,8 +115,8 @@ def _linear(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) ->
     xs: list[Tensor] = [u.args[0] for u in uses]
     gs: list[Tensor] = [u.grads[0] for u in uses]  # type: ignore[misc]
     flat = len(uses) == 1 and xs[0].dim() == 2
-    a = torch.cat([_seq(x) if x.dim() > 2 else x[:, None] for x in xs], 1)
-    g = torch.cat([_seq(y) if y.dim() > 2 else y[:, None] for y in gs], 1)
+    a = _cat([_seq(x) if x.dim() > 2 else x[:, None] for x in xs], 1)
+    g = _cat([_seq(y) if y.dim() > 2 else y[:, None] for y in gs], 1)
     out: dict[str, Result] = {}
     w_res, gsum = _linear_like(a, g, want.get("weight", "norm"), need, flat)
     if "weight" in want:
@@ -143,7 +148,7 @@ def _conv(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> d
             k, dil, pad, st = (1, *k), (1, *dil), (0, *pad), (1, *st)
         us.append(F.unfold(x, k, dilation=dil, padding=pad, stride=st).transpose(1, 2))
         gs.append(go.reshape(go.shape[0], go.shape[1], -1).transpose(1, 2))
-    a, g = torch.cat(us, 1), torch.cat(gs, 1)  # (B, L, in·k), (B, L, out)
+    a, g = _cat(us, 1), _cat(gs, 1)  # (B, L, in·k), (B, L, out)
     out: dict[str, Result] = {}
     w_res, gsum = _linear_like(a, g, want.get("weight", "norm"), need, False)
     if "weight" in want:
@@ -165,8 +170,8 @@ def _embedding(
     m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool
 ) -> dict[str, Result]:
     assert isinstance(m, nn.Embedding)
-    tok = torch.cat([u.args[0].reshape(u.args[0].shape[0], -1) for u in uses], 1)
-    g = torch.cat([_seq(u.grads[0]) for u in uses], 1)  # type: ignore[arg-type]
+    tok = _cat([u.args[0].reshape(u.args[0].shape[0], -1) for u in uses], 1)
+    g = _cat([_seq(u.grads[0]) for u in uses], 1)  # type: ignore[arg-type]
     if m.padding_idx is not None:
         g = g * (tok != m.padding_idx).unsqueeze(-1).to(g.dtype)
     if want.get("weight") == "norm" and not need:
@@ -192,7 +197,7 @@ def _layer_norm(
         xhat = F.layer_norm(x, shape, eps=m.eps)
         xs.append(xhat.reshape(x.shape[0], -1, *shape))
         gs.append(go.reshape(go.shape[0], -1, *shape))
-    xhat, g = torch.cat(xs, 1), torch.cat(gs, 1)
+    xhat, g = _cat(xs, 1), _cat(gs, 1)
     del k
     fulls = {"weight": (g * xhat).sum(1), "bias": g.sum(1)}
     return {
