@@ -23,6 +23,18 @@ def model_without_dropout():
     return model
 
 
+def init(rank: int, world: int, init_file: str) -> None:
+    """Join the gloo process group (60 s timeout on every collective)."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+
+
 def probe_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
@@ -36,14 +48,7 @@ def worker(
     wrap: str = "ddp",
     with_probes: bool = False,
 ) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init(rank, world, init_file)
     try:
         model = model_without_dropout()
         if wrap == "ddp":
@@ -85,14 +90,7 @@ def worker_noise_scale(rank: int, world: int, init_file: str, out_dir: str, deca
     """DDP training with NoiseScale('ranks'): local vs all-reduced gradients."""
     from sgdlens.lenses import NoiseScale
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init(rank, world, init_file)
     try:
         model = model_without_dropout()
         ddp = DDP(model)
