@@ -128,6 +128,6 @@ def main(
     print(f"{mon.step} steps in {time.perf_counter() - t0:.1f} s; run appended to {out}")
     for event in mon.events:
         if event.new == "diffusion" and event.layer:
-            print(f"  {event.layer}: drift -> diffusion at step {event.step}")
+            print(f"  {event.layer}: {event.old} -> diffusion at step {event.step}")
     print(f"final phases: {mon.phases}")
     return 0
