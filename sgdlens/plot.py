@@ -224,6 +224,21 @@ def _mark_layer_events(
     return len(events)
 
 
+def _metric_lines(
+    ax: Any, h: History, metric: str, layers: Sequence[str] | None, *, model: bool = True
+) -> None:
+    """One curve per layer of ``metric/<layer>`` and, with ``model``, a thick black one for
+    the whole model's ``metric`` (when the run has it)."""
+    names = list(layers) if layers is not None else _layers_with(h, metric)
+    x = h["step"]
+    for name, color in zip(names, _colors(len(names))):
+        ax.plot(x, _positive(h[f"{metric}/{name}"]), color=color, lw=1.4, label=name,
+                gid="sgdlens-layer")  # fmt: skip
+    if model and metric in h:
+        ax.plot(x, _positive(h[metric]), color="black", lw=2.2, label="whole model",
+                gid="sgdlens-model")  # fmt: skip
+
+
 def _finish(ax: Any, *, xlabel: str = "step", ylabel: str, title: str, legend: bool = True) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -377,27 +392,8 @@ def snr(run: Run, *, layers: Sequence[str] | None = None, shade: bool = True) ->
     """
     h = _history(run)
     _require(h, ["grad_snr", *[f"grad_snr/{n}" for n in h.layers("grad_snr")]], "snr")
-    names = list(layers) if layers is not None else _layers_with(h, "grad_snr")
     fig, (ax,) = _figure()
-    x = h["step"]
-    for name, color in zip(names, _colors(len(names))):
-        ax.plot(
-            x,
-            _positive(h[f"grad_snr/{name}"]),
-            color=color,
-            lw=1.4,
-            label=name,
-            gid="sgdlens-layer",
-        )
-    if "grad_snr" in h:
-        ax.plot(
-            x,
-            _positive(h["grad_snr"]),
-            color="black",
-            lw=2.2,
-            label="whole model",
-            gid="sgdlens-model",
-        )
+    _metric_lines(ax, h, "grad_snr", layers)
     ax.axhline(1.0, color="grey", lw=1, ls="--", gid="sgdlens-snr1")
     if shade:
         _shade_diffusion(ax, h)
@@ -468,39 +464,14 @@ def noise_scale(run: Run, *, layers: Sequence[str] | None = None, shade: bool = 
     _require(
         h, ["noise_scale", *[f"noise_scale/{n}" for n in h.layers("noise_scale")]], "noise_scale"
     )
-    names = list(layers) if layers is not None else _layers_with(h, "noise_scale")
     fig, (ax,) = _figure()
-    x = h["step"]
-    for name, color in zip(names, _colors(len(names))):
-        ax.plot(
-            x,
-            _positive(h[f"noise_scale/{name}"]),
-            color=color,
-            lw=1.4,
-            label=name,
-            gid="sgdlens-layer",
-        )
-    if "noise_scale" in h:
-        ax.plot(
-            x,
-            _positive(h["noise_scale"]),
-            color="black",
-            lw=2.2,
-            label="whole model",
-            gid="sgdlens-model",
-        )
-        if "batch_over_noise_scale" in h:
-            b = h["noise_scale"] * h["batch_over_noise_scale"]
-            b = b[np.isfinite(b) & (b > 0)]
-            if b.size:
-                ax.axhline(
-                    float(np.median(b)),
-                    color="grey",
-                    ls="--",
-                    lw=1,
-                    label="batch size B",
-                    gid="sgdlens-batch",
-                )
+    _metric_lines(ax, h, "noise_scale", layers)
+    if "noise_scale" in h and "batch_over_noise_scale" in h:
+        b = h["noise_scale"] * h["batch_over_noise_scale"]
+        b = b[np.isfinite(b) & (b > 0)]
+        if b.size:
+            ax.axhline(float(np.median(b)), color="grey", ls="--", lw=1, label="batch size B",
+                       gid="sgdlens-batch")  # fmt: skip
     if shade:
         _shade_diffusion(ax, h)
     ax.set_xscale("log")
@@ -539,18 +510,8 @@ def weights(run: Run, *, layers: Sequence[str] | None = None, shade: bool = True
             "'update_ratio/<layer>' keys (the WeightNorms lens logs them); the run has none"
         )
     fig, axes = _figure(5.0 * len(panels), 4.4, ncols=len(panels))
-    x = h["step"]
     for ax, (metric, title, ylabel) in zip(axes, panels):
-        names = list(layers) if layers is not None else _layers_with(h, metric)
-        for name, color in zip(names, _colors(len(names))):
-            ax.plot(
-                x,
-                _positive(h[f"{metric}/{name}"]),
-                color=color,
-                lw=1.4,
-                label=name,
-                gid="sgdlens-layer",
-            )
+        _metric_lines(ax, h, metric, layers, model=False)
         if shade:
             _shade_diffusion(ax, h, label=False)
         ax.set_xscale("log")
