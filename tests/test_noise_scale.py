@@ -61,6 +61,27 @@ class Tied(nn.Module):
         return self.head(h)
 
 
+class Convs(nn.Module):
+    """Convolutions of every supported kind: 1-d with reflect padding, grouped 2-d with
+    'same' padding of an even kernel, strided 2-d with circular padding, a 2-d one with few
+    positions (norms by the Gram trick) and a 3-d one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding="same", padding_mode="reflect")
+        self.c2 = nn.Conv2d(4, 4, 2, padding="same", groups=2)
+        self.c3 = nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular")
+        self.c4 = nn.Conv2d(6, 8, 2)
+        self.c5 = nn.Conv3d(2, 2, (1, 2, 2), dilation=(1, 2, 1))
+        self.head = nn.Linear(32 + 24 + 40, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c4(torch.tanh(self.c3(torch.tanh(self.c2(torch.cat([x, x], 1))))))
+        v = self.c1(x.mean(2))
+        w = self.c5(x[:, :, None])
+        return self.head(torch.cat([h.flatten(1), v.flatten(1), w.flatten(1)], 1))
+
+
 def build(kind: str, seed: int = 0):
     """``(model, x, y)`` in float64; the batch is 9 examples (MLP), 7 (CNN), 6 (sequence)."""
     torch.manual_seed(seed)
@@ -79,6 +100,12 @@ def build(kind: str, seed: int = 0):
         x, y = (
             torch.randn(7, 2, 5, 5, generator=g, dtype=torch.float64),
             torch.randint(0, 3, (7,), generator=g),
+        )
+    elif kind == "convs":
+        model = Convs()
+        x, y = (
+            torch.randn(5, 2, 6, 6, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (5,), generator=g),
         )
     elif kind == "attention":
         model = Attention()
@@ -137,7 +164,7 @@ def rel_err_max(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-KINDS = ["mlp", "cnn", "attention", "tied"]
+KINDS = ["mlp", "cnn", "convs", "attention", "tied"]
 
 
 # -- per-sample norms -------------------------------------------------------------------------
@@ -165,7 +192,7 @@ def test_per_sample_norms_match_torch_func(kind, mode, need_elem):
         want = ref[n].reshape(b, -1).square().sum(1)
         # mean loss: the hooks see c_s = g_s / B
         assert rel_err(engine.last_sq[i] * b * b, want) < REL, n
-        assert rel_err(engine.sq[i] * b * b, want.sum()) < REL, n
+        assert rel_err(engine.sums(x.device)[i] * b * b, want.sum()) < REL, n
         assert engine.count[i] == b
         if need_elem:
             assert rel_err_max(engine.elem[i] * b * b, ref[n].square().sum(0)) < REL, n

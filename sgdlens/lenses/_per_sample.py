@@ -17,8 +17,11 @@ parameter, shape ``(B, *p.shape)``, exist for a moment):
 * ``nn.Linear`` on sequences ``(B, …, in)``: c_s = Σ_t g_st a_stᵀ. Norms by the Gram trick
   ‖c_s‖² = Σ_{t,u} (a_t·a_u)(g_t·g_u) when ``T(in+out) ≤ in·out``, else materialised;
   elementwise sums materialise.
-* ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``, numeric padding, zero padding mode): the same as
-  a sequence Linear over the unfolded input (``F.unfold``), positions as the sequence.
+* ``nn.Conv1d``/``2d``/``3d`` (any groups, padding and padding mode): per-sample gradients
+  from one convolution backward with the batch folded into the groups (``B·groups``
+  groups), materialised; or, for ``groups=1`` 1-d/2-d convolutions where the Gram trick is
+  cheaper (few positions, many channels), norms as a sequence Linear over the unfolded
+  input (``F.unfold``), positions as the sequence.
 * ``nn.Embedding``: ‖c_s‖² = Σ_{t,u} [x_t = x_u] g_t·g_u (Gram with a token-equality mask);
   elementwise sums materialise ``(B, V, d)``. ``padding_idx`` rows get no gradient, as in
   torch. ``scale_grad_by_freq`` and ``max_norm`` go to the fallback.
@@ -44,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from torch import Tensor, nn
 
 from sgdlens._torch import pytree
@@ -88,78 +92,121 @@ def _cat(tensors: list[Tensor], dim: int) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
-def _linear_like(
-    a: Tensor, g: Tensor, want_w: str, need_elem: bool, flat_2d: bool
-) -> tuple[Result, Tensor]:
-    """Weight result for c_s = Σ_t g_st a_stᵀ with a (B,T,in), g (B,T,out); also g summed."""
-    if flat_2d and want_w == "norm":  # one position per sample: Goodfellow's trick
-        a2, g2 = a[:, 0], g[:, 0]
-        sq = a2.square().sum(1) * g2.square().sum(1)
-        elem = g2.square().t() @ a2.square() if need_elem else None
-        return ("norm", sq, elem), g2
-    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if want_w == "norm" and not need_elem and t * (d_in + d_out) <= d_in * d_out:
-        sq = (a @ a.transpose(1, 2)).mul_(g @ g.transpose(1, 2)).sum((1, 2))
-        return ("norm", sq, None), g.sum(1)
-    full = g.transpose(1, 2) @ a  # (B, out, in)
-    res = ("full", full, None) if want_w == "full" else _from_full(full, need_elem)
-    return res, g.sum(1)
+def _gram_cheaper(t: int, d_in: int, d_out: int) -> bool:
+    """Whether norms by the Gram trick (``T²(in+out)`` per sample) beat materialising
+    (``T·in·out``)."""
+    return t * (d_in + d_out) <= d_in * d_out
 
 
-def _bias(gsum: Tensor, want: str, need_elem: bool) -> Result:
-    return ("full", gsum, None) if want == "full" else _from_full(gsum, need_elem)
+def _gram_sq(a: Tensor, g: Tensor) -> Tensor:
+    """‖Σ_t g_t a_tᵀ‖² per sample from a (B,T,in), g (B,T,out): Σ_{t,u} (a_t·a_u)(g_t·g_u)."""
+    return (a @ a.transpose(1, 2)).mul_(g @ g.transpose(1, 2)).sum((1, 2))
+
+
+def _weight_bias(
+    w: Callable[[], Tensor], gsum: Callable[[], Tensor], want: dict[str, str], need: bool,
+    w_sq: Callable[[], Tensor] | None = None,
+) -> dict[str, Result]:  # fmt: skip
+    """Results for ``weight`` (full per-sample gradients ``w()``, or their squared norms
+    ``w_sq()`` when cheaper and enough) and ``bias`` (per-sample gradients ``gsum()``)."""
+    out: dict[str, Result] = {}
+    if "weight" in want:
+        if w_sq is not None and want["weight"] == "norm" and not need:
+            out["weight"] = ("norm", w_sq(), None)
+        else:
+            full = w()
+            out["weight"] = ("full", full, None) if want["weight"] == "full" else _from_full(
+                full, need
+            )
+    if "bias" in want:
+        b = gsum()
+        out["bias"] = ("full", b, None) if want["bias"] == "full" else _from_full(b, need)
+    return out
 
 
 def _linear(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> dict[str, Result]:
     assert isinstance(m, nn.Linear)
     xs: list[Tensor] = [u.args[0] for u in uses]
     gs: list[Tensor] = [u.grads[0] for u in uses]  # type: ignore[misc]
-    flat = len(uses) == 1 and xs[0].dim() == 2
+    if len(uses) == 1 and xs[0].dim() == 2 and "full" not in want.values():
+        # one position per sample: Goodfellow's trick, ‖g_s a_sᵀ‖ = ‖g_s‖‖a_s‖
+        a, g = xs[0], gs[0]
+        ng = torch.linalg.vector_norm(g, dim=1)
+        out: dict[str, Result] = {}
+        if "weight" in want:
+            w_sq = torch.linalg.vector_norm(a, dim=1).mul_(ng).square_()
+            out["weight"] = ("norm", w_sq, g.square().t() @ a.square() if need else None)
+        if "bias" in want:
+            out["bias"] = ("norm", ng.square(), g.square().sum(0) if need else None)
+        return out
     a = _cat([_seq(x) if x.dim() > 2 else x[:, None] for x in xs], 1)
     g = _cat([_seq(y) if y.dim() > 2 else y[:, None] for y in gs], 1)
-    out: dict[str, Result] = {}
-    w_res, gsum = _linear_like(a, g, want.get("weight", "norm"), need, flat)
-    if "weight" in want:
-        out["weight"] = w_res
-    if "bias" in want:
-        out["bias"] = _bias(gsum, want["bias"], need)
+    gram = _gram_cheaper(a.shape[1], a.shape[2], g.shape[2])
+    return _weight_bias(lambda: g.transpose(1, 2) @ a, lambda: g.sum(1), want, need,
+                        (lambda: _gram_sq(a, g)) if gram else None)  # fmt: skip
+
+
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                3: torch.nn.grad.conv3d_weight}  # fmt: skip
+
+
+def _conv_padding(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+    """The (left, right) padding of each spatial dim, last dim first, as ``F.pad`` takes it."""
+    k, dil, pad = m.kernel_size, m.dilation, m.padding
+    out: list[int] = []
+    for i in reversed(range(len(k))):
+        if isinstance(pad, str):  # "valid" or "same" (stride 1; the extra pad on the right)
+            total = dil[i] * (k[i] - 1) if pad == "same" else 0
+            out += [total // 2, total - total // 2]
+        else:
+            out += [pad[i], pad[i]]
     return out
-
-
-def _conv_ok(m: nn.Module) -> bool:
-    return (
-        isinstance(m, (nn.Conv1d, nn.Conv2d))
-        and m.groups == 1
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-    )
 
 
 def _conv(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> dict[str, Result]:
-    assert isinstance(m, (nn.Conv1d, nn.Conv2d))
-    us, gs = [], []
+    """Per-sample conv gradients: the batch folded into the groups of one convolution
+    backward (``B·groups`` groups), or, when cheaper, norms by the Gram trick over the
+    unfolded input (``groups=1``, 1-d and 2-d)."""
+    assert isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    w = m.weight
+    nd, b = w.dim() - 2, uses[0].args[0].shape[0]
+    xs, gs = [], []
     for u in uses:
         x, go = u.args[0], u.grads[0]
         assert go is not None
-        pad: tuple[int, ...] = m.padding  # type: ignore[assignment]  # numeric (see _conv_ok)
-        k, dil, st = m.kernel_size, m.dilation, m.stride
-        if isinstance(m, nn.Conv1d):
-            x, go = x[:, :, None], go[:, :, None]
-            k, dil, pad, st = (1, *k), (1, *dil), (0, *pad), (1, *st)
-        us.append(F.unfold(x, k, dilation=dil, padding=pad, stride=st).transpose(1, 2))
-        gs.append(go.reshape(go.shape[0], go.shape[1], -1).transpose(1, 2))
-    a, g = _cat(us, 1), _cat(gs, 1)  # (B, L, in·k), (B, L, out)
-    out: dict[str, Result] = {}
-    w_res, gsum = _linear_like(a, g, want.get("weight", "norm"), need, False)
-    if "weight" in want:
-        if w_res[0] == "full":
-            w_res = ("full", w_res[1].reshape(a.shape[0], *m.weight.shape), None)
-        elif w_res[2] is not None:
-            w_res = ("norm", w_res[1], w_res[2].reshape(m.weight.shape))
-        out["weight"] = w_res
-    if "bias" in want:
-        out["bias"] = _bias(gsum, want["bias"], need)
-    return out
+        xs.append(F.pad(x, _conv_padding(m), "constant" if m.padding_mode == "zeros"
+                        else m.padding_mode))  # fmt: skip
+        gs.append(go)
+    t = sum(g[0, 0].numel() for g in gs)
+    d_in, d_out = w[0].numel(), w.shape[0]
+    gram = m.groups == 1 and nd < 3 and _gram_cheaper(t, d_in, d_out)
+
+    def full() -> Tensor:
+        total = None
+        for x, go in zip(xs, gs):
+            one = _CONV_WEIGHT[nd](
+                x.reshape(1, -1, *x.shape[2:]), (b * w.shape[0], *w.shape[1:]),
+                go.reshape(1, -1, *go.shape[2:]), m.stride, 0, m.dilation, b * m.groups,
+            ).reshape(b, *w.shape)  # fmt: skip
+            total = one if total is None else total + one
+        assert total is not None
+        return total
+
+    def gram_sq() -> Tensor:
+        us = []
+        for x in xs:
+            k, dil, st = m.kernel_size, m.dilation, m.stride
+            if nd == 1:
+                x = x[:, :, None]
+                k, dil, st = (1, *k), (1, *dil), (1, *st)
+            us.append(F.unfold(x, k, dilation=dil, stride=st).transpose(1, 2))
+        g = _cat([go.reshape(b, d_out, -1).transpose(1, 2) for go in gs], 1)
+        return _gram_sq(_cat(us, 1), g)
+
+    def gsum() -> Tensor:
+        return sum(go.reshape(b, d_out, -1).sum(2) for go in gs)  # type: ignore[return-value]
+
+    return _weight_bias(full, gsum, want, need, gram_sq if gram else None)
 
 
 def _embedding_ok(m: nn.Module) -> bool:
@@ -209,8 +256,9 @@ def _layer_norm(
 Rule = Callable[[nn.Module, list[_Use], dict[str, str], bool], dict[str, Result]]
 RULES: dict[type, tuple[Rule, Callable[[nn.Module], bool]]] = {
     nn.Linear: (_linear, lambda m: True),
-    nn.Conv1d: (_conv, _conv_ok),
-    nn.Conv2d: (_conv, _conv_ok),
+    nn.Conv1d: (_conv, lambda m: True),
+    nn.Conv2d: (_conv, lambda m: True),
+    nn.Conv3d: (_conv, lambda m: True),
     nn.Embedding: (_embedding, _embedding_ok),
     nn.LayerNorm: (_layer_norm, lambda m: True),
 }
@@ -285,8 +333,8 @@ class PerSampleEngine:
 
     Attributes:
         covered: per parameter, whether some hook computes its per-sample statistics.
-        sq, elem, count: per parameter, Σ_s ‖c_s‖² (0-d), Σ_s c_s², and the number of
-            samples, since the last :meth:`reset` (``None``/0 before any backward).
+        elem, count: per parameter, Σ_s c_s² and the number of samples since the last
+            :meth:`reset` (``None``/0 before any backward); :meth:`sums` gives Σ_s ‖c_s‖².
         armed: hooks do nothing while ``False``.
     """
 
@@ -307,20 +355,20 @@ class PerSampleEngine:
         index = {id(p): i for i, p in enumerate(self.params)}
         self.units: list[_Unit] = []
         self._visit(model, index)
-        self.units_of: list[list[_Unit]] = [[] for _ in self.params]
+        self.units_of: list[list[tuple[_Unit, str]]] = [[] for _ in self.params]
         for u in self.units:
-            for i in u.names.values():
-                self.units_of[i].append(u)
+            for name, i in u.names.items():
+                self.units_of[i].append((u, name))
         for u in self.units:  # a parameter in several units is materialised by each
             u.want = {n: "full" if len(self.units_of[i]) > 1 else "norm"
                       for n, i in u.names.items()}  # fmt: skip
         self.covered = [bool(us) for us in self.units_of]
         n = len(self.params)
-        self.sq: list[Tensor | None] = [None] * n
+        self._parts: list[list[Tensor]] = [[] for _ in range(n)]  # per-sample ‖c_s‖² vectors
+        self._index: dict[tuple[tuple[int, int], ...], Tensor] = {}
         self.elem: list[Tensor | None] = [None] * n
         self.count = [0] * n
         self.last_sq: list[Tensor | None] = [None] * n
-        self._done = [0] * len(self.units)
 
     def _visit(self, module: nn.Module, index: dict[int, int]) -> None:
         rule = RULES.get(type(module))
@@ -360,10 +408,9 @@ class PerSampleEngine:
     def reset(self) -> None:
         """Forget the statistics and any pending forward calls (after an optimizer step)."""
         n = len(self.params)
-        self.sq, self.elem, self.count = [None] * n, [None] * n, [0] * n
+        self._parts, self.elem, self.count = [[] for _ in range(n)], [None] * n, [0] * n
         for u in self.units:
             u.uses, u.result = [], None
-        self._done = [0] * len(self.units)
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -384,16 +431,15 @@ class PerSampleEngine:
             return
         p = self.params[i]
         if p.grad is None:  # a new accumulation cycle (zero_grad(set_to_none=True))
-            self.sq[i], self.elem[i], self.count[i] = None, None, 0
+            self._parts[i], self.elem[i], self.count[i] = [], None, 0
         results = []
-        for u in self.units_of[i]:
+        for u, name in self.units_of[i]:
             if u.result is None:
                 self._busy = True
                 try:
                     u.result = self._process(u)
                 finally:
                     self._busy = False
-            name = next(n for n, j in u.names.items() if j == i)
             if name in u.result:
                 results.append(u.result[name])
         if not results:
@@ -405,14 +451,30 @@ class PerSampleEngine:
             for r in results[1:]:
                 full = full + r[1]
             _, sq, elem = _from_full(full, self.need_elem)
-        total = sq.sum().to(self.dtype)
-        self.sq[i] = total if self.sq[i] is None else self.sq[i] + total  # type: ignore[operator]
+        self._parts[i].append(sq)
         if self.need_elem and elem is not None:
             e = elem.to(torch.promote_types(p.dtype, torch.float32))
             self.elem[i] = e if self.elem[i] is None else self.elem[i] + e  # type: ignore[operator]
         self.count[i] += int(sq.shape[0])
         if self.keep_last:
             self.last_sq[i] = sq.detach()
+
+    def sums(self, device: torch.device) -> Tensor:
+        """Σ_s ‖c_s‖² per parameter since the last :meth:`reset` (0 where none), in ``dtype``.
+
+        The hooks keep each backward's per-sample vector; one concatenation and one
+        ``index_add_`` per step sum them.
+        """
+        flat = [t.to(device) for ts in self._parts for t in ts]
+        out = torch.zeros(len(self.params), dtype=self.dtype, device=device)
+        if not flat:
+            return out
+        layout = tuple((i, len(t)) for i, ts in enumerate(self._parts) for t in ts)
+        if layout not in self._index:
+            self._index[layout] = torch.tensor(
+                [i for i, n in layout for _ in range(n)], device=device
+            )
+        return out.index_add_(0, self._index[layout], torch.cat(flat).to(self.dtype))
 
     def _process(self, unit: _Unit) -> dict[str, Result]:
         uses = [u for u in unit.uses if any(g is not None for g in u.grads)]

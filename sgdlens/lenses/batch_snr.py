@@ -174,12 +174,13 @@ class BatchSNR(Lens):
         if n < 2:
             return
         view = step.view
-        which = [i for i, c in enumerate(self._covered) if c and engine.sq[i] is not None]
+        which = [i for i, c in enumerate(self._covered) if c and engine.count[i] > 0]
         zero = torch.zeros((), dtype=view.dtype, device=view.device)
-        sq = torch.stack([engine.sq[i].to(view.device) for i in which])  # type: ignore[union-attr]
+        idx = torch.tensor(which, device=view.device)
+        sq = engine.sums(view.device).index_select(0, idx)
         k2 = float(n * n) if self.reduction == "mean" else 1.0  # Σ‖g_i‖² = k2 Σ‖c_i‖²
         gscale = 1.0 if self.reduction == "mean" else 1.0 / n  # ḡ = gscale · .grad
-        gsq = step.grad_sq.index_select(0, torch.tensor(which, device=view.device))
+        gsq = step.grad_sq.index_select(0, idx)
         sum_sq = view.per_layer(sq * k2, which)
         mean_sq = view.per_layer(gsq * gscale**2, which)
         snr, _ = batch_snr_from_sums(sum_sq, mean_sq, n)

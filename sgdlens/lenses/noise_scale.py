@@ -371,11 +371,6 @@ class NoiseScale(Lens):
                 self._engine.reset()
         return state
 
-    def _stack(self, values: list[Tensor | None]) -> Tensor:
-        view = self._view
-        zero = torch.zeros((), dtype=view.dtype, device=view.device)
-        return torch.stack([zero if v is None else v.to(view.device) for v in values])
-
     def _grad_sq(self, step: Step) -> Tensor:
         """‖.grad‖² per layer over the covered parameters."""
         view = step.view
@@ -430,7 +425,7 @@ class NoiseScale(Lens):
         if n < 2:
             return
         view = step.view
-        s = view.per_layer(self._stack(engine.sq), range(len(view.params)))  # Σ_s ‖c_s‖²
+        s = view.per_layer(engine.sums(view.device), range(len(view.params)))  # Σ_s ‖c_s‖²
         big = self._grad_sq(step)
         if self.reduction == "mean":  # g_s = n c_s, ḡ = .grad
             small = s * n
