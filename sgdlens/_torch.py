@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 from torch.utils import _pytree as pytree  # noqa: F401 - re-exported for the lenses
 
 
@@ -21,6 +23,51 @@ def local(t: Tensor) -> Tensor:
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a ``DTensor`` split across ranks (some placement is a shard)."""
     return any(p.is_shard() for p in getattr(t, "placements", ()))
+
+
+# FSDP1 (``FullyShardedDataParallel``): the original parameters, or the ``FlatParameter``s that
+# replace them (``use_orig_params=False``), hold this rank's slice of a flat shard. Modules keep
+# their names under ``_fsdp_wrapped_module`` (and activation checkpointing's wrapper).
+_WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def fsdp1_flattened(t: Tensor) -> bool:
+    """Whether FSDP1 flattened ``t`` into a flat shard (a ``FlatParameter`` or a view of one)."""
+    return bool(getattr(t, "_fsdp_flattened", False))
+
+
+def is_flat_param(t: Tensor) -> bool:
+    """Whether ``t`` is an FSDP1 ``FlatParameter`` (``use_orig_params=False``)."""
+    return bool(getattr(t, "_is_flat_param", False))
+
+
+def fsdp1_modules(model: nn.Module) -> list[Any]:
+    """The ``FullyShardedDataParallel`` (FSDP1) modules in ``model``, itself included."""
+    if not dist.is_available():
+        return []
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+def fsdp1_strategies(model: nn.Module) -> set[str]:
+    """The ``sharding_strategy`` names of the FSDP1 modules in ``model`` (empty: none)."""
+    return {str(m.sharding_strategy.name) for m in fsdp1_modules(model)}
+
+
+def fsdp1_shapes(model: nn.Module) -> dict[int, torch.Size]:
+    """The model-defined shape of every original parameter FSDP1 flattened, by ``id``."""
+    shapes: dict[int, torch.Size] = {}
+    for m in fsdp1_modules(model):
+        flat = getattr(m, "_flat_param", None)
+        if flat is not None and flat._params is not None:  # use_orig_params=True
+            shapes.update((id(p), s) for p, s in zip(flat._params, flat._shapes))
+    return shapes
+
+
+def clean_name(name: str) -> str:
+    """A module name without the parts FSDP1 (and checkpoint wrappers) insert."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
 
 
 def acc_dtype(device: torch.device) -> torch.dtype:

@@ -34,7 +34,7 @@ def _layer_names(opt: Optimizer, params: Sequence[Tensor], model: nn.Module | No
     if model is not None:
         for mname, module in model.named_modules():
             for p in module.parameters(recurse=False):
-                owner.setdefault(id(p), mname or "model")
+                owner.setdefault(id(p), _torch.clean_name(mname) or "model")
     names = []
     for gi, group in enumerate(opt.param_groups):
         for pj, p in enumerate(group["params"]):
@@ -49,12 +49,15 @@ def build_view(opt: Optimizer, model: nn.Module | None, log_every: int) -> Param
         raise ValueError("PhaseMonitor(optimizer=...) holds no parameters; nothing to monitor")
     names = _layer_names(opt, params, model)
     if model is not None:  # layers in module order, strays after
-        order = {m or "model": i for i, (m, _) in enumerate(model.named_modules())}
+        order = {
+            _torch.clean_name(m) or "model": i for i, (m, _) in enumerate(model.named_modules())
+        }
         layers = sorted(dict.fromkeys(names), key=lambda n: (order.get(n, len(order)), n))
     else:
         layers = list(dict.fromkeys(names))
     index = {n: i for i, n in enumerate(layers)}
     device = params[0].device
+    shapes = _torch.fsdp1_shapes(model) if model is not None else {}
     return ParamView(
         params=tuple(params),
         layer_of=tuple(index[n] for n in names),
@@ -63,8 +66,41 @@ def build_view(opt: Optimizer, model: nn.Module | None, log_every: int) -> Param
         dtype=_torch.acc_dtype(device),
         log_every=log_every,
         optimizer=opt,
-        sharded=any(_torch.is_sharded(p) for p in params),
+        sharded=_sharded(params, model),
+        ndims=tuple(len(shapes.get(id(p), p.shape)) for p in params),
     )
+
+
+def _sharded(params: Sequence[Tensor], model: nn.Module | None) -> bool:
+    """Whether the parameters are split across ranks: FSDP2 DTensors, or FSDP1 flat shards.
+
+    FSDP1 parameters carry no placement, so the sharding strategy is read from the
+    ``FullyShardedDataParallel`` modules in ``model``.
+    """
+    if any(_torch.is_sharded(p) for p in params):
+        return True
+    if not any(_torch.fsdp1_flattened(p) for p in params):
+        return False
+    strategies = _torch.fsdp1_strategies(model) if model is not None else set()
+    if not strategies:
+        raise ValueError(
+            f"PhaseMonitor(model={type(model).__name__}): the optimizer holds parameters that "
+            f"FullyShardedDataParallel (FSDP1) flattened into shards, and the monitor reads "
+            f"the sharding strategy from the FSDP modules; pass the wrapped model, "
+            f"model=FullyShardedDataParallel(net, ...)"
+        )
+    if strategies & {"HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"}:
+        raise ValueError(
+            f"PhaseMonitor: FSDP1 sharding_strategy {sorted(strategies)} replicates shards "
+            f"across groups of ranks, which sgdlens does not reduce; use FULL_SHARD or "
+            f"SHARD_GRAD_OP, or FSDP2 fully_shard"
+        )
+    if "NO_SHARD" in strategies and len(strategies) > 1:
+        raise ValueError(
+            f"PhaseMonitor: FSDP1 modules mix sharding strategies {sorted(strategies)}; "
+            f"give every FullyShardedDataParallel module the same sharding_strategy"
+        )
+    return strategies != {"NO_SHARD"}
 
 
 class PhaseMonitor:

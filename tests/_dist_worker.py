@@ -51,13 +51,40 @@ def worker(
     init(rank, world, init_file)
     try:
         model = model_without_dropout()
+        watched = model  # the model= the monitor gets
+        refused = ""
         if wrap == "ddp":
             net: torch.nn.Module = DDP(model)
-        else:  # FSDP2: every parameter sharded across the ranks
+        elif wrap == "fsdp":  # FSDP2: every parameter sharded across the ranks
             from torch.distributed.fsdp import fully_shard
 
             net = fully_shard(model)
+        else:  # FSDP1: "fsdp1" one flat shard of original parameters (size 0 on some ranks),
+            # "fsdp1_flat" a FlatParameter per Linear (use_orig_params=False)
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            flat = wrap == "fsdp1_flat"
+            net = watched = FSDP(
+                model,
+                device_id=torch.device("cpu"),
+                use_orig_params=not flat,
+                auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}) if flat else None,
+            )
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        if wrap.startswith("fsdp1"):  # refused, naming the fix: the inner model holds no
+            # FSDP module; a FlatParameter mixes weights and biases
+            from sgdlens.lenses import GradSNR
+
+            bad = (
+                {"model": model}
+                if wrap == "fsdp1"
+                else {"model": net, "lenses": [GradSNR(weights_only=True)]}
+            )
+            try:
+                PhaseMonitor(opt, **bad).close()
+            except ValueError as e:
+                refused = str(e)
         sink = JSONLSink(os.path.join(out_dir, f"rank{rank}.jsonl"))
         probe_list = []
         if with_probes:  # the same fixed probe batch on every rank
@@ -66,7 +93,12 @@ def worker(
             x0, y0 = batches(1, seed=9, size=8)[0]
             probe_list = [probes.sharpness_probe(probe_loss, (x0, y0), every=10, per_decade=None)]
         mon = PhaseMonitor(
-            opt, model=model, log_every=LOG_EVERY, sinks=[sink], probes=probe_list, probe_budget=1.0
+            opt,
+            model=watched,
+            log_every=LOG_EVERY,
+            sinks=[sink],
+            probes=probe_list,
+            probe_budget=1.0,
         )
         for t, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH)):
             if rank == crash_rank and t == 7:
@@ -78,8 +110,17 @@ def worker(
             mon.observe(loss=loss)
             opt.step()
         mon.close()
-        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-        result = {"params": [p.detach() for p in full], "records": mon.history.records}
+        if wrap.startswith("fsdp1"):
+            with FSDP.summon_full_params(net):
+                full = [p.detach().clone() for p in model.parameters()]
+        else:
+            full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+        result = {
+            "params": [p.detach() for p in full],
+            "records": mon.history.records,
+            "refused": refused,
+            "ndims": mon.view.ndims,
+        }
         torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
         dist.barrier()  # nobody tears the group down while another rank still uses it
     finally:

@@ -29,7 +29,14 @@ def reference():
 
 @pytest.mark.parametrize(
     ("wrap", "world", "with_probes"),
-    [("ddp", 2, False), ("ddp", 4, False), ("fsdp", 2, False), ("ddp", 2, True)],
+    [
+        ("ddp", 2, False),
+        ("ddp", 4, False),
+        ("fsdp", 2, False),
+        ("fsdp1", 2, False),
+        ("fsdp1_flat", 2, False),
+        ("ddp", 2, True),
+    ],
 )
 def test_records_match_one_process_and_only_rank0_writes(tmp_path, wrap, world, with_probes):
     args = (world, str(tmp_path / "init"), str(tmp_path), -1, wrap, with_probes)
@@ -37,10 +44,18 @@ def test_records_match_one_process_and_only_rank0_writes(tmp_path, wrap, world, 
     params, records = reference()
     results = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(world)]
     for res in results:
+        assert len(res["params"]) == len(params)
+        if wrap == "fsdp1":  # the unwrapped model cannot tell the monitor how it is sharded
+            assert "pass the wrapped model" in res["refused"]
+            assert res["ndims"] == tuple(p.dim() for p in params)  # not the 1-D shards
+        if wrap == "fsdp1_flat":
+            assert "use_orig_params=True" in res["refused"]
         for a, b in zip(res["params"], params):
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
         assert [r["step"] for r in res["records"]] == [r["step"] for r in records]
         for got, want in zip(res["records"], records):
+            if not with_probes:  # the same layers, keys and nothing else
+                assert set(got) == set(want)
             for key, value in want.items():
                 if key == "time":
                     continue
@@ -119,3 +134,29 @@ def test_noise_scale_from_ranks_matches_the_two_batch_reference(tmp_path):
             assert rec["batch_over_noise_scale"] == pytest.approx(
                 GLOBAL_BATCH / float(total), rel=1e-4
             )
+
+
+@pytest.mark.parametrize(
+    ("strategies", "match"),
+    [
+        (None, r"model=NoneType.*pass the wrapped model"),
+        (["HYBRID_SHARD"], r"\['HYBRID_SHARD'\].*use FULL_SHARD or SHARD_GRAD_OP"),
+        (["NO_SHARD", "FULL_SHARD"], r"mix.*\['FULL_SHARD', 'NO_SHARD'\].*same sharding_strategy"),
+    ],
+)
+def test_fsdp1_parameters_the_monitor_cannot_reduce_are_refused(monkeypatch, strategies, match):
+    from types import SimpleNamespace
+
+    from sgdlens import _torch
+
+    model = torch.nn.Linear(3, 2)
+    for p in model.parameters():
+        p._fsdp_flattened = True  # how FSDP1 marks the parameters it flattened
+    fake = [SimpleNamespace(sharding_strategy=SimpleNamespace(name=s)) for s in strategies or []]
+    monkeypatch.setattr(_torch, "fsdp1_modules", lambda m: fake)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        PhaseMonitor(opt, model=None if strategies is None else model)
+    monkeypatch.setattr(_torch, "fsdp1_modules", lambda m: fake[:1])  # one NO_SHARD: replicated
+    if strategies and strategies[0] == "NO_SHARD":
+        assert not PhaseMonitor(opt, model=model).view.sharded

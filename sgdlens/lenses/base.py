@@ -49,6 +49,10 @@ class ParamView:
         log_every: the monitor's log interval in optimizer steps.
         optimizer: the optimizer the monitor watches (for lenses that read its state), or
             ``None``.
+        sharded: whether each rank holds only a shard of the parameters (FSDP2 ``fully_shard``,
+            FSDP1 ``FULL_SHARD``/``SHARD_GRAD_OP``), so per-layer sums need :meth:`reduce_sum`.
+        ndims: each parameter's number of dimensions as the model defines it (FSDP1 turns
+            parameters into 1-D shards); empty: ``p.dim()``.
     """
 
     params: tuple[Tensor, ...]
@@ -59,7 +63,12 @@ class ParamView:
     log_every: int
     optimizer: Any = field(default=None, repr=False)
     sharded: bool = False
+    ndims: tuple[int, ...] = ()
     _index: dict[tuple[int, ...], Tensor] = field(default_factory=dict, repr=False)
+
+    def ndim(self, i: int) -> int:
+        """The number of dimensions of parameter ``i`` as the model defines it."""
+        return self.ndims[i] if self.ndims else self.params[i].dim()
 
     def subset(self, keep: Sequence[int]) -> Subset:
         """The parameters with indices ``keep`` and the layers they belong to."""
@@ -76,7 +85,7 @@ class ParamView:
 
     @property
     def local_params(self) -> list[Tensor]:
-        """Each parameter's data on this rank: its shard under FSDP2, else the tensor."""
+        """Each parameter's data on this rank: its shard under FSDP, else the tensor."""
         return [_torch.local(p.detach()) for p in self.params]
 
     def reduce_sum(self, sums: Tensor) -> Tensor:

@@ -120,7 +120,12 @@ class GradSNR(Lens):
         return f"GradSNR({mode}, weights_only={self.weights_only})"
 
     def _subset(self, view: ParamView) -> Subset:
-        keep = [i for i, p in enumerate(view.params) if p.dim() >= 2 or not self.weights_only]
+        if self.weights_only and any(_torch.is_flat_param(p) for p in view.params):
+            raise ValueError(
+                "GradSNR(weights_only=True) cannot tell weights from biases inside an FSDP1 "
+                "FlatParameter; wrap with FullyShardedDataParallel(..., use_orig_params=True)"
+            )
+        keep = [i for i in range(len(view.params)) if view.ndim(i) >= 2 or not self.weights_only]
         return view.subset(keep)
 
     def init(self, view: ParamView) -> State:
