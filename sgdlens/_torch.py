@@ -36,6 +36,11 @@ def fsdp1_flattened(t: Tensor) -> bool:
     return bool(getattr(t, "_fsdp_flattened", False))
 
 
+def is_distributed_param(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (FSDP2, tensor parallel) or was flattened by FSDP1."""
+    return hasattr(t, "placements") or fsdp1_flattened(t)
+
+
 def is_flat_param(t: Tensor) -> bool:
     """Whether ``t`` is an FSDP1 ``FlatParameter`` (``use_orig_params=False``)."""
     return bool(getattr(t, "_is_flat_param", False))

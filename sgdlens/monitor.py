@@ -18,6 +18,7 @@ from sgdlens._optim import unwrap_optimizer
 from sgdlens.lenses import default as default_lenses
 from sgdlens.lenses.base import Lens, ParamView, State, Step
 from sgdlens.phase import PhaseDetector, PhaseEvent
+from sgdlens.probes._common import FSDP_REASON
 from sgdlens.probes.scheduled import Probe, ProbeScheduler
 from sgdlens.records import History, Record
 from sgdlens.sinks import check_sinks
@@ -249,6 +250,11 @@ class PhaseMonitor:
         self.model = model
         self.log_every = int(log_every)
         self.view = build_view(opt, model, self.log_every)
+        if probe_list and any(_torch.is_distributed_param(p) for p in self.view.params):
+            raise ValueError(
+                f"PhaseMonitor(probes={[p.name for p in probe_list]}) cannot run under FSDP "
+                f"(the optimizer holds sharded parameters): {FSDP_REASON}; drop probes="
+            )
         self.lenses = lens_list
         self.states = [lens.init(self.view) for lens in lens_list]
         # lenses that watch more than the optimizer (module or gradient hooks) attach here

@@ -52,7 +52,7 @@ def worker(
     try:
         model = model_without_dropout()
         watched = model  # the model= the monitor gets
-        refused = ""
+        refused = []  # the errors of the set-ups the monitor and the probes refuse
         if wrap == "ddp":
             net: torch.nn.Module = DDP(model)
         elif wrap == "fsdp":  # FSDP2: every parameter sharded across the ranks
@@ -72,25 +72,32 @@ def worker(
                 auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}) if flat else None,
             )
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        if wrap.startswith("fsdp1"):  # refused, naming the fix: the inner model holds no
-            # FSDP module; a FlatParameter mixes weights and biases
+        bad: list[dict] = []
+        x0, y0 = batches(1, seed=9, size=8)[0]  # the probe batch
+        if wrap != "ddp":  # probes under FSDP
+            from sgdlens import probes
+
+            bad.append({"model": watched, "probes": [probes.sharpness_probe(probe_loss, (x0, y0))]})
+            try:
+                probes.sharpness(watched, probe_loss, (x0, y0))
+            except ValueError as e:
+                refused.append(str(e))
+        if wrap == "fsdp1":  # the inner model holds no FSDP module
+            bad.append({"model": model})
+        if wrap == "fsdp1_flat":  # a FlatParameter mixes weights and biases
             from sgdlens.lenses import GradSNR
 
-            bad = (
-                {"model": model}
-                if wrap == "fsdp1"
-                else {"model": net, "lenses": [GradSNR(weights_only=True)]}
-            )
+            bad.append({"model": net, "lenses": [GradSNR(weights_only=True)]})
+        for kwargs in bad:
             try:
-                PhaseMonitor(opt, **bad).close()
+                PhaseMonitor(opt, **kwargs).close()
             except ValueError as e:
-                refused = str(e)
+                refused.append(str(e))
         sink = JSONLSink(os.path.join(out_dir, f"rank{rank}.jsonl"))
         probe_list = []
         if with_probes:  # the same fixed probe batch on every rank
             from sgdlens import probes
 
-            x0, y0 = batches(1, seed=9, size=8)[0]
             probe_list = [probes.sharpness_probe(probe_loss, (x0, y0), every=10, per_decade=None)]
         mon = PhaseMonitor(
             opt,
@@ -115,10 +122,25 @@ def worker(
                 full = [p.detach().clone() for p in model.parameters()]
         else:
             full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+        unsharded_trace = None
+        if wrap == "fsdp":  # the documented way: probe an unsharded copy of the model
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            from sgdlens import probes
+
+            options = StateDictOptions(full_state_dict=True)
+            plain = model_without_dropout()
+            plain.load_state_dict(get_model_state_dict(model, options=options))
+            g = torch.Generator().manual_seed(0)
+            unsharded_trace = probes.hessian_trace(plain, probe_loss, (x0, y0), generator=g).trace
         result = {
             "params": [p.detach() for p in full],
             "records": mon.history.records,
             "refused": refused,
+            "unsharded_trace": unsharded_trace,
             "ndims": mon.view.ndims,
         }
         torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))

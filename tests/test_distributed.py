@@ -27,6 +27,18 @@ def reference():
     return list(model.parameters()), mon.history.records
 
 
+def unsharded_trace(params):
+    from sgdlens import probes
+    from tests._dist_worker import probe_loss
+
+    plain = model_without_dropout()
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), params):
+            p.copy_(q)
+    g = torch.Generator().manual_seed(0)
+    return probes.hessian_trace(plain, probe_loss, batches(1, seed=9, size=8)[0], generator=g).trace
+
+
 @pytest.mark.parametrize(
     ("wrap", "world", "with_probes"),
     [
@@ -45,11 +57,19 @@ def test_records_match_one_process_and_only_rank0_writes(tmp_path, wrap, world, 
     results = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(world)]
     for res in results:
         assert len(res["params"]) == len(params)
+        refused = res["refused"]
+        if wrap != "ddp":  # probes, on demand or scheduled, refuse FSDP models
+            assert "model holds FSDP-managed parameters" in refused[0]
+            assert "cannot run under FSDP" in refused[1]
+            assert all("run the probe on an unsharded copy" in m for m in refused[:2])
         if wrap == "fsdp1":  # the unwrapped model cannot tell the monitor how it is sharded
-            assert "pass the wrapped model" in res["refused"]
+            assert "pass the wrapped model" in refused[2]
             assert res["ndims"] == tuple(p.dim() for p in params)  # not the 1-D shards
         if wrap == "fsdp1_flat":
-            assert "use_orig_params=True" in res["refused"]
+            assert "use_orig_params=True" in refused[2]
+        assert len(refused) == {"ddp": 0, "fsdp": 2}.get(wrap, 3)
+        if wrap == "fsdp":  # the documented way round: probe a gathered, unsharded copy
+            assert res["unsharded_trace"] == pytest.approx(unsharded_trace(params), rel=1e-4)
         for a, b in zip(res["params"], params):
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
         assert [r["step"] for r in res["records"]] == [r["step"] for r in records]

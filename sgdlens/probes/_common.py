@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sgdlens import _torch
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 MODES = ("eval", "train")
@@ -83,6 +85,26 @@ def check_model(model: Any, name: str = "model") -> nn.Module:
             "itself (state dicts are accepted only where documented)"
         )
     return model
+
+
+# Why probes refuse FSDP models, and what to do instead (also in docs/distributed.md).
+FSDP_REASON = (
+    "probes evaluate the loss at other weights and differentiate it twice through "
+    "torch.func.functional_call, and FSDP's forward gathers its own copies of the parameters "
+    "outside autograd, so the numbers would be wrong; run the probe on an unsharded copy (load "
+    "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) into a plain "
+    "model), or train with DDP"
+)
+
+
+def check_unsharded(model: nn.Module, name: str = "model") -> None:
+    """Refuse a model whose parameters FSDP (DTensors, FSDP1 flat shards) manages."""
+    for pname, p in model.named_parameters():
+        if _torch.is_distributed_param(p):
+            raise ValueError(
+                f"{name} holds FSDP-managed parameters ({pname!r} is a "
+                f"{type(p).__name__} sharded across ranks): {FSDP_REASON}"
+            )
 
 
 def check_fn(fn: Any, name: str = "loss_fn") -> None:
@@ -170,6 +192,7 @@ class Evaluator:
     def __init__(
         self, model: nn.Module, fn: LossFn, batches: Sequence[Any], name: str, seed: int | None
     ) -> None:
+        check_unsharded(model)
         self.model = model
         self.bound = _Bound(model, fn)
         self.batches = batches
@@ -228,6 +251,7 @@ def probe_seed() -> int:
 
 def trainable(model: nn.Module) -> list[tuple[str, Tensor]]:
     """Named parameters that require grad, tied weights once (the first name)."""
+    check_unsharded(model)
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
