@@ -444,7 +444,7 @@ def _lanczos(
         betas.append(b)
         q = w / b
     assert evals is not None and S is not None and idx is not None
-    vecs = S[:, idx].T.to(Q.dtype) @ Q[: j + 1]
+    vecs = S[:, idx].T.to(device=Q.device, dtype=Q.dtype) @ Q[: j + 1]
     return evals[idx], vecs, res, j + 1, converged
 
 
