@@ -166,7 +166,16 @@ def worker_noise_scale(rank: int, world: int, init_file: str, out_dir: str, deca
             F.cross_entropy(ddp(xs), ys).backward()
             opt.step()
         mon.close()
-        torch.save({"records": mon.history.records}, os.path.join(out_dir, f"noise{rank}.pt"))
+        # DDP keeps the comm hook: one more step, which it must still all-reduce unrecorded
+        x, y = batches(1, seed=5, size=GLOBAL_BATCH)[0]
+        opt.zero_grad()
+        F.cross_entropy(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+        result = {
+            "records": mon.history.records,
+            "grads": [p.grad.clone() for p in model.parameters()],
+            "recorded_after_close": mon.lenses[0]._local.clone(),
+        }
+        torch.save(result, os.path.join(out_dir, f"noise{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -143,8 +143,16 @@ def test_noise_scale_from_ranks_matches_the_two_batch_reference(tmp_path):
         if step % LOG_EVERY == 0:
             corr = 1 - decay**step
             expected[step] = (tr / corr) / (g2 / corr), tr.sum() / g2.sum()
+    x, y = batches(1, seed=5, size=GLOBAL_BATCH)[0]  # the step after the monitor closed
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
     for r in range(world):
-        records = torch.load(tmp_path / f"noise{r}.pt", weights_only=True)["records"]
+        result = torch.load(tmp_path / f"noise{r}.pt", weights_only=True)
+        # after close DDP's hook still all-reduces (the full-batch gradient), recording nothing
+        for got, p in zip(result["grads"], model.parameters()):
+            torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+        assert not result["recorded_after_close"].any()
+        records = result["records"]
         assert [rec["step"] for rec in records] == sorted(expected)
         for rec in records:
             per_layer, total = expected[rec["step"]]

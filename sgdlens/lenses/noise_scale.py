@@ -166,7 +166,7 @@ class NoiseScale(Lens):
         ddp: the ``DistributedDataParallel`` module, for ``estimator="ranks"``; its
             communication hook is set to one that records local norms and then all-reduces
             as DDP does (DDP takes one hook, registered before the first backward, and keeps
-            it after the monitor closes).
+            it: after the monitor closes it only all-reduces, recording nothing).
 
     Example:
         >>> from sgdlens import PhaseMonitor, lenses
@@ -268,6 +268,16 @@ class NoiseScale(Lens):
                 )
             self._local = torch.zeros(len(params), dtype=view.dtype, device=view.device)
             self._index = {id(p): i for i, p in enumerate(params)}
+            from collections import OrderedDict
+
+            from torch.utils.hooks import RemovableHandle
+
+            # DDP cannot drop a comm hook: closing removes this handle, and the hook then
+            # only all-reduces
+            self._recording: OrderedDict[int, Any] = OrderedDict()
+            recording = RemovableHandle(self._recording)
+            self._recording[recording.id] = True
+            handles.append(recording)
             self.ddp.register_comm_hook(None, self._comm_hook)
             if model is not None and self.batch_size is None:
                 handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
@@ -309,15 +319,17 @@ class NoiseScale(Lens):
     def _comm_hook(self, process_group, bucket):
         """Record this rank's per-parameter gradient norms, then all-reduce as DDP does.
 
-        Unannotated on purpose: DDP rejects a hook whose annotations are not the real
-        ``dist.GradBucket`` / ``Future[Tensor]`` objects, and this module's are strings.
+        After the monitor closes it only all-reduces. Unannotated on purpose: DDP rejects a
+        hook whose annotations are not the real ``dist.GradBucket`` / ``Future[Tensor]``
+        objects, and this module's are strings.
         """
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        grads, params = bucket.gradients(), bucket.parameters()
-        index = torch.tensor([self._index[id(p)] for p in params], device=self._local.device)
-        local = _torch.norms(grads, self._local.device, self._local.dtype).square()
-        self._local.index_copy_(0, index, local)
+        if self._recording:
+            grads, params = bucket.gradients(), bucket.parameters()
+            index = torch.tensor([self._index[id(p)] for p in params], device=self._local.device)
+            local = _torch.norms(grads, self._local.device, self._local.dtype).square()
+            self._local.index_copy_(0, index, local)
         return allreduce_hook(process_group, bucket)
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
