@@ -6,7 +6,7 @@ Everything here is sync-free: inputs and outputs stay on their devices.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -134,6 +134,35 @@ def _host_flag(ok: Tensor) -> bool | None:
     return bool(ok) if ok.device.type in FREE_HOST_READ else None
 
 
+# Elements per concatenated bucket of the sync-free masked updates (128 MB of float32).
+BUCKET = 1 << 25
+
+
+def _masked_buckets(
+    bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """``(bufs, pieces)`` per bucket, ``pieces[i] = where(ok, tensors[i], 0)`` shaped and typed
+    like ``bufs[i]``: one ``cat`` and one ``where`` per bucket instead of one ``where`` per
+    tensor, so the launches do not grow with the number of parameters."""
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], list[tuple[Tensor, Tensor]]]
+    groups = defaultdict(list)
+    for b, t in zip(bufs, tensors):
+        groups[(t.device, t.dtype, b.dtype)].append((b, t))
+    for pairs in groups.values():
+        start = 0
+        while start < len(pairs):
+            end, n = start + 1, pairs[start][1].numel()
+            while end < len(pairs) and n + pairs[end][1].numel() <= BUCKET:
+                n += pairs[end][1].numel()
+                end += 1
+            chunk = pairs[start:end]
+            flat = torch.cat([t.reshape(-1) for _, t in chunk])
+            flat = torch.where(ok, flat, 0).to(chunk[0][0].dtype)
+            pieces = flat.split([t.numel() for _, t in chunk])
+            yield [b for b, _ in chunk], [x.view(b.shape) for (b, _), x in zip(chunk, pieces)]
+            start = end
+
+
 def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -> None:
     """``buf += t`` for every pair when the 0-d bool ``ok`` holds, else leave ``buf`` untouched.
 
@@ -146,6 +175,9 @@ def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -
     dense = [(b, t) for b, t in zip(bufs, tensors) if not t.is_sparse]
     if flag and dense:
         torch._foreach_add_([b for b, _ in dense], [t.to(b.dtype) for b, t in dense])
+    elif dense:
+        for bs, pieces in _masked_buckets([b for b, _ in dense], [t for _, t in dense], ok):
+            torch._foreach_add_(bs, pieces)
     for buf, t in zip(bufs, tensors):
         if t.is_sparse:
             t = t.coalesce()
@@ -154,8 +186,6 @@ def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -
                 t.indices(), vals, t.shape, is_coalesced=True, check_invariants=False
             )
             buf.add_(masked.to(buf.dtype))
-        elif not flag:
-            buf.add_(torch.where(ok, t, 0))
 
 
 def masked_lerp_(
@@ -165,14 +195,14 @@ def masked_lerp_(
     flag = _host_flag(ok)
     if flag is False or not bufs:
         return
-    dense = [
-        t.to_dense().to(b.dtype) if t.is_sparse else t.to(b.dtype) for b, t in zip(bufs, tensors)
-    ]
+    dense = [t.to_dense() if t.is_sparse else t for t in tensors]
     if flag:
-        torch._foreach_lerp_(list(bufs), dense, weight)
+        torch._foreach_lerp_(list(bufs), [t.to(b.dtype) for b, t in zip(bufs, dense)], weight)
         return
-    for buf, t in zip(bufs, dense):
-        buf.lerp_(torch.where(ok, t, buf), weight)
+    for bs, pieces in _masked_buckets(bufs, dense, ok):  # lerp(buf, 0, 0) = buf where not ok
+        w = torch.where(ok, weight, 0.0).to(bs[0].dtype)
+        for buf, piece in zip(bs, pieces):
+            buf.lerp_(piece, w)
 
 
 def zero_(tensors: Sequence[Tensor]) -> None:

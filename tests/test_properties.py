@@ -75,3 +75,51 @@ def test_functional_forms_match_the_python_reference(seed, k, d):
     mean2, std2, _ = snr_from_moments(m2, g.square().sum(1).mean())
     assert math.isclose(float(mean2), ref[0], rel_tol=1e-9, abs_tol=1e-12)
     assert math.isclose(float(std2), ref[1], rel_tol=1e-6, abs_tol=1e-7)
+
+
+@given(
+    seed=seeds,
+    sizes=st.lists(st.integers(1, 7), min_size=1, max_size=6),
+    bucket=st.integers(1, 12),
+    bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
+    half=st.booleans(),
+)
+def test_masked_updates_match_a_loop_on_both_paths(seed, sizes, bucket, bad, half):
+    """``masked_add_``/``masked_lerp_``: the sync-free path (buckets of any size, mixed dtypes)
+    and the host-flag path both equal a plain loop, and skip a non-finite step exactly."""
+    from sgdlens import _torch
+
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in sizes]
+    if half:  # a low-precision gradient accumulated into a float32 buffer
+        ts[0] = ts[0].to(torch.bfloat16)
+    if bad is not None:
+        ts[-1][0, 0] = bad
+    ok = torch.tensor(bad is None)
+    start = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in sizes]
+    start[0] = start[0].float() if half else start[0]
+    want_add = [b + t.to(b.dtype) if bad is None else b for b, t in zip(start, ts)]
+    want_lerp = [b + 0.25 * (t.to(b.dtype) - b) if bad is None else b for b, t in zip(start, ts)]
+    free = set(_torch.FREE_HOST_READ)
+    try:
+        for host in (True, False):
+            _torch.FREE_HOST_READ.clear()
+            _torch.FREE_HOST_READ.update({"cpu"} if host else set())
+            old, _torch.BUCKET = _torch.BUCKET, bucket
+            try:
+                added = [b.clone() for b in start]
+                _torch.masked_add_(added, ts, ok)
+                lerped = [b.clone() for b in start]
+                _torch.masked_lerp_(lerped, ts, 0.25, ok)
+            finally:
+                _torch.BUCKET = old
+            for a, w in zip(added, want_add):
+                assert torch.equal(a, w)
+            for a, w in zip(lerped, want_lerp):
+                if bad is None:
+                    torch.testing.assert_close(a, w, rtol=1e-6, atol=1e-12)
+                else:  # skipped exactly
+                    assert torch.equal(a, w)
+    finally:
+        _torch.FREE_HOST_READ.clear()
+        _torch.FREE_HOST_READ.update(free)
