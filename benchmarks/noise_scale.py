@@ -8,7 +8,8 @@ the median over pairs of (watched step / bare step), and the peak resident memor
 process running only that configuration minus that of one running the bare steps
 (``--no-memory`` skips those subprocesses).
 
-Rows: ``accumulation`` (micro-batch hooks), ``per-sample hooks`` (layer rules only;
+Rows: ``monitor, no lens`` (the monitor's own per-step work, which every other row
+includes: reading each gradient's norm and finiteness), ``accumulation`` (micro-batch hooks), ``per-sample hooks`` (layer rules only;
 parameters without a rule are left out), ``per-sample auto`` (rules + ``torch.func`` for
 the rest), ``torch.func`` (every module through vmap over vjp), and ``BatchSNR``
 (per-sample sums and per-element squares, at logged steps only).
@@ -38,6 +39,7 @@ from sgdlens.lenses import BatchSNR, NoiseScale
 warnings.filterwarnings("ignore", message="There is a performance drop")
 
 LENSES = {
+    "monitor, no lens": lambda: None,
     "accumulation": lambda: NoiseScale("accumulation"),
     "per-sample hooks": lambda: NoiseScale("per_sample", per_sample="hooks"),
     "per-sample auto": lambda: NoiseScale("per_sample", per_sample="auto"),
@@ -52,8 +54,9 @@ def setup(kind, build, lens_name, log_every, device):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     mon = None
     if lens_name is not None:
-        mon = PhaseMonitor(opt, model=model, lenses=[LENSES[lens_name]()], log_every=log_every,
-                           detector=False)  # fmt: skip
+        lens = LENSES[lens_name]()
+        mon = PhaseMonitor(opt, model=model, lenses=[] if lens is None else [lens],
+                           log_every=log_every, detector=False)  # fmt: skip
     x, y = data(kind, device)
     halves = list(zip(x.chunk(2), y.chunk(2)))
 
