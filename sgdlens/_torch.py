@@ -200,7 +200,7 @@ def masked_lerp_(
         torch._foreach_lerp_(list(bufs), [t.to(b.dtype) for b, t in zip(bufs, dense)], weight)
         return
     for bs, pieces in _masked_buckets(bufs, dense, ok):  # lerp(buf, 0, 0) = buf where not ok
-        w = torch.where(ok, weight, 0.0).to(bs[0].dtype)
+        w = ok.to(bs[0].dtype) * weight  # in the buffers' dtype: 0.1 must not pass float32
         for buf, piece in zip(bs, pieces):
             buf.lerp_(piece, w)
 

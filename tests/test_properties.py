@@ -101,6 +101,7 @@ def test_masked_updates_match_a_loop_on_both_paths(seed, sizes, bucket, bad, hal
     want_add = [b + t.to(b.dtype) if bad is None else b for b, t in zip(start, ts)]
     want_lerp = [b + 0.25 * (t.to(b.dtype) - b) if bad is None else b for b, t in zip(start, ts)]
     free = set(_torch.FREE_HOST_READ)
+    results = []
     try:
         for host in (True, False):
             _torch.FREE_HOST_READ.clear()
@@ -113,6 +114,7 @@ def test_masked_updates_match_a_loop_on_both_paths(seed, sizes, bucket, bad, hal
                 _torch.masked_lerp_(lerped, ts, 0.25, ok)
             finally:
                 _torch.BUCKET = old
+            results.append(lerped)
             for a, w in zip(added, want_add):
                 assert torch.equal(a, w)
             for a, w in zip(lerped, want_lerp):
@@ -123,3 +125,5 @@ def test_masked_updates_match_a_loop_on_both_paths(seed, sizes, bucket, bad, hal
     finally:
         _torch.FREE_HOST_READ.clear()
         _torch.FREE_HOST_READ.update(free)
+    for a, b in zip(*results):  # the two paths agree bit for bit
+        assert torch.equal(a, b)
