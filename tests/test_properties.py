@@ -99,7 +99,7 @@ def test_masked_updates_match_a_loop_on_both_paths(seed, sizes, bucket, bad, hal
     start = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in sizes]
     start[0] = start[0].float() if half else start[0]
     want_add = [b + t.to(b.dtype) if bad is None else b for b, t in zip(start, ts)]
-    want_lerp = [b + 0.25 * (t.to(b.dtype) - b) if bad is None else b for b, t in zip(start, ts)]
+    want_lerp = [b + 0.1 * (t.to(b.dtype) - b) if bad is None else b for b, t in zip(start, ts)]
     free = set(_torch.FREE_HOST_READ)
     results = []
     try:
@@ -111,7 +111,7 @@ def test_masked_updates_match_a_loop_on_both_paths(seed, sizes, bucket, bad, hal
                 added = [b.clone() for b in start]
                 _torch.masked_add_(added, ts, ok)
                 lerped = [b.clone() for b in start]
-                _torch.masked_lerp_(lerped, ts, 0.25, ok)
+                _torch.masked_lerp_(lerped, ts, 0.1, ok)  # 0.1: not a float32
             finally:
                 _torch.BUCKET = old
             results.append(lerped)
