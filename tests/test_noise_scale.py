@@ -82,6 +82,26 @@ class Convs(nn.Module):
         return self.head(torch.cat([h.flatten(1), v.flatten(1), w.flatten(1)], 1))
 
 
+class GPT2ish(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2's projections, weight ``(in, out)``) and ``nn.RMSNorm``."""
+
+    def __init__(self, vocab: int = 11, d: int = 8) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = nn.Embedding(vocab, d)
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.c_fc = Conv1D(2 * d, d)
+        self.c_proj = Conv1D(d, 2 * d)
+        self.head = nn.Linear(d, vocab)
+        self.pool = Conv1D(vocab, d)  # on (B, d): one position per sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h = h + self.c_proj(torch.tanh(self.c_fc(self.norm(h))))
+        return self.head(h) + self.pool(h.mean(1))[:, None, :]
+
+
 def build(kind: str, seed: int = 0):
     """``(model, x, y)`` in float64; the batch is 9 examples (MLP), 7 (CNN), 6 (sequence)."""
     torch.manual_seed(seed)
@@ -109,6 +129,9 @@ def build(kind: str, seed: int = 0):
         )
     elif kind == "attention":
         model = Attention()
+        x, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 11, (6, 5), generator=g)
+    elif kind == "gpt2ish":
+        model = GPT2ish()
         x, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 11, (6, 5), generator=g)
     elif kind == "tied":
         model = Tied()
@@ -164,7 +187,7 @@ def rel_err_max(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-KINDS = ["mlp", "cnn", "convs", "attention", "tied"]
+KINDS = ["mlp", "cnn", "convs", "attention", "gpt2ish", "tied"]
 
 
 # -- per-sample norms -------------------------------------------------------------------------

@@ -25,7 +25,10 @@ parameter, shape ``(B, *p.shape)``, exist for a moment):
 * ``nn.Embedding``: ‖c_s‖² = Σ_{t,u} [x_t = x_u] g_t·g_u (Gram with a token-equality mask);
   elementwise sums materialise ``(B, V, d)``. ``padding_idx`` rows get no gradient, as in
   torch. ``scale_grad_by_freq`` and ``max_norm`` go to the fallback.
-* ``nn.LayerNorm``: c_s(weight) = Σ_t g_t ⊙ x̂_t, c_s(bias) = Σ_t g_t, materialised (small).
+* Hugging Face's ``Conv1D`` (GPT-2; ``y = x W + b`` with ``W`` of shape ``(in, out)``): the
+  ``nn.Linear`` rules with the weight transposed.
+* ``nn.LayerNorm``, ``nn.RMSNorm``: c_s(weight) = Σ_t g_t ⊙ x̂_t, c_s(bias) = Σ_t g_t,
+  materialised (small).
 * any other module owning parameters (and ``nn.MultiheadAttention`` as a whole, since it
   reads ``out_proj``'s weights without calling it): ``torch.func`` fallback, ``vmap`` over
   ``vjp`` of the module re-run on each sample with its recorded output gradient. Exact for
@@ -125,7 +128,9 @@ def _weight_bias(
 
 
 def _linear(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> dict[str, Result]:
-    assert isinstance(m, nn.Linear)
+    """``nn.Linear``, and Hugging Face's ``Conv1D`` (a Linear with a transposed ``(in, out)``
+    weight: the same norms, the elementwise and full results transposed)."""
+    transposed = not isinstance(m, nn.Linear)
     xs: list[Tensor] = [u.args[0] for u in uses]
     gs: list[Tensor] = [u.grads[0] for u in uses]  # type: ignore[misc]
     if len(uses) == 1 and xs[0].dim() == 2 and "full" not in want.values():
@@ -135,15 +140,29 @@ def _linear(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) ->
         out: dict[str, Result] = {}
         if "weight" in want:
             w_sq = torch.linalg.vector_norm(a, dim=1).mul_(ng).square_()
-            out["weight"] = ("norm", w_sq, g.square().t() @ a.square() if need else None)
+            elem = (a.square().t() @ g.square() if transposed else g.square().t() @ a.square()
+                    ) if need else None  # fmt: skip
+            out["weight"] = ("norm", w_sq, elem)
         if "bias" in want:
             out["bias"] = ("norm", ng.square(), g.square().sum(0) if need else None)
         return out
     a = _cat([_seq(x) if x.dim() > 2 else x[:, None] for x in xs], 1)
     g = _cat([_seq(y) if y.dim() > 2 else y[:, None] for y in gs], 1)
     gram = _gram_cheaper(a.shape[1], a.shape[2], g.shape[2])
-    return _weight_bias(lambda: g.transpose(1, 2) @ a, lambda: g.sum(1), want, need,
+    return _weight_bias(lambda: a.transpose(1, 2) @ g if transposed else g.transpose(1, 2) @ a,
+                        lambda: g.sum(1), want, need,
                         (lambda: _gram_sq(a, g)) if gram else None)  # fmt: skip
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2), recognised without
+    importing transformers: ``y = x @ weight + bias`` with ``weight`` of shape ``(nx, nf)``."""
+    w = getattr(m, "weight", None)
+    return (
+        type(m).__name__ == "Conv1D"
+        and isinstance(w, Tensor)
+        and tuple(w.shape) == (getattr(m, "nx", None), getattr(m, "nf", None))
+    )
 
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
@@ -241,24 +260,25 @@ def _embedding(
     return {"weight": ("full", full, None) if want["weight"] == "full" else _from_full(full, need)}
 
 
-def _layer_norm(
+def _norm_layer(
     m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool
 ) -> dict[str, Result]:
-    assert isinstance(m, nn.LayerNorm)
-    shape = m.normalized_shape
-    k = len(shape)
+    """``nn.LayerNorm`` / ``nn.RMSNorm``: c_s(weight) = Σ_t g_t ⊙ x̂_t, c_s(bias) = Σ_t g_t."""
+    shape = tuple(m.normalized_shape)  # type: ignore[arg-type]
     xs, gs = [], []
     for u in uses:
         x, go = u.args[0], u.grads[0]
         assert go is not None
-        xhat = F.layer_norm(x, shape, eps=m.eps)
+        if isinstance(m, nn.LayerNorm):
+            xhat = F.layer_norm(x, shape, eps=m.eps)
+        else:
+            xhat = F.rms_norm(x, shape, eps=m.eps)  # type: ignore[arg-type]
         xs.append(xhat.reshape(x.shape[0], -1, *shape))
         gs.append(go.reshape(go.shape[0], -1, *shape))
     xhat, g = _cat(xs, 1), _cat(gs, 1)
-    del k
-    fulls = {"weight": (g * xhat).sum(1), "bias": g.sum(1)}
+    fulls = {"weight": lambda: (g * xhat).sum(1), "bias": lambda: g.sum(1)}
     return {
-        n: ("full", fulls[n], None) if w == "full" else _from_full(fulls[n], need)
+        n: ("full", fulls[n](), None) if w == "full" else _from_full(fulls[n](), need)
         for n, w in want.items()
     }
 
@@ -270,8 +290,10 @@ RULES: dict[type, tuple[Rule, Callable[[nn.Module], bool]]] = {
     nn.Conv2d: (_conv, lambda m: True),
     nn.Conv3d: (_conv, lambda m: True),
     nn.Embedding: (_embedding, _embedding_ok),
-    nn.LayerNorm: (_layer_norm, lambda m: True),
+    nn.LayerNorm: (_norm_layer, lambda m: True),
 }
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    RULES[nn.RMSNorm] = (_norm_layer, lambda m: True)
 
 
 def _func_rule(
@@ -381,8 +403,8 @@ class PerSampleEngine:
         self.last_sq: list[Tensor | None] = [None] * n
 
     def _visit(self, module: nn.Module, index: dict[int, int]) -> None:
-        rule = RULES.get(type(module))
-        if self.mode != "func" and rule is not None and rule[1](module):
+        rule = RULES.get(type(module), (_linear, _is_hf_conv1d))
+        if self.mode != "func" and rule[1](module):
             names = {n: index[id(p)] for n, p in module.named_parameters(recurse=False)
                      if id(p) in index}  # fmt: skip
             if names:
