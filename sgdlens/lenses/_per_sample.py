@@ -17,11 +17,11 @@ parameter, shape ``(B, *p.shape)``, exist for a moment):
 * ``nn.Linear`` on sequences ``(B, …, in)``: c_s = Σ_t g_st a_stᵀ. Norms by the Gram trick
   ‖c_s‖² = Σ_{t,u} (a_t·a_u)(g_t·g_u) when ``T(in+out) ≤ in·out``, else materialised;
   elementwise sums materialise.
-* ``nn.Conv1d``/``2d``/``3d`` (any groups, padding and padding mode): per-sample gradients
-  from one convolution backward with the batch folded into the groups (``B·groups``
-  groups), materialised; or, for ``groups=1`` 1-d/2-d convolutions where the Gram trick is
-  cheaper (few positions, many channels), norms as a sequence Linear over the unfolded
-  input (``F.unfold``), positions as the sequence.
+* ``nn.Conv1d``/``2d``/``3d`` (any groups, stride, dilation, padding and padding mode):
+  per-sample gradients materialised by one convolution backward with the batch folded into
+  the groups (``B·groups`` groups) or, for ``groups=1`` 1-d/2-d layers, as a sequence Linear
+  over the unfolded input (``F.unfold``, positions as the sequence), whose Gram trick gives
+  the norms without materialising when there are few positions and many channels.
 * ``nn.Embedding``: ‖c_s‖² = Σ_{t,u} [x_t = x_u] g_t·g_u (Gram with a token-equality mask);
   elementwise sums materialise ``(B, V, d)``. ``padding_idx`` rows get no gradient, as in
   torch. ``scale_grad_by_freq`` and ``max_norm`` go to the fallback.
@@ -198,8 +198,10 @@ def _conv(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> d
     for u in uses:
         x, go = u.args[0], u.grads[0]
         assert go is not None
-        xs.append(F.pad(x, _conv_padding(m), "constant" if m.padding_mode == "zeros"
-                        else m.padding_mode))  # fmt: skip
+        pad = _conv_padding(m)
+        if any(pad):
+            x = F.pad(x, pad, "constant" if m.padding_mode == "zeros" else m.padding_mode)
+        xs.append(x)
         gs.append(go)
     t = sum(g[0, 0].numel() for g in gs)
     d_in, d_out = w[0].numel(), w.shape[0]
