@@ -23,8 +23,10 @@ parameter, shape ``(B, *p.shape)``, exist for a moment):
   over the unfolded input (``F.unfold``, positions as the sequence), whose Gram trick gives
   the norms without materialising when there are few positions and many channels.
 * ``nn.Embedding``: ‖c_s‖² = Σ_{t,u} [x_t = x_u] g_t·g_u (Gram with a token-equality mask);
-  elementwise sums materialise ``(B, V, d)``. ``padding_idx`` rows get no gradient, as in
-  torch. ``scale_grad_by_freq`` and ``max_norm`` go to the fallback.
+  elementwise sums from the per-(sample, token) sums of g over the pairs that occur (sorted,
+  ``(B·T, d)`` buffers), never ``(B, V, d)`` (except for a weight shared with another module,
+  whose per-sample gradients are materialised and summed). ``padding_idx`` rows get no
+  gradient, as in torch. ``scale_grad_by_freq`` and ``max_norm`` go to the fallback.
 * Hugging Face's ``Conv1D`` (GPT-2; ``y = x W + b`` with ``W`` of shape ``(in, out)``): the
   ``nn.Linear`` rules with the weight transposed.
 * ``nn.LayerNorm``, ``nn.RMSNorm``: c_s(weight) = Σ_t g_t ⊙ x̂_t, c_s(bias) = Σ_t g_t,
@@ -256,10 +258,21 @@ def _embedding(
         same = (tok[:, :, None] == tok[:, None, :]).to(g.dtype)
         return {"weight": ("norm", (same * (g @ g.transpose(1, 2))).sum((1, 2)), None)}
     b, v = tok.shape[0], m.num_embeddings
-    rows = (tok + v * torch.arange(b, device=tok.device)[:, None]).reshape(-1)
-    full = g.new_zeros(b * v, g.shape[-1]).index_add_(0, rows, g.reshape(-1, g.shape[-1]))
-    full = full.reshape(b, v, -1)
-    return {"weight": ("full", full, None) if want["weight"] == "full" else _from_full(full, need)}
+    rows = (tok + v * torch.arange(b, device=tok.device)[:, None]).reshape(-1)  # (sample, token)
+    g = g.reshape(-1, g.shape[-1])
+    if want["weight"] == "norm":
+        # Sum g over each (sample, token) pair that occurs: sorted, with fixed-size buffers
+        # (no data-dependent shape, so no host sync), never the (B, V, d) per-sample gradients.
+        keys, order = rows.sort()
+        seg = torch.cat([keys.new_zeros(1), (keys[1:] != keys[:-1]).cumsum(0)])
+        pair = g.new_zeros(g.shape).index_add_(0, seg, g[order])  # unused rows stay 0
+        key = keys.new_zeros(keys.shape).scatter_(0, seg, keys)
+        sq = pair.square()
+        per_sample = g.new_zeros(b).index_add_(0, key // v, sq.sum(1))
+        elem = g.new_zeros(v, g.shape[1]).index_add_(0, key % v, sq) if need else None
+        return {"weight": ("norm", per_sample, elem)}
+    full = g.new_zeros(b * v, g.shape[-1]).index_add_(0, rows, g).reshape(b, v, -1)
+    return {"weight": ("full", full, None)}
 
 
 def _norm_layer(
