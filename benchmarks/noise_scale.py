@@ -93,15 +93,19 @@ def ratio(kind, build, lens_name, steps, log_every, device):
 
 
 def peak_rss_mb(model_name, lens_name, steps, log_every, device) -> float:
-    """Peak RSS (MB) of a fresh process running ``steps`` steps of one configuration."""
+    """Peak RSS (MB) of a fresh process running ``steps`` steps of one configuration
+    (from its imports on)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    # ru_maxrss survives fork + exec (the child would start from the parent's peak), so the
+    # child resets its peak (Linux: "5" into /proc/self/clear_refs) and reads VmHWM.
     code = (
-        f"import sys, resource; sys.argv=['x']; sys.path.insert(0, {here!r});"
+        f"import sys; sys.argv=['x']; sys.path.insert(0, {here!r});"
         f"import noise_scale as b, torch;"
+        f"open('/proc/self/clear_refs', 'w').write('5');"
         f"kind, build = b.MODELS[{model_name!r}];"
         f"_, step, _ = b.setup(kind, build, {lens_name!r}, {log_every}, torch.device({str(device)!r}));"
         f"[step() for _ in range({steps})];"
-        f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        f"print([ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1]) / 1024
