@@ -250,7 +250,7 @@ def check_nccl(device: torch.device) -> None:
 
 def timings(device: torch.device) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
-    for script, args in (("overhead.py", ["--steps", "200"]),
+    for script, args in (("overhead.py", ["--steps", "200", "--big"]),
                          ("noise_scale.py", ["--steps", "40", "--no-memory"])):  # fmt: skip
         cmd = [sys.executable, os.path.join(here, script), "--device", str(device), *args]
         print("$", " ".join(cmd[1:]), flush=True)

@@ -6,7 +6,7 @@ the median over pairs of (monitored step time / bare step time), the ratio of th
 times, and the monitor's memory in units of one copy of the parameters (persistent state, and
 the peak at a logged step, which also holds the pre-update weights for ``update_size``).
 
-Usage: python benchmarks/overhead.py [--steps 300] [--log-every 50] [--device cpu]
+Usage: python benchmarks/overhead.py [--steps 300] [--log-every 50] [--device cpu] [--big]
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def cnn() -> nn.Module:
 
 
 class Transformer(nn.Module):
-    def __init__(self, d: int = 128, seq: int = 64, vocab: int = 1000) -> None:
+    def __init__(self, d: int = 128, seq: int = 64, vocab: int = 1000, layers: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.zeros(seq, d))
         layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d, vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,12 +60,19 @@ def data(kind: str, device: torch.device):
         x = torch.randint(0, 1000, (16, 64), generator=g)
         y = torch.randint(0, 1000, (16, 64), generator=g)
         return x.to(device), y.reshape(-1).to(device)
+    if kind == "transformer-big":
+        x = torch.randint(0, 8000, (32, 256), generator=g)
+        y = torch.randint(0, 8000, (32, 256), generator=g)
+        return x.to(device), y.reshape(-1).to(device)
     x = torch.randn(128, 1, 28, 28, generator=g)
     return x.to(device), torch.randint(0, 10, (128,), generator=g).to(device)
 
 
 MODELS = {"mlp 784-512-512-10, batch 128": ("mlp", mlp), "cnn 28x28, batch 128": ("cnn", cnn),
           "transformer 2x d128 seq64, batch 16": ("transformer", Transformer)}  # fmt: skip
+# --big (for a GPU): a step long enough that launch overheads no longer dominate it
+BIG = {"transformer 6x d512 seq256 vocab 8000, batch 32": (
+    "transformer-big", lambda: Transformer(d=512, seq=256, vocab=8000, layers=6))}  # fmt: skip
 OPTIMIZERS = {
     "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -126,6 +133,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--big", action="store_true", help="also a 6-layer d512 transformer (GPU)")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
@@ -134,7 +142,7 @@ def main() -> None:
         "| model | optimizer | bare step (ms) | median ratio | ratio of medians | state (param copies) | peak (param copies) |"
     )
     print("|---|---|---|---|---|---|---|")
-    for name, (kind, build) in MODELS.items():
+    for name, (kind, build) in {**MODELS, **(BIG if args.big else {})}.items():
         for oname, make_opt in OPTIMIZERS.items():
             r, rm, ms, state, peak = bench(
                 kind, build, make_opt, args.steps, args.log_every, device
