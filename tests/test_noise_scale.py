@@ -312,11 +312,18 @@ def _accumulate(model, opt, x, y, m):
     opt.step()
 
 
+@pytest.mark.parametrize("pending", [1, 40, 1 << 23])  # norms batched per 1, ~40, all
 @pytest.mark.parametrize("m", [2, 3])
-def test_accumulation_matches_micro_batch_gradients(m):
+def test_accumulation_matches_micro_batch_gradients(m, pending, monkeypatch):
+    from sgdlens.lenses import noise_scale
+
+    monkeypatch.setattr(noise_scale, "PENDING", pending)
     model, x, y = build("cnn")
     x, y = x[:6], y[:6]
     opt, mon = _monitor(model, NoiseScale(decay=0.0))
+    # an abandoned step first: its gradients must not reach the next step's estimate
+    (loss_fn(model(x[:3]), y[:3])).backward()
+    (loss_fn(model(x[3:]), y[3:])).backward()
     ref = per_sample_grads(model, x, y)
     b = 6 // m
     small = torch.stack([

@@ -71,21 +71,30 @@ def two_batch_estimates(
     return g2, tr
 
 
+# Gradient elements whose norms the accumulation hooks batch into one launch (32 MB of float32
+# kept alive at most).
+PENDING = 1 << 23
+
+
 class _MicroBatches:
     """Per-parameter ‖Δ_j‖ over the backward passes of one step, Δ_j each one's gradient.
 
-    The hook only launches one norm per parameter per backward; squaring, summing and the
-    float64 conversion happen once per step in :meth:`sums`.
+    The first backward's gradient becomes ``.grad`` and is then added to in place, so its norm
+    is taken at once; later gradients are only added into ``.grad``, so the hooks keep them
+    (up to ``PENDING`` elements) and take their norms together, one fused launch per bucket
+    instead of one per parameter. Squaring, summing and the float64 conversion happen once
+    per step in :meth:`sums`.
     """
 
-    def __init__(self, params: list[Tensor], dtype: torch.dtype) -> None:
-        self.params, self.dtype = params, dtype
-        self.norms: list[list[Tensor]] = [[] for _ in params]
+    def __init__(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        self.params, self.dtype, self.device = params, dtype, device
+        n = len(params)
+        self.norms: list[list[Tensor]] = [[] for _ in range(n)]
+        self.fires = [0] * n
+        self._step = [0] * n  # a parameter's step count, to drop gradients of abandoned steps
+        self._pending: list[tuple[int, int, Tensor]] = []
+        self._pending_n = 0
         self._index: dict[tuple[int, ...], Tensor] = {}
-
-    @property
-    def fires(self) -> list[int]:
-        return [len(n) for n in self.norms]
 
     def attach(self) -> list[Any]:
         return [p.register_hook(partial(self._on, i))
@@ -93,12 +102,29 @@ class _MicroBatches:
 
     def _on(self, i: int, grad: Tensor) -> None:
         if self.params[i].grad is None:  # zero_grad(set_to_none=True): a new step began
-            self.norms[i] = []
-        g = grad.coalesce().values() if grad.is_sparse else grad
-        self.norms[i].append(torch.linalg.vector_norm(g))
+            self.norms[i], self.fires[i] = [], 0
+            self._step[i] += 1
+        self.fires[i] += 1
+        if self.fires[i] == 1 or grad.is_sparse:
+            g = grad.coalesce().values() if grad.is_sparse else grad
+            self.norms[i].append(torch.linalg.vector_norm(g))
+            return
+        self._pending.append((i, self._step[i], grad))
+        self._pending_n += grad.numel()
+        if self._pending_n >= PENDING:
+            self._flush()
+
+    def _flush(self) -> None:
+        live = [(i, g) for i, step, g in self._pending if step == self._step[i]]
+        self._pending, self._pending_n = [], 0
+        if live:
+            values = _torch.norms([g for _, g in live], self.device, self.dtype)
+            for (i, _), v in zip(live, values.unbind()):
+                self.norms[i].append(v)
 
     def sums(self, device: torch.device) -> Tensor:
         """Σ_j ‖Δ_j‖² per parameter, in ``dtype`` on ``device``."""
+        self._flush()
         flat = [t.to(device) for ns in self.norms for t in ns]
         index = tuple(i for i, ns in enumerate(self.norms) for _ in ns)
         out = torch.zeros(len(self.params), dtype=self.dtype, device=device)
@@ -111,6 +137,8 @@ class _MicroBatches:
 
     def reset(self) -> None:
         self.norms = [[] for _ in self.params]
+        self.fires = [0] * len(self.params)
+        self._pending, self._pending_n = [], 0
 
 
 def _check_int(name: str, value: Any, low: int, example: str) -> None:
@@ -291,7 +319,7 @@ class NoiseScale(Lens):
                         "model: pass PhaseMonitor(model=model) or NoiseScale(batch_size=...)"
                     )
             else:
-                self._micro = _MicroBatches(params, view.dtype)
+                self._micro = _MicroBatches(params, view.dtype, view.device)
                 self._handles["accumulation"] = self._micro.attach()
         if self.estimator in ("auto", "per_sample") and model is not None:
             self._engine = PerSampleEngine(
