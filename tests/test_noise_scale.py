@@ -312,12 +312,14 @@ def _accumulate(model, opt, x, y, m):
     opt.step()
 
 
-@pytest.mark.parametrize("pending", [1, 40, 1 << 23])  # norms batched per 1, ~40, all
+# norms batched per 1 or ~40 elements, or taken at once (the CPU's path)
+@pytest.mark.parametrize("pending", [1, 40, 1 << 23])
 @pytest.mark.parametrize("m", [2, 3])
 def test_accumulation_matches_micro_batch_gradients(m, pending, monkeypatch):
     from sgdlens.lenses import noise_scale
 
     monkeypatch.setattr(noise_scale, "PENDING", pending)
+    monkeypatch.setattr(noise_scale, "AT_ONCE", set() if pending < 1 << 23 else {"cpu"})
     model, x, y = build("cnn")
     x, y = x[:6], y[:6]
     opt, mon = _monitor(model, NoiseScale(decay=0.0))

@@ -72,18 +72,21 @@ def two_batch_estimates(
 
 
 # Gradient elements whose norms the accumulation hooks batch into one launch (32 MB of float32
-# kept alive at most).
+# kept alive at most), and the devices where each norm is taken at once instead (tests empty
+# the set to cover the batched path on the CPU).
 PENDING = 1 << 23
+AT_ONCE = {"cpu"}
 
 
 class _MicroBatches:
     """Per-parameter ‖Δ_j‖ over the backward passes of one step, Δ_j each one's gradient.
 
     The first backward's gradient becomes ``.grad`` and is then added to in place, so its norm
-    is taken at once; later gradients are only added into ``.grad``, so the hooks keep them
-    (up to ``PENDING`` elements) and take their norms together, one fused launch per bucket
-    instead of one per parameter. Squaring, summing and the float64 conversion happen once
-    per step in :meth:`sums`.
+    is taken at once; on accelerators later gradients are only added into ``.grad``, so the
+    hooks keep them (up to ``PENDING`` elements) and take their norms together, one fused
+    launch per bucket instead of one per parameter. On the CPU, where a launch is cheap,
+    every norm is taken at once, while the gradient is still in cache. Squaring, summing and
+    the float64 conversion happen once per step in :meth:`sums`.
     """
 
     def __init__(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> None:
@@ -105,7 +108,7 @@ class _MicroBatches:
             self.norms[i], self.fires[i] = [], 0
             self._step[i] += 1
         self.fires[i] += 1
-        if self.fires[i] == 1 or grad.is_sparse:
+        if self.fires[i] == 1 or grad.is_sparse or grad.device.type in AT_ONCE:
             g = grad.coalesce().values() if grad.is_sparse else grad
             self.norms[i].append(torch.linalg.vector_norm(g))
             return
