@@ -103,24 +103,39 @@ def norms(tensors: Sequence[Tensor], device: torch.device, dtype: torch.dtype) -
     for i, t in enumerate(dense):
         groups[(t.device, t.dtype)].append(i)
     if len(groups) == 1:
-        return torch.stack(torch._foreach_norm(dense)).to(device=device, dtype=dtype)
+        return torch.stack(_foreach_norm(dense)).to(device=device, dtype=dtype)
     out = torch.empty(len(tensors), device=device, dtype=dtype)
     for idx in groups.values():
-        vals = torch.stack(torch._foreach_norm([dense[i] for i in idx]))
+        vals = torch.stack(_foreach_norm([dense[i] for i in idx]))
         out[torch.tensor(idx, device=device)] = vals.to(device=device, dtype=dtype)
     return out
+
+
+def _foreach_norm(tensors: list[Tensor]) -> list[Tensor]:
+    """``torch._foreach_norm`` of same-dtype tensors, returned in at least float32: a bfloat16
+    norm keeps 3 significant digits, too few for differences of squared norms."""
+    acc = buffer_dtype(tensors[0].dtype)
+    if acc == tensors[0].dtype:
+        return list(torch._foreach_norm(tensors))
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=acc))
+    except TypeError:  # torch < 2.3: no dtype argument
+        return list(torch._foreach_norm([t.to(acc) for t in tensors]))
 
 
 def distances(
     a: Sequence[Tensor], b: Sequence[Tensor], device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """``[‖a_i − b_i‖]`` as one 1-D tensor, one tensor-sized temporary at a time."""
+    """``[‖a_i − b_i‖]`` as one 1-D tensor, one tensor-sized temporary at a time (formed in
+    at least float32)."""
     if not a:
         return torch.zeros(0, device=device, dtype=dtype)
-    return torch.stack(
-        [torch.linalg.vector_norm(x - y.to(x.dtype)).to(device=device, dtype=dtype)
-         for x, y in zip(a, b)]
-    )  # fmt: skip
+    out = []
+    for x, y in zip(a, b):
+        acc = buffer_dtype(x.dtype)  # a bfloat16 difference of nearby weights is rounded
+        diff = x - y.to(x.dtype) if acc == x.dtype else x.to(acc) - y.to(acc)
+        out.append(torch.linalg.vector_norm(diff).to(device=device, dtype=dtype))
+    return torch.stack(out)
 
 
 # Devices where reading a 0-d tensor costs no host-device synchronisation. On these the

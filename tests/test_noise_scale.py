@@ -509,3 +509,41 @@ def test_validation():
     with pytest.raises(ValueError, match="batch_size"):
         PhaseMonitor(opt, lenses=[NoiseScale()])
     assert "NoiseScale('auto'" in repr(NoiseScale())
+
+
+def test_bfloat16_per_sample_and_micro_batch_norms_are_float32_accurate():
+    """A bfloat16 MLP: the per-sample squared norms and the micro-batch norms equal float64
+    computations on the same bfloat16 activations and gradients to 1e-5."""
+    from sgdlens.lenses.noise_scale import _MicroBatches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4)).to(torch.bfloat16)
+    params = list(model.parameters())
+    seen, incoming = {}, [[] for _ in params]
+
+    def keep(name):
+        def hook(mod, args, out):
+            out.register_hook(lambda g: seen.__setitem__(name, (args[0], g)))
+        return hook
+
+    for i in (0, 2):
+        model[i].register_forward_hook(keep(i))
+    engine = PerSampleEngine(model, params, keep_last=True)
+    micro = _MicroBatches(params, torch.float64, torch.device("cpu"))
+    handles = engine.attach() + micro.attach()
+    for j, p in enumerate(params):  # the gradients the lens's hooks see, kept in float64
+        handles.append(p.register_hook(lambda g, j=j: incoming[j].append(g.double())))
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        model(torch.randn(8, 32, generator=g).to(torch.bfloat16)).float().square().mean().backward()
+        if step == 0:  # the per-sample sums of the first backward
+            sums = engine.sums(torch.device("cpu"))
+            for k, i in enumerate((0, 2)):
+                a, go = (t.double() for t in seen[i])
+                assert rel_err(sums[2 * k], (a.square().sum(1) * go.square().sum(1)).sum()) < 1e-5
+                assert rel_err(sums[2 * k + 1], go.square().sum()) < 1e-5
+    for h in handles:
+        h.remove()
+    want = torch.tensor([sum(float(d.square().sum()) for d in ds) for ds in incoming])
+    assert all(len(ds) == 2 for ds in incoming)
+    assert rel_err(micro.sums(torch.device("cpu")), want) < 1e-5

@@ -531,11 +531,22 @@ class PerSampleEngine:
             for u in uses:  # outputs that got no gradient contribute zero
                 u.grads = [torch.zeros_like(o) if g is None else g
                            for o, g in zip(u.output, u.grads)]  # fmt: skip
+                if unit.rule is not _func_rule:  # half-precision products and squares lose
+                    # the small differences the estimators take: the rules work in float32
+                    u.args = (_wide(u.args[0]), *u.args[1:])
+                    u.grads = [_wide(g) for g in u.grads]
             res = unit.rule(unit.module, uses, unit.want, self.need_elem)
         for u in uses:
             u.args = u.kwargs = None
             u.grads = []
         return res
+
+
+def _wide(t: Any) -> Any:
+    """A floating tensor narrower than float32 as float32 (anything else as it is)."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.element_size() < 4:
+        return t.float()
+    return t
 
 
 def _store(use: _Use, j: int, grad: Tensor) -> None:

@@ -110,7 +110,7 @@ class _MicroBatches:
         self.fires[i] += 1
         if self.fires[i] == 1 or grad.is_sparse or grad.device.type in AT_ONCE:
             g = grad.coalesce().values() if grad.is_sparse else grad
-            self.norms[i].append(torch.linalg.vector_norm(g))
+            self.norms[i].append(torch.linalg.vector_norm(g, dtype=_torch.buffer_dtype(g.dtype)))
             return
         self._pending.append((i, self._step[i], grad))
         self._pending_n += grad.numel()
