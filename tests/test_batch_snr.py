@@ -34,7 +34,12 @@ def reference(model, x, y, eps=EPS):
     return out
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "attention", "tied"])
+def _hooks(model):
+    """Forward hooks on the model's modules (the lens's only way in)."""
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "convs", "attention", "gpt2ish", "tied"])
 @pytest.mark.parametrize("per_sample", ["auto", "func"])
 def test_batch_snr_and_gsnr_match_reference(kind, per_sample):
     model, x, y = build(kind)
@@ -45,8 +50,9 @@ def test_batch_snr_and_gsnr_match_reference(kind, per_sample):
     for step in range(1, 5):
         want = reference(model, x, y) if step % 2 == 0 else None
         opt.zero_grad()
+        # hooks are registered only for the forward and backward of a logged step
+        assert (_hooks(model) > 0) == (step % 2 == 0)
         loss_fn(model(x), y).backward()
-        # the hooks run only for the backward of a logged step
         assert (max(engine.count) > 0) == (step % 2 == 0)
         opt.step()
         if want is None:
@@ -58,6 +64,7 @@ def test_batch_snr_and_gsnr_match_reference(kind, per_sample):
             assert rel_err(rec[f"batch_snr{key}"], snr) < REL, name
             assert rel_err(rec[f"gsnr{key}"], gsnr) < REL, name
     mon.close()
+    assert _hooks(model) == 0
 
 
 def test_sum_reduction_and_eps():
@@ -164,3 +171,14 @@ def test_validation():
     with pytest.raises(ValueError, match="needs the model"):
         PhaseMonitor(opt, lenses=[BatchSNR()])
     assert repr(BatchSNR()).startswith("BatchSNR('per_sample'")
+
+
+def test_close_removes_the_hooks_while_they_are_registered():
+    model, x, y = build("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR()], log_every=1, detector=False)
+    loss_fn(model(x), y).backward()
+    opt.step()
+    assert _hooks(model) > 0  # every step logs: always registered
+    mon.close()
+    assert _hooks(model) == 0

@@ -382,7 +382,6 @@ class PerSampleEngine:
         covered: per parameter, whether some hook computes its per-sample statistics.
         elem, count: per parameter, Σ_s c_s² and the number of samples since the last
             :meth:`reset` (``None``/0 before any backward); :meth:`sums` gives Σ_s ‖c_s‖².
-        armed: hooks do nothing while ``False``.
     """
 
     def __init__(
@@ -397,7 +396,6 @@ class PerSampleEngine:
     ) -> None:
         self.model, self.params, self.mode = model, list(params), mode
         self.need_elem, self.keep_last, self.dtype = need_elem, keep_last, dtype
-        self.armed = True
         self._busy = False
         index = {id(p): i for i, p in enumerate(self.params)}
         self.units: list[_Unit] = []
@@ -462,7 +460,7 @@ class PerSampleEngine:
     # -- hooks ---------------------------------------------------------------------------
 
     def _on_forward(self, unit: _Unit, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        if not self.armed or self._busy or not torch.is_grad_enabled() or _transformed():
+        if self._busy or not torch.is_grad_enabled() or _transformed():
             return
         if unit.result is not None:  # the previous backward is over
             unit.uses, unit.result = [], None
@@ -474,7 +472,7 @@ class PerSampleEngine:
         unit.uses.append(use)
 
     def _on_param(self, i: int, grad: Tensor) -> None:
-        if self._busy or not self.armed:
+        if self._busy:
             return
         p = self.params[i]
         if p.grad is None:  # a new accumulation cycle (zero_grad(set_to_none=True))

@@ -43,16 +43,27 @@ def batch_snr_from_sums(
     return mean_sq / var, var
 
 
+class _Detach:
+    """The handle the monitor removes on close: whatever hooks the lens holds then."""
+
+    def __init__(self, lens: BatchSNR) -> None:
+        self.lens = lens
+
+    def remove(self) -> None:
+        self.lens._arm(False)
+
+
 class BatchSNR(Lens):
     """Per-layer signal-to-noise of the per-example gradients within a batch.
 
     With ``source="per_sample"`` (default), module hooks (see
     :mod:`sgdlens.lenses._per_sample`) compute Σ_i ‖g_i‖² and, per element, Σ_i g_ik² for the
-    batch of each *logged* step; the hooks are armed only for the backward passes of those
-    steps, so other steps cost nothing. Per-element sums come from ``(g²)ᵀ(a²)`` for
-    ``nn.Linear`` on flat inputs, and from per-sample gradients materialised one parameter at
-    a time for sequence/conv inputs, embeddings (``(B, V, d)``), layer norms and the
-    ``torch.func`` fallback: every layer is supported, at different cost. ``reduction`` tells
+    batch of each *logged* step; the hooks are registered only for the backward passes of
+    those steps and removed after them, so other steps cost nothing. Per-element sums come
+    from ``(g²)ᵀ(a²)`` for ``nn.Linear`` on flat inputs, from per-(sample, token) sums for
+    embeddings, and from per-sample gradients materialised one parameter at a time for
+    sequence/conv inputs, layer norms and the ``torch.func`` fallback: every layer is
+    supported, at different cost. ``reduction`` tells
     how ``.grad`` relates to the per-example gradients (``"mean"``: their mean over the
     step's examples; ``"sum"``: their sum).
 
@@ -153,20 +164,31 @@ class BatchSNR(Lens):
         self._engine = PerSampleEngine(
             model, list(view.params), mode=self.per_sample, need_elem=True, dtype=view.dtype
         )
-        self._engine.armed = view.log_every == 1
         self._covered = list(self._engine.covered)
-        return self._engine.attach()
+        self._hooks: list[Any] = []
+        self._arm(view.log_every == 1)
+        return [_Detach(self)]
+
+    def _arm(self, on: bool) -> None:
+        """Hooks only for the backward passes of a logged step: none at all between them."""
+        assert self._engine is not None
+        if on and not self._hooks:
+            self._hooks = self._engine.attach()
+        elif not on:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
 
     def update(self, state: State, step: Step) -> State:
         engine = self._engine
         if engine is None:
             return state
         try:
-            if step.logging and engine.armed:
+            if step.logging and self._hooks:
                 self._measure(state, step, engine)
         finally:
             engine.reset()
-            engine.armed = (step.index + 1) % step.view.log_every == 0
+            self._arm((step.index + 1) % step.view.log_every == 0)
         return state
 
     def _measure(self, state: State, step: Step, engine: PerSampleEngine) -> None:
