@@ -98,6 +98,10 @@ def norms(tensors: Sequence[Tensor], device: torch.device, dtype: torch.dtype) -
     """
     if not tensors:
         return torch.zeros(0, device=device, dtype=dtype)
+    first = tensors[0]
+    if all(t.dtype == first.dtype and t.device == first.device and not t.is_sparse
+           for t in tensors):  # fmt: skip  # the common case, without the grouping below
+        return torch.stack(_foreach_norm(list(tensors))).to(device=device, dtype=dtype)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     dense = [_dense(t) for t in tensors]
     for i, t in enumerate(dense):
@@ -189,7 +193,8 @@ def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -
         return
     dense = [(b, t) for b, t in zip(bufs, tensors) if not t.is_sparse]
     if flag and dense:
-        torch._foreach_add_([b for b, _ in dense], [t.to(b.dtype) for b, t in dense])
+        torch._foreach_add_([b for b, _ in dense],
+                            [t if t.dtype == b.dtype else t.to(b.dtype) for b, t in dense])
     elif dense:
         for bs, pieces in _masked_buckets([b for b, _ in dense], [t for _, t in dense], ok):
             torch._foreach_add_(bs, pieces)
