@@ -44,6 +44,32 @@ class Attention(nn.Module):
         return self.head(h)
 
 
+class MaskedAttention(nn.Module):
+    """``nn.MultiheadAttention`` with a causal float mask, a key-padding mask and no projection
+    biases (sequence-first when ``seq_first``), and one called with keyword arguments, a
+    boolean mask and ``is_causal``."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, seq_first: bool = False) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.emb = nn.Embedding(vocab, d)
+        self.att = nn.MultiheadAttention(d, 2, bias=False, batch_first=not seq_first)
+        self.att2 = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        t = x.shape[1]
+        causal = torch.full((t, t), float("-inf"), dtype=h.dtype).triu(1)
+        s = h.transpose(0, 1) if self.seq_first else h
+        a = self.att(s, s, s, key_padding_mask=x == 0, attn_mask=causal, need_weights=False)[0]
+        h = h + (a.transpose(0, 1) if self.seq_first else a)
+        bool_causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        h = h + self.att2(query=h, key=h, value=h, attn_mask=bool_causal, is_causal=True,
+                          need_weights=False)[0]  # fmt: skip
+        return self.head(h)
+
+
 class Tied(nn.Module):
     """Tied embedding/head weights, a Linear applied twice, and a Conv1d."""
 
@@ -130,6 +156,11 @@ def build(kind: str, seed: int = 0):
     elif kind == "attention":
         model = Attention()
         x, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 11, (6, 5), generator=g)
+    elif kind in ("masked_attention", "seq_first_attention"):
+        model = MaskedAttention(seq_first=kind == "seq_first_attention")
+        x = torch.randint(0, 11, (6, 5), generator=g)
+        x[:, 0] = torch.randint(1, 11, (6,), generator=g)  # no row fully masked
+        y = torch.randint(0, 11, (6, 5), generator=g)
     elif kind == "gpt2ish":
         model = GPT2ish()
         x, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 11, (6, 5), generator=g)
@@ -187,7 +218,7 @@ def rel_err_max(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-KINDS = ["mlp", "cnn", "convs", "attention", "gpt2ish", "tied"]
+KINDS = ["mlp", "cnn", "convs", "attention", "masked_attention", "gpt2ish", "tied"]
 
 
 # -- per-sample norms -------------------------------------------------------------------------
@@ -221,14 +252,40 @@ def test_per_sample_norms_match_torch_func(kind, mode, need_elem):
             assert rel_err_max(engine.elem[i] * b * b, ref[n].square().sum(0)) < REL, n
 
 
+@pytest.mark.parametrize("need_elem", [False, True])
+def test_sequence_first_attention_rule(need_elem):
+    """The attention rule reads ``batch_first=False`` inputs (the ``torch.func`` fallback
+    needs the batch in dimension 0, so there is no "func" variant of this model)."""
+    model, x, y = build("seq_first_attention")
+    ref = per_sample_grads(model, x, y)
+    engine = PerSampleEngine(model, list(model.parameters()), need_elem=need_elem, keep_last=True)
+    handles = engine.attach()
+    loss_fn(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    b = x.shape[0]
+    for i, (n, _) in enumerate(model.named_parameters()):
+        want = ref[n].reshape(b, -1).square().sum(1)
+        assert rel_err(engine.last_sq[i] * b * b, want) < REL, n
+        if need_elem:
+            e = ref[n].square().sum(0)
+            assert rel_err_max(engine.elem[i] * b * b, e) < REL, n
+
+
 def test_hooks_mode_leaves_unruled_modules_out():
     model, x, y = build("attention")
     params = list(model.parameters())
     engine = PerSampleEngine(model, params, mode="hooks", keep_last=True)
     names = [n for n, _ in model.named_parameters()]
     uncovered = {n for n, c in zip(names, engine.covered) if not c}
-    assert uncovered == {"pos", "att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight",
-                         "att.out_proj.bias"}  # fmt: skip
+    assert uncovered == {"pos"}  # a bare parameter of the model itself: no rule
+    # an attention layer in a form the rule does not take: torch.func in "auto", out in "hooks"
+    att = nn.MultiheadAttention(8, 2, add_zero_attn=True)
+    assert not any(PerSampleEngine(att, list(att.parameters()), mode="hooks").covered)
+    auto = PerSampleEngine(att, list(att.parameters()))
+    assert all(auto.covered) and auto.units[0].rule.__name__ == "_func_rule"
+    units = PerSampleEngine(model, params).units
+    assert next(u for u in units if u.module is model.att).rule.__name__ == "_mha"
 
 
 # -- NoiseScale against the within-batch reference -------------------------------------------

@@ -31,8 +31,13 @@ parameter, shape ``(B, *p.shape)``, exist for a moment):
   ``nn.Linear`` rules with the weight transposed.
 * ``nn.LayerNorm``, ``nn.RMSNorm``: c_s(weight) = Σ_t g_t ⊙ x̂_t, c_s(bias) = Σ_t g_t,
   materialised (small).
-* any other module owning parameters (and ``nn.MultiheadAttention`` as a whole, since it
-  reads ``out_proj``'s weights without calling it): ``torch.func`` fallback, ``vmap`` over
+* ``nn.MultiheadAttention`` (packed in-projection, no ``bias_k``/``bias_v`` or
+  ``add_zero_attn``, no attention dropout while training; any masks, ``is_causal``,
+  ``batch_first`` either way): the attention recomputed once for the batch from the recorded
+  inputs gives the gradients of the projected queries, keys and values; the in- and
+  out-projections are then sequence Linears.
+* any other module owning parameters (and other ``nn.MultiheadAttention`` forms, as a whole,
+  since it reads ``out_proj``'s weights without calling it): ``torch.func`` fallback, ``vmap`` over
   ``vjp`` of the module re-run on each sample with its recorded output gradient. Exact for
   modules that treat samples independently and draw no random numbers (dropout ``p=0`` or
   eval); tensor arguments whose first dimension is the batch size are split per sample.
@@ -41,11 +46,13 @@ A module called several times between two backward passes (weight sharing, recur
 has its uses joined along the sequence axis, which is exact: the per-sample gradient is the
 sum over uses. A parameter shared by several modules (tied embeddings) has its per-sample
 gradients materialised by each module and summed. Batch norm makes per-sample gradients
-undefined and is not supported. The batch is dimension 0 of every activation.
+undefined and is not supported. The batch is dimension 0 of every activation (the attention
+rule also reads ``batch_first=False``; the ``torch.func`` fallback needs dimension 0).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -298,6 +305,96 @@ def _norm_layer(
     }
 
 
+def _mha_ok(m: nn.Module) -> bool:
+    """``nn.MultiheadAttention`` in its common form: packed in-projection, no ``bias_k``/
+    ``bias_v``, no zero-attention row, no attention dropout while training."""
+    return (
+        isinstance(m, nn.MultiheadAttention)
+        and m._qkv_same_embed_dim
+        and m.bias_k is None
+        and not m.add_zero_attn
+        and (m.dropout == 0.0 or not m.training)
+    )
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """An attention mask as ``nn.MultiheadAttention`` reads it (bool: True = masked out) as an
+    additive float mask."""
+    if mask is None or mask.is_floating_point():
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        mask, float("-inf")
+    )
+
+
+def _mha(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> dict[str, Result]:
+    """``nn.MultiheadAttention``: the attention is recomputed once for the batch, from the
+    recorded inputs, to get the gradients of the projected queries, keys and values; the
+    in- and out-projections are then Linear layers over the sequence (Gram trick or
+    materialised), the in-projection's three blocks stacked."""
+    assert isinstance(m, nn.MultiheadAttention)
+    e, h = m.embed_dim, m.num_heads
+    w_in, b_in = m.in_proj_weight, m.in_proj_bias
+    w_out = m.out_proj.weight
+    sig = inspect.signature(m.forward)
+    xs: list[list[Tensor]] = [[], [], []]  # inputs of the q, k, v projections
+    gs: list[list[Tensor]] = [[], [], []]  # gradients of the projections' outputs
+    os_, gos = [], []  # the out-projection's input and output gradient
+    for u in uses:
+        args = sig.bind(*u.args, **u.kwargs).arguments
+        go = u.grads[0]
+        assert go is not None
+        seqs = [_wide(args[n]) for n in ("query", "key", "value")]
+        if not m.batch_first:  # (L, B, E) -> (B, L, E)
+            seqs, go = [x.transpose(0, 1) for x in seqs], go.transpose(0, 1)
+        b, lq, ls = seqs[0].shape[0], seqs[0].shape[1], seqs[1].shape[1]
+        dtype = seqs[0].dtype
+        mask = _additive(args.get("attn_mask"), dtype)
+        if mask is not None and mask.dim() == 3:  # (B·H, L, S)
+            mask = mask.view(b, h, lq, ls)
+        if mask is None and args.get("is_causal", False):
+            mask = _additive(torch.ones(lq, ls, dtype=torch.bool, device=go.device).triu(1), dtype)
+        pad = _additive(args.get("key_padding_mask"), dtype)
+        if pad is not None:
+            pad = pad.view(b, 1, 1, ls)
+            mask = pad if mask is None else mask + pad
+        wq, wk, wv = _wide(w_in).chunk(3)
+        bq, bk, bv = (None, None, None) if b_in is None else _wide(b_in).chunk(3)
+        proj = [F.linear(x, w, bias) for x, w, bias in zip(seqs, (wq, wk, wv), (bq, bk, bv))]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in proj]
+            heads = [t.view(b, -1, h, e // h).transpose(1, 2) for t in leaves]
+            o = F.scaled_dot_product_attention(heads[0], heads[1], heads[2], attn_mask=mask)
+            o = o.transpose(1, 2).reshape(b, lq, e)
+            grads = torch.autograd.grad(o, leaves, go @ _wide(w_out))
+        for j in range(3):
+            xs[j].append(seqs[j])
+            gs[j].append(grads[j])
+        os_.append(o.detach())
+        gos.append(go)
+    a3 = [_cat(x, 1) for x in xs]
+    g3 = [_cat(g, 1) for g in gs]
+    a_o, g_o = _cat(os_, 1), _cat(gos, 1)
+    gram = all(_gram_cheaper(a.shape[1], e, e) for a in a3)
+    out: dict[str, Result] = {}
+    def in_sq() -> Tensor:
+        return torch.stack([_gram_sq(a, g) for a, g in zip(a3, g3)]).sum(0)
+
+    inner = {n[len("in_proj_"):]: w for n, w in want.items() if n.startswith("in_proj_")}
+    for n, r in _weight_bias(
+        lambda: torch.cat([g.transpose(1, 2) @ a for a, g in zip(a3, g3)], 1),
+        lambda: torch.cat([g.sum(1) for g in g3], 1), inner, need, in_sq if gram else None,
+    ).items():  # fmt: skip
+        out[f"in_proj_{n}"] = r
+    inner = {n[len("out_proj."):]: w for n, w in want.items() if n.startswith("out_proj.")}
+    for n, r in _weight_bias(
+        lambda: g_o.transpose(1, 2) @ a_o, lambda: g_o.sum(1), inner, need,
+        (lambda: _gram_sq(a_o, g_o)) if _gram_cheaper(a_o.shape[1], e, e) else None,
+    ).items():  # fmt: skip
+        out[f"out_proj.{n}"] = r
+    return out
+
+
 Rule = Callable[[nn.Module, list[_Use], dict[str, str], bool], dict[str, Result]]
 RULES: dict[type, tuple[Rule, Callable[[nn.Module], bool]]] = {
     nn.Linear: (_linear, lambda m: True),
@@ -424,10 +521,11 @@ class PerSampleEngine:
                 self.units.append(_Unit(module, rule[0], names))
             return
         if isinstance(module, nn.MultiheadAttention):  # reads out_proj's weights directly
-            if self.mode != "hooks":
+            fallback = self.mode != "hooks" and not (self.mode == "auto" and _mha_ok(module))
+            if fallback or (self.mode != "func" and _mha_ok(module)):
                 names = {n: index[id(p)] for n, p in module.named_parameters() if id(p) in index}
                 if names:
-                    self.units.append(_Unit(module, _func_rule, names))
+                    self.units.append(_Unit(module, _func_rule if fallback else _mha, names))
             return
         for child in module.children():
             self._visit(child, index)
@@ -531,7 +629,7 @@ class PerSampleEngine:
                            for o, g in zip(u.output, u.grads)]  # fmt: skip
                 if unit.rule is not _func_rule:  # half-precision products and squares lose
                     # the small differences the estimators take: the rules work in float32
-                    u.args = (_wide(u.args[0]), *u.args[1:])
+                    u.args = tuple(_wide(a) for a in u.args)
                     u.grads = [_wide(g) for g in u.grads]
             res = unit.rule(unit.module, uses, unit.want, self.need_elem)
         for u in uses:
