@@ -45,9 +45,9 @@ class Attention(nn.Module):
 
 
 class MaskedAttention(nn.Module):
-    """``nn.MultiheadAttention`` with a causal float mask, a key-padding mask and no projection
-    biases (sequence-first when ``seq_first``), and one called with keyword arguments, a
-    boolean mask and ``is_causal``."""
+    """Self-attention with a causal float mask, a key-padding mask and no projection biases
+    (sequence-first when ``seq_first``), then cross-attention (distinct query, key and
+    value) called with keyword arguments, a boolean mask and ``is_causal``."""
 
     def __init__(self, vocab: int = 11, d: int = 8, seq_first: bool = False) -> None:
         super().__init__()
@@ -58,15 +58,15 @@ class MaskedAttention(nn.Module):
         self.head = nn.Linear(d, vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
+        h0 = h = self.emb(x)
         t = x.shape[1]
         causal = torch.full((t, t), float("-inf"), dtype=h.dtype).triu(1)
         s = h.transpose(0, 1) if self.seq_first else h
         a = self.att(s, s, s, key_padding_mask=x == 0, attn_mask=causal, need_weights=False)[0]
         h = h + (a.transpose(0, 1) if self.seq_first else a)
         bool_causal = torch.ones(t, t, dtype=torch.bool).triu(1)
-        h = h + self.att2(query=h, key=h, value=h, attn_mask=bool_causal, is_causal=True,
-                          need_weights=False)[0]  # fmt: skip
+        h = h + self.att2(query=h, key=h0, value=h0 * 2, attn_mask=bool_causal, is_causal=True,
+                          need_weights=False)[0]  # fmt: skip  # cross-attention
         return self.head(h)
 
 

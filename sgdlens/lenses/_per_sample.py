@@ -345,8 +345,11 @@ def _mha(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> di
         go = u.grads[0]
         assert go is not None
         seqs = [_wide(args[n]) for n in ("query", "key", "value")]
+        same = args["query"] is args["key"] is args["value"]  # self-attention
         if not m.batch_first:  # (L, B, E) -> (B, L, E)
             seqs, go = [x.transpose(0, 1) for x in seqs], go.transpose(0, 1)
+        if same:
+            seqs = [seqs[0]] * 3
         b, lq, ls = seqs[0].shape[0], seqs[0].shape[1], seqs[1].shape[1]
         dtype = seqs[0].dtype
         mask = _additive(args.get("attn_mask"), dtype)
@@ -358,9 +361,12 @@ def _mha(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> di
         if pad is not None:
             pad = pad.view(b, 1, 1, ls)
             mask = pad if mask is None else mask + pad
-        wq, wk, wv = _wide(w_in).chunk(3)
-        bq, bk, bv = (None, None, None) if b_in is None else _wide(b_in).chunk(3)
-        proj = [F.linear(x, w, bias) for x, w, bias in zip(seqs, (wq, wk, wv), (bq, bk, bv))]
+        bias = None if b_in is None else _wide(b_in)
+        if same:  # one packed projection
+            proj = list(F.linear(seqs[0], _wide(w_in), bias).chunk(3, -1))
+        else:
+            ws, bs = _wide(w_in).chunk(3), (None,) * 3 if bias is None else bias.chunk(3)
+            proj = [F.linear(x, w, c) for x, w, c in zip(seqs, ws, bs)]
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in proj]
             heads = [t.view(b, -1, h, e // h).transpose(1, 2) for t in leaves]
@@ -377,8 +383,16 @@ def _mha(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> di
     a_o, g_o = _cat(os_, 1), _cat(gos, 1)
     gram = all(_gram_cheaper(a.shape[1], e, e) for a in a3)
     out: dict[str, Result] = {}
-    def in_sq() -> Tensor:
-        return torch.stack([_gram_sq(a, g) for a, g in zip(a3, g3)]).sum(0)
+    def in_sq() -> Tensor:  # Σ over q, k, v of Σ_{t,u} (a_t·a_u)(g_t·g_u); one Gram of a shared a
+        grams: dict[int, Tensor] = {}
+        total = None
+        for a, g in zip(a3, g3):
+            if id(a) not in grams:
+                grams[id(a)] = a @ a.transpose(1, 2)
+            sq = (grams[id(a)] * (g @ g.transpose(1, 2))).sum((1, 2))
+            total = sq if total is None else total + sq
+        assert total is not None
+        return total
 
     inner = {n[len("in_proj_"):]: w for n, w in want.items() if n.startswith("in_proj_")}
     for n, r in _weight_bias(
