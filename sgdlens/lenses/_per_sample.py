@@ -33,9 +33,10 @@ parameter, shape ``(B, *p.shape)``, exist for a moment):
   materialised (small).
 * ``nn.MultiheadAttention`` (packed in-projection, no ``bias_k``/``bias_v`` or
   ``add_zero_attn``, no attention dropout while training; any masks, ``is_causal``,
-  ``batch_first`` either way): the attention recomputed once for the batch from the recorded
-  inputs gives the gradients of the projected queries, keys and values; the in- and
-  out-projections are then sequence Linears.
+  ``batch_first`` either way; mode ``"auto"`` only, since it re-runs the attention): the
+  attention recomputed once for the batch from the recorded inputs gives the gradients of the
+  projected queries, keys and values; the in- and out-projections are then sequence Linears.
+  It costs about one more forward and backward of the attention block (vs. ``vmap`` of it).
 * any other module owning parameters (and other ``nn.MultiheadAttention`` forms, as a whole,
   since it reads ``out_proj``'s weights without calling it): ``torch.func`` fallback, ``vmap`` over
   ``vjp`` of the module re-run on each sample with its recorded output gradient. Exact for
@@ -535,11 +536,12 @@ class PerSampleEngine:
                 self.units.append(_Unit(module, rule[0], names))
             return
         if isinstance(module, nn.MultiheadAttention):  # reads out_proj's weights directly
-            fallback = self.mode != "hooks" and not (self.mode == "auto" and _mha_ok(module))
-            if fallback or (self.mode != "func" and _mha_ok(module)):
+            # it re-runs the attention, so, like torch.func, not in "hooks" (hooks only)
+            if self.mode != "hooks":
                 names = {n: index[id(p)] for n, p in module.named_parameters() if id(p) in index}
+                rule = _mha if self.mode == "auto" and _mha_ok(module) else _func_rule
                 if names:
-                    self.units.append(_Unit(module, _func_rule if fallback else _mha, names))
+                    self.units.append(_Unit(module, rule, names))
             return
         for child in module.children():
             self._visit(child, index)
