@@ -234,3 +234,23 @@ def mul_(tensors: Sequence[Tensor], factor: Tensor) -> None:
     """``t *= factor`` for every tensor, in one fused op."""
     if tensors:
         torch._foreach_mul_(list(tensors), factor)
+
+
+def check_grad_scaler(owner: str, scaler: Any) -> None:
+    """``scaler`` must be ``None`` or a ``torch.amp.GradScaler`` (anything with ``scale`` and
+    ``unscale_``)."""
+    if scaler is not None and not (callable(getattr(scaler, "scale", None))
+                                   and callable(getattr(scaler, "unscale_", None))):  # fmt: skip
+        raise TypeError(
+            f"{owner}(grad_scaler={scaler!r}) must be the torch.amp.GradScaler whose scaled "
+            f"loss the backward passes see, e.g. grad_scaler=scaler, or None"
+        )
+
+
+def inverse_scale_sq(scaler: Any, like: Tensor) -> Tensor:
+    """``1/S²`` for the current scale ``S`` of a ``torch.amp.GradScaler`` (1 when ``scaler`` is
+    ``None``, disabled or unused), as a tensor like ``like``, read without a host sync."""
+    scale = None if scaler is None else getattr(scaler, "_scale", None)
+    if scale is None:
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    return scale.to(device=like.device, dtype=like.dtype).reciprocal().square()

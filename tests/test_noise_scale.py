@@ -606,3 +606,44 @@ def test_bfloat16_per_sample_and_micro_batch_norms_are_float32_accurate():
     want = torch.tensor([sum(float(d.square().sum()) for d in ds) for ds in incoming])
     assert all(len(ds) == 2 for ds in incoming)
     assert rel_err(micro.sums(torch.device("cpu")), want) < 1e-5
+
+
+@pytest.mark.parametrize("estimator", ["accumulation", "per_sample"])
+def test_grad_scaler_runs_give_the_unscaled_estimates(estimator):
+    """A float16-style run through ``torch.amp.GradScaler`` (here on float64, scale 2¹⁰): with
+    ``grad_scaler=`` every key equals the unscaled run's; without it they do not."""
+    from sgdlens.lenses import BatchSNR
+
+    def run(scaler, tell):
+        model, x, y = build("cnn")
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        kw = {"grad_scaler": scaler} if tell else {}
+        mon = PhaseMonitor(opt, model=model, log_every=1, detector=False,
+                           lenses=[NoiseScale(estimator, decay=0.5, **kw), BatchSNR(**kw)])  # fmt: skip
+        for _ in range(3):
+            opt.zero_grad()
+            for xb, yb in zip(x.chunk(2), y.chunk(2)):
+                loss = loss_fn(model(xb), yb) / 2
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+        mon.close()
+        return mon.history.records[-1]
+
+    plain = run(None, False)
+    scaled = run(torch.amp.GradScaler("cpu", init_scale=1024.0), True)
+    keys = [k for k in plain if k.startswith(("noise_scale", "grad_noise", "grad_sq", "batch"))]
+    assert keys and all(rel_err(scaled[k], plain[k]) < 1e-9 for k in keys)
+    wrong = run(torch.amp.GradScaler("cpu", init_scale=1024.0), False)
+    assert rel_err(wrong["grad_noise_tr"], plain["grad_noise_tr"]) > 1.0
+
+
+def test_grad_scaler_must_be_a_grad_scaler():
+    from sgdlens.lenses import BatchSNR
+
+    for lens in (NoiseScale, BatchSNR):
+        with pytest.raises(TypeError, match=r"grad_scaler=1\.0\).*GradScaler"):
+            lens(grad_scaler=1.0)

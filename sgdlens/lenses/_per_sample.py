@@ -539,9 +539,9 @@ class PerSampleEngine:
             # it re-runs the attention, so, like torch.func, not in "hooks" (hooks only)
             if self.mode != "hooks":
                 names = {n: index[id(p)] for n, p in module.named_parameters() if id(p) in index}
-                rule = _mha if self.mode == "auto" and _mha_ok(module) else _func_rule
+                how = _mha if self.mode == "auto" and _mha_ok(module) else _func_rule
                 if names:
-                    self.units.append(_Unit(module, rule, names))
+                    self.units.append(_Unit(module, how, names))
             return
         for child in module.children():
             self._visit(child, index)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sgdlens import _torch
 from sgdlens.lenses._per_sample import MODES, PerSampleEngine
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
 
@@ -89,6 +90,7 @@ class BatchSNR(Lens):
         eps: ε in the GSNR denominator (Cockpit uses 1e-5). Non-negative float.
         reduction: ``"mean"`` or ``"sum"`` (per-sample source).
         per_sample: ``"auto"``, ``"hooks"`` or ``"func"``, as in :class:`NoiseScale`.
+        grad_scaler: the ``torch.amp.GradScaler`` of a float16 run, as in :class:`NoiseScale`.
 
     Example:
         >>> from sgdlens import PhaseMonitor, lenses
@@ -102,6 +104,7 @@ class BatchSNR(Lens):
     eps: float
     reduction: str
     per_sample: str
+    grad_scaler: Any
 
     def __init__(
         self,
@@ -110,6 +113,7 @@ class BatchSNR(Lens):
         eps: float = 1e-5,
         reduction: str = "mean",
         per_sample: str = "auto",
+        grad_scaler: Any = None,
     ) -> None:
         if source not in SOURCES:
             raise ValueError(
@@ -124,6 +128,8 @@ class BatchSNR(Lens):
             raise ValueError(f"BatchSNR(reduction={reduction!r}) must be 'mean' or 'sum'")
         if per_sample not in MODES:
             raise ValueError(f"BatchSNR(per_sample={per_sample!r}) must be one of {MODES}")
+        _torch.check_grad_scaler("BatchSNR", grad_scaler)
+        self.grad_scaler = grad_scaler
         self.source, self.eps, self.reduction, self.per_sample = (
             source, float(eps), reduction, per_sample
         )  # fmt: skip
@@ -199,7 +205,8 @@ class BatchSNR(Lens):
         which = [i for i, c in enumerate(self._covered) if c and engine.count[i] > 0]
         zero = torch.zeros((), dtype=view.dtype, device=view.device)
         idx = torch.tensor(which, device=view.device)
-        sq = engine.sums(view.device).index_select(0, idx)
+        inv = _torch.inverse_scale_sq(self.grad_scaler, step.grad_sq)  # 1/S² under a GradScaler
+        sq = engine.sums(view.device).index_select(0, idx) * inv
         k2 = float(n * n) if self.reduction == "mean" else 1.0  # Σ‖g_i‖² = k2 Σ‖c_i‖²
         gscale = 1.0 if self.reduction == "mean" else 1.0 / n  # ḡ = gscale · .grad
         gsq = step.grad_sq.index_select(0, idx)
@@ -214,7 +221,7 @@ class BatchSNR(Lens):
                 sizes.append(0)
                 continue
             gbar = (g.to_dense() if g.is_sparse else g).to(e.dtype) * gscale
-            second = e * (k2 / n)  # (1/n) Σ_i g_ik²
+            second = e * (k2 / n) * inv.to(e.dtype)  # (1/n) Σ_i g_ik²
             var = second - gbar.square()
             ratios.append((gbar.square() / (var + self.eps)).sum().to(view.dtype))
             sizes.append(p.numel())

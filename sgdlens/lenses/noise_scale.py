@@ -198,6 +198,11 @@ class NoiseScale(Lens):
             communication hook is set to one that records local norms and then all-reduces
             as DDP does (DDP takes one hook, registered before the first backward, and keeps
             it: after the monitor closes it only all-reduces, recording nothing).
+        grad_scaler: the ``torch.amp.GradScaler`` of a float16 mixed-precision run: its
+            backward passes see gradients multiplied by the scale ``S``, which the hooks'
+            micro-batch, per-sample and per-rank norms are divided by (``.grad`` at
+            ``optimizer.step()`` is already unscaled). Without it those norms are ``S`` times
+            too large and every estimate is wrong. Not needed for bfloat16.
 
     Example:
         >>> from sgdlens import PhaseMonitor, lenses
@@ -213,6 +218,7 @@ class NoiseScale(Lens):
     reduction: str
     per_sample: str
     ddp: Any
+    grad_scaler: Any
 
     def __init__(
         self,
@@ -223,6 +229,7 @@ class NoiseScale(Lens):
         reduction: str = "mean",
         per_sample: str = "auto",
         ddp: Any = None,
+        grad_scaler: Any = None,
     ) -> None:
         if not isinstance(estimator, str) or estimator not in ESTIMATORS:
             raise ValueError(
@@ -259,6 +266,8 @@ class NoiseScale(Lens):
         self.reduction = reduction
         self.per_sample = per_sample
         self.ddp = ddp
+        _torch.check_grad_scaler("NoiseScale", grad_scaler)
+        self.grad_scaler = grad_scaler
 
     def __repr__(self) -> str:
         return (
@@ -414,6 +423,10 @@ class NoiseScale(Lens):
                 self._engine.reset()
         return state
 
+    def _unscale(self, sq: Tensor) -> Tensor:
+        """Squared norms of gradients seen during backward, without the GradScaler's S²."""
+        return sq * _torch.inverse_scale_sq(self.grad_scaler, sq) if self.grad_scaler else sq
+
     def _grad_sq(self, step: Step) -> Tensor:
         """‖.grad‖² per layer over the covered parameters."""
         view = step.view
@@ -440,7 +453,7 @@ class NoiseScale(Lens):
             return
         view = step.view
         n_total = m * b
-        acc = view.per_layer(micro.sums(view.device), range(len(view.params)))
+        acc = view.per_layer(self._unscale(micro.sums(view.device)), range(len(view.params)))
         big = self._grad_sq(step)
         if self.reduction == "mean":  # G_small_j = m Δ_j, G_big = .grad
             small = acc * m
@@ -454,7 +467,7 @@ class NoiseScale(Lens):
         if world < 2 or b is None:
             return
         view = step.view
-        small = view.per_layer(self._local, range(len(view.params)))  # this rank's |G_local|²
+        small = view.per_layer(self._unscale(self._local), range(len(view.params)))  # |G_local|²
         big = self._grad_sq(step)  # .grad after DDP's all-reduce: the global-batch gradient
         if self.reduction == "sum":  # G = .grad / examples
             small, big = small / (b * b), big / (world * b) ** 2
@@ -468,7 +481,7 @@ class NoiseScale(Lens):
         if n < 2:
             return
         view = step.view
-        s = view.per_layer(engine.sums(view.device), range(len(view.params)))  # Σ_s ‖c_s‖²
+        s = view.per_layer(self._unscale(engine.sums(view.device)), range(len(view.params)))
         big = self._grad_sq(step)
         if self.reduction == "mean":  # g_s = n c_s, ḡ = .grad
             small = s * n
