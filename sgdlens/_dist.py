@@ -6,6 +6,8 @@ monitor's single-process path never touches torch.distributed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.distributed as dist
 from torch import Tensor
 
@@ -29,3 +31,12 @@ def broadcast_(t: Tensor) -> Tensor:
     if rank_and_size()[1] > 1:
         dist.broadcast(t, src=0)
     return t
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's picklable ``obj`` on every rank, or ``obj`` itself in one process."""
+    if rank_and_size()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

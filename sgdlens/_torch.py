@@ -254,3 +254,17 @@ def inverse_scale_sq(scaler: Any, like: Tensor) -> Tensor:
     if scale is None:
         return torch.ones((), dtype=like.dtype, device=like.device)
     return scale.to(device=like.device, dtype=like.dtype).reciprocal().square()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Any]:
+    """An FSDP model's unsharded state dict, for rank 0; every rank must call it (it gathers).
+
+    On accelerators the full tensors go to rank 0's CPU only (other ranks get an empty dict);
+    on the CPU every rank receives them (FSDP1's CPU offload of CPU tensors crashed the
+    process in torch 2.13).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu)
+    return get_model_state_dict(model, options=options)

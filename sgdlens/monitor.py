@@ -139,6 +139,12 @@ class PhaseMonitor:
         probe_budget: the most probe time may take, as a fraction of the wall time since the
             monitor attached (0.05: 5 %); due probes are postponed to stay within it, and
             records carry ``probe_time_fraction``.
+        probe_model: under FSDP, a plain (unsharded) module of the model's architecture for
+            the probes: at each probe run every rank gathers the full weights
+            (``get_model_state_dict``), rank 0 loads them into ``probe_model``, runs the probes
+            on it with a stand-in optimizer of the same class (first param group's learning
+            rate, no state: an Adam run gets the plain sharpness) and sends the numbers to the
+            other ranks. Needed for ``probes=`` under FSDP, refused otherwise.
 
     Phase events reach ``monitor.events``, every :meth:`on_phase_change` callback, and every
     sink as an event record ``{"step", "time", "event", "layer", "old", "evidence/<name>",
@@ -197,6 +203,7 @@ class PhaseMonitor:
         trace_steps: int | None = None,
         probes: Sequence[Probe] = (),
         probe_budget: float = 0.05,
+        probe_model: nn.Module | None = None,
     ) -> None:
         opt = unwrap_optimizer(optimizer, "PhaseMonitor(optimizer=...)")
         if model is not None and not isinstance(model, nn.Module):
@@ -250,11 +257,28 @@ class PhaseMonitor:
         self.model = model
         self.log_every = int(log_every)
         self.view = build_view(opt, model, self.log_every)
-        if probe_list and any(_torch.is_distributed_param(p) for p in self.view.params):
+        fsdp = any(_torch.is_distributed_param(p) for p in self.view.params)
+        if probe_list and fsdp and probe_model is None:
             raise ValueError(
                 f"PhaseMonitor(probes={[p.name for p in probe_list]}) cannot run under FSDP "
-                f"(the optimizer holds sharded parameters): {FSDP_REASON}; drop probes="
+                f"(the optimizer holds sharded parameters): {FSDP_REASON}; or pass "
+                f"probe_model=<a plain instance of the model's class>, which the monitor loads "
+                f"with the gathered weights on rank 0 for each probe run"
             )
+        if probe_model is not None:
+            if not isinstance(probe_model, nn.Module) or any(
+                _torch.is_distributed_param(p) for p in probe_model.parameters()
+            ):
+                raise TypeError(
+                    f"PhaseMonitor(probe_model=...) must be a plain, unsharded torch.nn.Module "
+                    f"of the model's architecture, got {type(probe_model).__name__}"
+                )
+            if not fsdp or not probe_list:
+                raise ValueError(
+                    "PhaseMonitor(probe_model=...) is for probes= under FSDP (where the "
+                    "probes cannot run on the sharded model); elsewhere they run on model= "
+                    "itself: drop probe_model="
+                )
         self.lenses = lens_list
         self.states = [lens.init(self.view) for lens in lens_list]
         # lenses that watch more than the optimizer (module or gradient hooks) attach here
@@ -272,7 +296,9 @@ class PhaseMonitor:
         self._observed: dict[str, list[Any]] = {}  # name -> [device sum, count]
         self._warned: set[str] = set()
         self.detector = detector or None
-        self.probes = ProbeScheduler(probe_list, float(probe_budget)) if probe_list else None
+        self.probes = (
+            ProbeScheduler(probe_list, float(probe_budget), probe_model) if probe_list else None
+        )
         self._callbacks: list[Callable[[PhaseEvent], Any]] = []
         # ring of (last observed loss, squared gradient norm) per step, on device
         self._trace = torch.full((int(trace), 2), float("nan"), dtype=self.view.dtype,

@@ -99,6 +99,7 @@ def worker(
             from sgdlens import probes
 
             probe_list = [probes.sharpness_probe(probe_loss, (x0, y0), every=10, per_decade=None)]
+        replica = model_without_dropout() if with_probes and wrap != "ddp" else None
         mon = PhaseMonitor(
             opt,
             model=watched,
@@ -106,6 +107,7 @@ def worker(
             sinks=[sink],
             probes=probe_list,
             probe_budget=1.0,
+            probe_model=replica,  # under FSDP: rank 0 probes this unsharded copy
         )
         for t, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH)):
             if rank == crash_rank and t == 7:

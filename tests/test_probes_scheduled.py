@@ -138,3 +138,16 @@ def test_probe_arguments():
         Probe(lambda m, o: {}, name="a", every=0)
     with pytest.raises(TypeError, match="fn="):
         Probe(3, name="a", every=1)
+
+
+def test_probe_model_is_only_for_fsdp():
+    """probe_model= is the unsharded copy probes need under FSDP (tests/test_distributed.py);
+    without FSDP the probes run on model= itself, so it is refused, as is a non-module."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    probe = probes.sharpness_probe(lambda m, b: F.cross_entropy(m(b[0]), b[1]), batch)
+    with pytest.raises(ValueError, match=r"probe_model=.*is for probes= under FSDP"):
+        PhaseMonitor(opt, model=model, probes=[probe], probe_model=torch.nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=r"probe_model=\.\.\.\) must be a plain"):
+        PhaseMonitor(opt, model=model, probes=[probe], probe_model="copy")

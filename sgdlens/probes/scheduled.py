@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sgdlens import _dist
+from sgdlens import _dist, _torch
 from sgdlens.probes.curvature import eos_ratio, hessian_trace, sharpness
 from sgdlens.probes.interpolate import interpolate
 from sgdlens.probes.restore import preserved
@@ -100,12 +100,15 @@ class Probe:
 class ProbeScheduler:
     """Runs a monitor's probes at log points, within a wall-time budget (used by the monitor)."""
 
-    def __init__(self, probes: Sequence[Probe], budget: float) -> None:
+    def __init__(
+        self, probes: Sequence[Probe], budget: float, replica: nn.Module | None = None
+    ) -> None:
         names = [p.name for p in probes]
         if len(set(names)) != len(names):
             raise ValueError(f"PhaseMonitor(probes=...) names must be unique, got {names}")
         self.probes = list(probes)
         self.budget = budget
+        self.replica = replica  # under FSDP: the unsharded copy the probes run on, on rank 0
         self.start = time.perf_counter()
         self.spent = 0.0
         self.due = [p.next_after(0) for p in self.probes]
@@ -125,16 +128,31 @@ class ProbeScheduler:
         # under torch.distributed every rank follows rank 0's decisions (timings differ)
         device = next(model.parameters()).device
         flags = _dist.broadcast_(torch.tensor(wanted, dtype=torch.float32, device=device))
+        here, target, opt = True, model, optimizer
+        if self.replica is not None and bool(flags.any()):
+            # FSDP: every rank gathers the weights, rank 0 probes its unsharded copy with them
+            # and sends the numbers to the others
+            full = _torch.full_state_dict(model)
+            here = _dist.rank_and_size()[0] == 0
+            target = self.replica
+            if here:
+                target.load_state_dict(full)
+                opt = _stand_in(optimizer, target)
         for i, probe in enumerate(self.probes):
             if not flags[i]:
                 continue
             t0 = time.perf_counter()
-            try:
-                with torch.enable_grad(), preserved(model, optimizer):
-                    values = dict(probe.fn(model, optimizer))
-            except Exception as e:  # a failed probe must not stop training
-                warnings.warn(f"probe {probe.name!r} failed at step {step}: {e!r}", stacklevel=4)
-                values = {}
+            values = {}
+            if here:
+                try:
+                    with torch.enable_grad(), preserved(target, opt):
+                        values = dict(probe.fn(target, opt))
+                except Exception as e:  # a failed probe must not stop training
+                    warnings.warn(
+                        f"probe {probe.name!r} failed at step {step}: {e!r}", stacklevel=4
+                    )
+            if self.replica is not None:
+                values = _dist.broadcast_object({k: float(v) for k, v in values.items()})
             self.cost[i] = time.perf_counter() - t0
             self.spent += self.cost[i]
             self.due[i] = probe.next_after(step)
@@ -155,6 +173,14 @@ class ProbeScheduler:
             list(state["cost"]),
         )
         self.start = time.perf_counter() - float(state["elapsed"])
+
+
+def _stand_in(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """An optimizer of the same class over ``model``'s parameters, with the first param group's
+    hyper-parameters and no state (for the learning rate the probes read; an Adam stand-in has
+    no second moments, so its sharpness is the plain one)."""
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    return type(optimizer)([{"params": list(model.parameters()), **group}])  # type: ignore[call-arg]
 
 
 def sharpness_probe(
