@@ -1,18 +1,20 @@
 """Checks that need a GPU, in one short run (``python benchmarks/cuda_check.py``).
 
-1. ``records``/``probes``: the same monitored float64 training on the CPU and on the GPU (several lens
-   sets, a scheduled sharpness probe) gives the same records to 1e-9 relative (the sharpness
+1. ``records``/``probes``: the same monitored float64 training on the CPU and on the GPU
+   (several lens sets, a scheduled sharpness probe) gives the same records to 1e-9 relative (the sharpness
    probe's Lanczos starts from a device-dependent random vector: 1e-2); HVP, Lanczos,
    interpolation and 2-d slice probes agree to 1e-6 and leave the parameters unchanged.
 2. ``sync``: no lens makes the host wait for the GPU between log points
    (``torch.cuda.set_sync_debug_mode("error")`` on every step that does not log).
 3. ``bitwise``: parameters after 30 float32 steps equal those of the unmonitored run exactly.
-4. ``nccl``: DDP and FSDP2 (``fully_shard``) under the NCCL backend, world size 1, give the
+4. ``scaler``: ``NoiseScale``/``BatchSNR(grad_scaler=)`` through a ``GradScaler`` give the
+   unscaled run's keys.
+5. ``nccl``: DDP and FSDP2 (``fully_shard``) under the NCCL backend, world size 1, give the
    records of the plain run.
-5. ``timings``: ``benchmarks/overhead.py`` and ``benchmarks/noise_scale.py`` on the GPU.
+6. ``timings``: ``benchmarks/overhead.py`` and ``benchmarks/noise_scale.py`` on the GPU.
 
 Each section prints ``PASS``/``FAIL`` lines; the script exits non-zero if any failed.
-``--device cpu`` runs 1, 3 and 4 (gloo) on the CPU against itself, as a dry run.
+``--device cpu`` runs 1, 3, 4 and 5 (gloo) on the CPU against itself, as a dry run.
 """
 
 from __future__ import annotations
@@ -217,6 +219,36 @@ def check_bitwise(device: torch.device) -> None:
     torch.use_deterministic_algorithms(False)
 
 
+def check_scaler(device: torch.device) -> None:
+    """``NoiseScale``/``BatchSNR(grad_scaler=)`` through a ``torch.amp.GradScaler`` (scale 2¹⁰,
+    float32 so that scaling is the only difference) give the unscaled run's keys."""
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = cnn().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        lens = [lenses.NoiseScale("accumulation", decay=0.5, grad_scaler=scaler),
+                lenses.BatchSNR(grad_scaler=scaler)]  # fmt: skip
+        mon = PhaseMonitor(opt, model=model, lenses=lens, log_every=1, detector=False)
+        for x, y in batches("cnn", device, torch.float32, 3):
+            opt.zero_grad()
+            for xb, yb in zip(x.chunk(2), y.chunk(2)):
+                loss = F.cross_entropy(model(xb), yb) / 2
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+        mon.close()
+        return mon.history.records[-1]
+
+    a, b = run(None), run(torch.amp.GradScaler(device.type, init_scale=1024.0))
+    keys = [k for k in a if k.startswith(("noise_scale", "grad_noise", "grad_sq", "batch", "gsnr"))]
+    worst = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-30) for k in keys)
+    report(f"grad_scaler on {device}", bool(keys) and worst < 1e-4, f"max rel err {worst:.1e}")
+
+
 def check_nccl(device: torch.device) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -248,10 +280,13 @@ def check_nccl(device: torch.device) -> None:
             dist.destroy_process_group()
 
 
-def timings(device: torch.device) -> None:
+def timings(device: torch.device, only_scripts: str) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
-    for script, args in (("overhead.py", ["--steps", "200", "--big"]),
-                         ("noise_scale.py", ["--steps", "40", "--no-memory"])):  # fmt: skip
+    scripts = (("overhead.py", ["--steps", "200", "--big"]),
+               ("noise_scale.py", ["--steps", "40", "--no-memory"]))  # fmt: skip
+    for script, args in scripts:
+        if script not in only_scripts:
+            continue
         cmd = [sys.executable, os.path.join(here, script), "--device", str(device), *args]
         print("$", " ".join(cmd[1:]), flush=True)
         res = subprocess.run(cmd, text=True, capture_output=True)
@@ -264,7 +299,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--only", default="records,probes,sync,bitwise,nccl,timings")
+    ap.add_argument("--scripts", default="overhead.py,noise_scale.py")
+    ap.add_argument("--only", default="records,probes,sync,bitwise,scaler,nccl,timings")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -278,10 +314,12 @@ def main() -> None:
         check_sync(device)
     if "bitwise" in only:
         check_bitwise(device)
+    if "scaler" in only:
+        check_scaler(device)
     if "nccl" in only:
         check_nccl(device)
     if "timings" in only and device.type == "cuda":
-        timings(device)
+        timings(device, args.scripts)
     print("FAILED:", FAILED if FAILED else "none")
     sys.exit(1 if FAILED else 0)
 
