@@ -272,6 +272,36 @@ def test_sequence_first_attention_rule(need_elem):
             assert rel_err_max(engine.elem[i] * b * b, e) < REL, n
 
 
+def test_attention_weights_in_the_loss_go_to_torch_func():
+    """The attention rule differentiates the attended values only: when the returned attention
+    weights reach the loss too, that backward goes through torch.func, still exact."""
+
+    class WeightsUsed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.att = nn.Embedding(11, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 11)
+
+        def forward(self, x):
+            h = self.emb(x)
+            out, weights = self.att(h, h, h)  # need_weights=True: head-averaged weights
+            return self.head(out) + weights[:, :, :1] * torch.arange(11.0)  # on the first token
+
+    torch.manual_seed(0)
+    model = WeightsUsed().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 11, (6, 5), generator=g), torch.randint(0, 11, (6, 5), generator=g)
+    ref = per_sample_grads(model, x, y)
+    engine = PerSampleEngine(model, list(model.parameters()), keep_last=True)
+    handles = engine.attach()
+    loss_fn(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    for i, (n, _) in enumerate(model.named_parameters()):
+        want = ref[n].reshape(6, -1).square().sum(1)
+        assert rel_err(engine.last_sq[i] * 36, want) < REL, n
+
+
 def test_hooks_mode_leaves_unruled_modules_out():
     model, x, y = build("attention")
     params = list(model.parameters())

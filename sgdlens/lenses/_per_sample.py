@@ -308,7 +308,8 @@ def _norm_layer(
 
 def _mha_ok(m: nn.Module) -> bool:
     """``nn.MultiheadAttention`` in its common form: packed in-projection, no ``bias_k``/
-    ``bias_v``, no zero-attention row, no attention dropout while training."""
+    ``bias_v``, no zero-attention row, no attention dropout while training (a backward in
+    which the returned attention weights got a gradient goes to ``torch.func`` instead)."""
     return (
         isinstance(m, nn.MultiheadAttention)
         and m._qkv_same_embed_dim
@@ -639,15 +640,18 @@ class PerSampleEngine:
         uses = [u for u in unit.uses if any(g is not None for g in u.grads)]
         if not uses:
             return {}
+        rule = unit.rule
+        if rule is _mha and any(g is not None for u in uses for g in u.grads[1:]):
+            rule = _func_rule  # the attention weights reach the loss: the rule ignores them
         with torch.no_grad():
             for u in uses:  # outputs that got no gradient contribute zero
                 u.grads = [torch.zeros_like(o) if g is None else g
                            for o, g in zip(u.output, u.grads)]  # fmt: skip
-                if unit.rule is not _func_rule:  # half-precision products and squares lose
+                if rule is not _func_rule:  # half-precision products and squares lose
                     # the small differences the estimators take: the rules work in float32
                     u.args = tuple(_wide(a) for a in u.args)
                     u.grads = [_wide(g) for g in u.grads]
-            res = unit.rule(unit.module, uses, unit.want, self.need_elem)
+            res = rule(unit.module, uses, unit.want, self.need_elem)
         for u in uses:
             u.args = u.kwargs = None
             u.grads = []
