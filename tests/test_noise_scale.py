@@ -7,6 +7,7 @@ own loss), written independently of :mod:`sgdlens.lenses._per_sample`.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -677,3 +678,54 @@ def test_grad_scaler_must_be_a_grad_scaler():
     for lens in (NoiseScale, BatchSNR):
         with pytest.raises(TypeError, match=r"grad_scaler=1\.0\).*GradScaler"):
             lens(grad_scaler=1.0)
+
+
+def test_hugging_face_gpt2_per_sample_norms_are_exact():
+    """A (tiny, randomly initialised) Hugging Face GPT-2: every parameter's per-sample norms
+    from the layer rules (Conv1D, LayerNorm, Embedding, the tied head) equal torch.func's,
+    except the position embedding, whose output is shared by the whole batch: it is left
+    out, with a warning, instead of being measured wrong."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=23, n_positions=8, n_embd=16, n_layer=2, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                     eos_token_id=0)  # fmt: skip
+    model = GPT2LMHeadModel(cfg).double()
+    x = torch.randint(0, 23, (4, 6), generator=torch.Generator().manual_seed(1))
+
+    def lm_loss(logits, ids):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 23), ids[:, 1:].reshape(-1))
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(ps, xi):
+        return lm_loss(functional_call(model, ps, (), {"input_ids": xi[None]}).logits, xi[None])
+
+    ref = vmap(grad(one), in_dims=(None, 0))(params, x)
+    engine = PerSampleEngine(model, list(model.parameters()), mode="hooks", keep_last=True)
+    handles = engine.attach()
+    with pytest.warns(UserWarning, match=r"Embedding parameters \['weight'\].*has 1 along"):
+        lm_loss(model(input_ids=x).logits, x).backward()
+    for h in handles:
+        h.remove()
+    names = list(params)
+    assert [n for n, c in zip(names, engine.covered) if not c] == ["transformer.wpe.weight"]
+    for i, n in enumerate(names):
+        if engine.covered[i]:
+            want = ref[n].reshape(4, -1).square().sum(1)
+            assert rel_err(engine.last_sq[i] * 16, want) < REL, n
+    # in a monitor: NoiseScale leaves the position embedding out of every key
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    lens = NoiseScale("per_sample", per_sample="hooks")
+    mon = PhaseMonitor(opt, model=model, lenses=[lens], log_every=2, detector=False)
+    for _ in range(2):
+        opt.zero_grad()
+        with pytest.warns(UserWarning, match="position embeddings") if _ == 0 else nullcontext():
+            lm_loss(model(input_ids=x).logits, x).backward()
+        opt.step()
+    mon.close()
+    rec = mon.history.records[-1]
+    assert math.isfinite(rec["noise_scale"]) and "noise_scale/transformer.wte" in rec
+    assert not any("wpe" in k for k in rec)
+    assert mon.lenses[0].uncovered == ["transformer.wpe[1]"]

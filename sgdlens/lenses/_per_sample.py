@@ -54,6 +54,7 @@ rule also reads ``batch_first=False``; the ``torch.func`` fallback needs dimensi
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -477,6 +478,7 @@ class _Unit:
         self.uses: list[_Use] = []
         self.result: dict[str, Result] | None = None
         self.want: dict[str, str] = {}
+        self.excluded = False  # its output does not carry the batch (see _exclude)
 
 
 class PerSampleEngine:
@@ -492,7 +494,9 @@ class PerSampleEngine:
         dtype: dtype of the accumulated ``sq`` scalars.
 
     Attributes:
-        covered: per parameter, whether some hook computes its per-sample statistics.
+        covered: per parameter, whether some hook computes its per-sample statistics (set to
+            ``False``, with a warning, for a module whose output turns out not to carry the
+            model's batch along its batch dimension).
         elem, count: per parameter, Σ_s c_s² and the number of samples since the last
             :meth:`reset` (``None``/0 before any backward); :meth:`sums` gives Σ_s ‖c_s‖².
     """
@@ -508,6 +512,7 @@ class PerSampleEngine:
         dtype: torch.dtype = torch.float64,
     ) -> None:
         self.model, self.params, self.mode = model, list(params), mode
+        self.batch: int | None = None
         self.need_elem, self.keep_last, self.dtype = need_elem, keep_last, dtype
         self._busy = False
         index = {id(p): i for i, p in enumerate(self.params)}
@@ -554,16 +559,36 @@ class PerSampleEngine:
 
     def attach(self) -> list[Any]:
         """Register the hooks; returns their handles."""
-        handles = []
-        for k, u in enumerate(self.units):
+        handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
+        for u in self.units:
             handles.append(
                 u.module.register_forward_hook(partial(self._on_forward, u), with_kwargs=True)
             )
-            del k
         for i, p in enumerate(self.params):
             if self.covered[i]:
                 handles.append(p.register_hook(partial(self._on_param, i)))
         return handles
+
+    def _on_model(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """The batch size: dimension 0 of the model's first tensor input."""
+        if not self._busy and torch.is_grad_enabled() and not _transformed():
+            leaf = next((t for t in pytree.tree_leaves((args, kwargs))
+                         if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
+            self.batch = None if leaf is None else int(leaf.shape[0])
+
+    def _exclude(self, unit: _Unit, size: int) -> None:
+        """Leave out a unit whose output does not carry the batch along its batch dimension."""
+        unit.uses, unit.excluded = [], True
+        for i in unit.names.values():
+            self.covered[i] = False
+        warnings.warn(
+            f"per-sample gradients of {type(unit.module).__name__} parameters "
+            f"{sorted(unit.names)} cannot be read from module hooks: its output has {size} "
+            f"along the batch dimension where the model's input has {self.batch} (an output "
+            f"shared by the whole batch, such as position embeddings, or a flattened batch); "
+            f"they are left out of the per-sample statistics",
+            stacklevel=3,
+        )
 
     def reset(self) -> None:
         """Forget the statistics and any pending forward calls (after an optimizer step)."""
@@ -577,9 +602,17 @@ class PerSampleEngine:
     def _on_forward(self, unit: _Unit, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         if self._busy or not torch.is_grad_enabled() or _transformed():
             return
+        if unit.excluded:
+            return
         if unit.result is not None:  # the previous backward is over
             unit.uses, unit.result = [], None
         outs = _tensors(out)
+        if outs and self.batch is not None:
+            seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
+            size = outs[0].shape[1 if seq_first else 0] if outs[0].dim() > 1 else outs[0].shape[0]
+            if size != self.batch:
+                self._exclude(unit, int(size))
+                return
         use = _Use(args, kwargs, outs)
         for j, t in enumerate(outs):
             if t.requires_grad:
@@ -587,7 +620,7 @@ class PerSampleEngine:
         unit.uses.append(use)
 
     def _on_param(self, i: int, grad: Tensor) -> None:
-        if self._busy:
+        if self._busy or not self.covered[i]:
             return
         p = self.params[i]
         if p.grad is None:  # a new accumulation cycle (zero_grad(set_to_none=True))

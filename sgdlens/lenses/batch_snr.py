@@ -170,7 +170,7 @@ class BatchSNR(Lens):
         self._engine = PerSampleEngine(
             model, list(view.params), mode=self.per_sample, need_elem=True, dtype=view.dtype
         )
-        self._covered = list(self._engine.covered)
+        self._covered = self._engine.covered  # the engine may drop a module at its first use
         self._hooks: list[Any] = []
         self._arm(view.log_every == 1)
         return [_Detach(self)]

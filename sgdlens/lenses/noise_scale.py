@@ -286,7 +286,6 @@ class NoiseScale(Lens):
         self._handles: dict[str, list[Any]] = {}
         self._last_batch: int | None = None
         self._covered = [True] * len(view.params)
-        self.uncovered: list[str] = []
         self._warned = False
         return {
             "g2": zeros.clone(),  # EMA of the |G|² estimates, per layer
@@ -381,13 +380,16 @@ class NoiseScale(Lens):
 
     def _use_per_sample(self, view: ParamView) -> None:
         assert self._engine is not None
-        self._covered = list(self._engine.covered)
-        names = dict(self._named(view))
-        self.uncovered = [names[i] for i, c in enumerate(self._covered) if not c]
+        self._covered = self._engine.covered  # the engine may drop a module at its first use
 
-    @staticmethod
-    def _named(view: ParamView) -> list[tuple[int, str]]:
-        return [(i, f"{view.layers[view.layer_of[i]]}[{i}]") for i in range(len(view.params))]
+    @property
+    def uncovered(self) -> list[str]:
+        """``"<layer>[<index>]"`` of the parameters no per-sample hook covers."""
+        view = getattr(self, "_view", None)
+        if view is None:  # not attached to a monitor yet
+            return []
+        return [f"{view.layers[view.layer_of[i]]}[{i}]"
+                for i, c in enumerate(self._covered) if not c]  # fmt: skip
 
     def _choose(self, view: ParamView) -> str:
         """``auto``: accumulation if the first step had several backward passes."""
