@@ -729,3 +729,38 @@ def test_hugging_face_gpt2_per_sample_norms_are_exact():
     assert math.isfinite(rec["noise_scale"]) and "noise_scale/transformer.wte" in rec
     assert not any("wpe" in k for k in rec)
     assert mon.lenses[0].uncovered == ["transformer.wpe[1]"]
+
+
+def test_a_loss_output_first_and_a_module_the_rules_cannot_split():
+    """A module returning (loss, logits) with parameters of its own (the torch.func rule):
+    used through its logits, the batch check skips the 0-d loss and the per-sample norms are
+    exact; backpropagated through its own loss (no per-sample split exists), it is left out
+    with a warning, and training goes on."""
+
+    class LossFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+
+        def forward(self, x, y):
+            logits = x @ self.w
+            return loss_fn(logits, y), logits
+
+    torch.manual_seed(0)
+    model = LossFirst()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    ref = vmap(grad(lambda w, xi, yi: loss_fn(xi[None] @ w, yi[None])), in_dims=(None, 0, 0))(
+        model.w.detach(), x, y
+    )
+    engine = PerSampleEngine(model, [model.w], keep_last=True)
+    handles = engine.attach()
+    loss_fn(model(x, y)[1], y).backward()  # through the logits
+    assert engine.covered == [True]
+    assert rel_err(engine.last_sq[0] * 25, ref.reshape(5, -1).square().sum(1)) < REL
+    model.w.grad = None
+    engine.reset()
+    with pytest.warns(UserWarning, match="no batch dimension and gets a gradient"):
+        model(x, y)[0].backward()  # through the module's own loss
+    for h in handles:
+        h.remove()
+    assert engine.covered == [False] and model.w.grad is not None

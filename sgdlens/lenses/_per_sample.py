@@ -77,11 +77,12 @@ Result = tuple[str, Tensor, Tensor | None]
 class _Use:
     """One forward call of a module: its inputs and the gradients of its outputs."""
 
-    __slots__ = ("args", "grads", "kwargs", "output")
+    __slots__ = ("args", "got", "grads", "kwargs", "output")
 
     def __init__(self, args: Any, kwargs: Any, output: list[Tensor]) -> None:
         self.args, self.kwargs, self.output = args, kwargs, output
         self.grads: list[Tensor | None] = [None] * len(output)
+        self.got: list[bool] = []  # which outputs received a gradient (set before processing)
 
 
 def _tensors(output: Any) -> list[Tensor]:
@@ -441,6 +442,13 @@ def _func_rule(
         batch = leaves[tens[0]].shape[0]
         dims = tuple(0 if leaves[i].dim() > 0 and leaves[i].shape[0] == batch else None
                      for i in tens)  # fmt: skip
+        cot_dims = tuple(0 if o.dim() > 0 and o.shape[0] == batch else None for o in use.output)
+        for j, (d, got) in enumerate(zip(cot_dims, use.got)):
+            if d is None and got:
+                raise ValueError(
+                    f"its output {j} (shape {tuple(use.output[j].shape)}) has no batch dimension "
+                    f"and gets a gradient (a loss computed inside the module, say)"
+                )
         cots = tuple(
             torch.zeros_like(o) if gr is None else gr for o, gr in zip(use.output, use.grads)
         )
@@ -457,9 +465,10 @@ def _func_rule(
                 return tuple(_tensors(out))
 
             pull = vjp(f, params)[1]
-            return pull(tuple(c.unsqueeze(0) for c in cot))[0]
+            return pull(tuple(c.unsqueeze(0) if d == 0 else c
+                              for c, d in zip(cot, cot_dims)))[0]  # fmt: skip  # noqa: B023
 
-        grads = vmap(one, in_dims=(0, dims), randomness="different")(
+        grads = vmap(one, in_dims=(cot_dims, dims), randomness="different")(
             cots, tuple(leaves[i] for i in tens)
         )
         for n in names:
@@ -576,17 +585,15 @@ class PerSampleEngine:
                          if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
             self.batch = None if leaf is None else int(leaf.shape[0])
 
-    def _exclude(self, unit: _Unit, size: int) -> None:
-        """Leave out a unit whose output does not carry the batch along its batch dimension."""
-        unit.uses, unit.excluded = [], True
+    def _exclude(self, unit: _Unit, why: str) -> None:
+        """Leave a unit out of the per-sample statistics, with a warning saying why."""
+        unit.uses, unit.result, unit.excluded = [], {}, True
         for i in unit.names.values():
             self.covered[i] = False
         warnings.warn(
             f"per-sample gradients of {type(unit.module).__name__} parameters "
-            f"{sorted(unit.names)} cannot be read from module hooks: its output has {size} "
-            f"along the batch dimension where the model's input has {self.batch} (an output "
-            f"shared by the whole batch, such as position embeddings, or a flattened batch); "
-            f"they are left out of the per-sample statistics",
+            f"{sorted(unit.names)} cannot be read from module hooks: {why}; they are left out "
+            f"of the per-sample statistics",
             stacklevel=3,
         )
 
@@ -607,11 +614,14 @@ class PerSampleEngine:
         if unit.result is not None:  # the previous backward is over
             unit.uses, unit.result = [], None
         outs = _tensors(out)
-        if outs and self.batch is not None:
+        first = next((t for t in outs if t.dim() > 0), None)  # a loss may come first
+        if first is not None and self.batch is not None:
             seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
-            size = outs[0].shape[1 if seq_first else 0] if outs[0].dim() > 1 else outs[0].shape[0]
+            size = first.shape[1 if seq_first and first.dim() > 1 else 0]
             if size != self.batch:
-                self._exclude(unit, int(size))
+                self._exclude(unit, f"its output has {size} along the batch dimension where the "
+                              f"model's input has {self.batch} (an output shared by the whole "
+                              f"batch, such as position embeddings, or a flattened batch)")
                 return
         use = _Use(args, kwargs, outs)
         for j, t in enumerate(outs):
@@ -631,11 +641,13 @@ class PerSampleEngine:
                 self._busy = True
                 try:
                     u.result = self._process(u)
+                except Exception as err:  # a statistic must never stop training
+                    self._exclude(u, repr(err))
                 finally:
                     self._busy = False
-            if name in u.result:
+            if u.result is not None and name in u.result:
                 results.append(u.result[name])
-        if not results:
+        if not results or not self.covered[i]:  # a unit of a shared parameter was dropped
             return
         if len(results) == 1 and results[0][0] == "norm":
             _, sq, elem = results[0]
@@ -678,6 +690,7 @@ class PerSampleEngine:
             rule = _func_rule  # the attention weights reach the loss: the rule ignores them
         with torch.no_grad():
             for u in uses:  # outputs that got no gradient contribute zero
+                u.got = [g is not None for g in u.grads]
                 u.grads = [torch.zeros_like(o) if g is None else g
                            for o, g in zip(u.output, u.grads)]  # fmt: skip
                 if rule is not _func_rule:  # half-precision products and squares lose
