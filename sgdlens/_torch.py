@@ -175,11 +175,15 @@ def _masked_buckets(
                 n += pairs[end][1].numel()
                 end += 1
             chunk = pairs[start:end]
+            start = end
+            if len(chunk) == 1:  # no concatenation (a copy) for a single tensor
+                b, t = chunk[0]
+                yield [b], [torch.where(ok, t, 0).to(b.dtype)]
+                continue
             flat = torch.cat([t.reshape(-1) for _, t in chunk])
             flat = torch.where(ok, flat, 0).to(chunk[0][0].dtype)
             pieces = flat.split([t.numel() for _, t in chunk])
             yield [b for b, _ in chunk], [x.view(b.shape) for (b, _), x in zip(chunk, pieces)]
-            start = end
 
 
 def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -> None:
