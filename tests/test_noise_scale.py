@@ -253,6 +253,19 @@ def test_per_sample_norms_match_torch_func(kind, mode, need_elem):
             assert rel_err_max(engine.elem[i] * b * b, ref[n].square().sum(0)) < REL, n
 
 
+def test_sequence_first_attention_is_left_out_of_the_torch_func_rule():
+    model, x, y = build("seq_first_attention")
+    engine = PerSampleEngine(model, list(model.parameters()), mode="func")
+    handles = engine.attach()
+    with pytest.warns(UserWarning, match="sequence-first"):
+        loss_fn(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    names = [n for n, _ in model.named_parameters()]
+    assert {n for n, c in zip(names, engine.covered) if not c} == {
+        "att.in_proj_weight", "att.out_proj.weight"}  # fmt: skip
+
+
 @pytest.mark.parametrize("need_elem", [False, True])
 def test_sequence_first_attention_rule(need_elem):
     """The attention rule reads ``batch_first=False`` inputs (the ``torch.func`` fallback

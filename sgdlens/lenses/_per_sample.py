@@ -48,7 +48,8 @@ has its uses joined along the sequence axis, which is exact: the per-sample grad
 sum over uses. A parameter shared by several modules (tied embeddings) has its per-sample
 gradients materialised by each module and summed. Batch norm makes per-sample gradients
 undefined and is not supported. The batch is dimension 0 of every activation (the attention
-rule also reads ``batch_first=False``; the ``torch.func`` fallback needs dimension 0).
+rule also reads ``batch_first=False``; the ``torch.func`` fallback needs dimension 0 and leaves a
+sequence-first attention out, with a warning).
 """
 
 from __future__ import annotations
@@ -614,9 +615,13 @@ class PerSampleEngine:
         if unit.result is not None:  # the previous backward is over
             unit.uses, unit.result = [], None
         outs = _tensors(out)
+        seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
+        if seq_first and unit.rule is _func_rule:
+            self._exclude(unit, "the torch.func rule splits dimension 0, and this attention "
+                          "is sequence-first (batch_first=False)")
+            return
         first = next((t for t in outs if t.dim() > 0), None)  # a loss may come first
         if first is not None and self.batch is not None:
-            seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
             size = first.shape[1 if seq_first and first.dim() > 1 else 0]
             if size != self.batch:
                 self._exclude(unit, f"its output has {size} along the batch dimension where the "
