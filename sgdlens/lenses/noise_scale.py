@@ -192,8 +192,8 @@ class NoiseScale(Lens):
         reduction: ``"mean"`` or ``"sum"``, how ``.grad`` relates to per-example gradients.
         per_sample: the per-sample machinery: ``"auto"`` (layer rules, ``torch.func``
             elsewhere), ``"hooks"`` (layer rules only; parameters of other modules are left
-            out and listed in ``uncovered`` after attaching) or ``"func"`` (``torch.func``
-            for every module, for comparison).
+            out and listed in ``monitor.lenses[i].uncovered``, the monitor's copy of the lens)
+            or ``"func"`` (``torch.func`` for every module, for comparison).
         ddp: the ``DistributedDataParallel`` module, for ``estimator="ranks"``; its
             communication hook is set to one that records local norms and then all-reduces
             as DDP does (DDP takes one hook, registered before the first backward, and keeps
