@@ -185,6 +185,30 @@ def test_16_mixed_scaler_skips_a_step_and_the_monitor_with_it(tmp_path):
     assert records[1]["loss"] == pytest.approx(sum(module.losses[5:9]) / 4, rel=1e-3)
 
 
+def test_16_mixed_scaler_reaches_the_noise_scale_lenses(tmp_path):
+    """Under "16-mixed" the callback hands Lightning's GradScaler to NoiseScale and BatchSNR:
+    a run at scale 2¹⁰ gives the keys of the same run at scale 1 (scaling by a power of two is
+    exact in float16); without the hand-over they would be 2²⁰ times too large."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from sgdlens.lenses import BatchSNR, NoiseScale
+
+    def run(scale):
+        plugin = MixedPrecision("16-mixed", device="cpu",
+                                scaler=torch.amp.GradScaler("cpu", init_scale=scale))  # fmt: skip
+        cb = PhaseMonitorCallback(log_every=4, lenses=[
+            NoiseScale("accumulation", batch_size=BATCH, decay=0.5), BatchSNR()])  # fmt: skip
+        trainer = _trainer(tmp_path, callbacks=[cb], plugins=[plugin], max_epochs=1,
+                           accumulate_grad_batches=2)  # fmt: skip
+        trainer.fit(Net(), _data())
+        assert cb.monitor.lenses[0].grad_scaler is plugin.scaler
+        return cb.monitor.history.records[-1]
+
+    one, big = run(1.0), run(1024.0)
+    keys = [k for k in one if k.startswith(("noise_scale", "grad_noise", "grad_sq", "batch_"))]
+    assert keys and all(big[k] == pytest.approx(one[k], rel=1e-5) for k in keys)
+
+
 class TwoOptimizers(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -192,6 +192,13 @@ class PhaseMonitorCallback(_Base):
             self.monitors.append(monitor)
             self._adopted.append(adopted)
             self._index[id(real)] = i
+        # a float16 run's GradScaler: the lenses whose hooks see scaled gradients need it
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is not None:
+            for monitor in self.monitors:
+                for lens in monitor.lenses:
+                    if hasattr(lens, "grad_scaler") and lens.grad_scaler is None:
+                        lens.grad_scaler = scaler
         self._attached = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
