@@ -220,3 +220,23 @@ def test_building_the_callback_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     PhaseMonitorCallback(log_every=5)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_attach_hands_an_fp16_grad_scaler_to_the_noise_scale_lenses(tmp_path):
+    """With fp16 the Trainer's accelerator scales the loss; attach() hands its GradScaler to
+    NoiseScale and BatchSNR. A GradScaler is set on the CPU run's accelerator (fp16 itself
+    needs a GPU): at scale 2¹⁰ the keys equal those at scale 1."""
+    from sgdlens.lenses import BatchSNR, NoiseScale
+
+    def run(scale):
+        cb = PhaseMonitorCallback(lenses=[NoiseScale("accumulation", decay=0.5), BatchSNR()])
+        trainer = _trainer(tmp_path, gradient_accumulation_steps=2, max_grad_norm=0.0)
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        attach(trainer, cb)
+        trainer.train()
+        assert cb.monitor.lenses[0].grad_scaler is trainer.accelerator.scaler
+        return cb.monitor.history.records[-1]
+
+    one, big = run(1.0), run(1024.0)
+    keys = [k for k in one if k.startswith(("noise_scale", "grad_noise", "grad_sq", "batch_"))]
+    assert keys and all(big[k] == pytest.approx(one[k], rel=1e-5) for k in keys)

@@ -107,6 +107,7 @@ class PhaseMonitorCallback(TrainerCallback):
         self._latest: Record | None = None
         self._losses: list[Tensor] = []
         self._resume_from: str | None = None
+        self._accelerator: Any = None  # set by attach(): its GradScaler, under fp16
         self._zero = True
 
     # -- attaching ---------------------------------------------------------------------------
@@ -131,6 +132,13 @@ class PhaseMonitorCallback(TrainerCallback):
                 optimizer, model=module, sinks=[self._receive], **monitor_kwargs
             )
             self._adopted = False
+        # an fp16 run's GradScaler (reachable through attach()): the lenses whose hooks see
+        # scaled gradients need it
+        scaler = getattr(self._accelerator, "scaler", None)
+        if scaler is not None:
+            for lens in self.monitor.lenses:
+                if hasattr(lens, "grad_scaler") and lens.grad_scaler is None:
+                    lens.grad_scaler = scaler
         if state.global_step > 0:
             self._resume(args, state)
 
@@ -223,6 +231,7 @@ class PhaseMonitorCallback(TrainerCallback):
         """Place this callback in ``trainer`` where its keys reach ``report_to`` (see module)."""
         handler = trainer.callback_handler
         callbacks = handler.callbacks
+        self._accelerator = getattr(trainer, "accelerator", None)
         if self in callbacks:
             callbacks.remove(self)
         flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
