@@ -251,12 +251,14 @@ class PhaseDetector:
        ``spike_threshold`` robust standard deviations above the median of the last
        ``spike_window`` losses (``(loss − median) / (1.4826 · MAD)``) is a ``spike``
        event (``layer=""``). It is reported once: no further spike until a loss falls
-       back under the threshold. A spike resets every drift count towards diffusion
-       and, with ``spike_kick="global"`` (the default), switches the whole-model phase from
-       ``diffusion`` to ``drift`` at once (``"all"``: every layer too; ``"none"``: no
-       switch); a kicked phase makes no second switch on that record, and goes back to
-       diffusion by rule 3 if the SNR stays low. This is Smith & Topin's kick: long
-       learning-rate cycles raise the loss without always lifting a one-epoch SNR above 1.
+       back under half the threshold (hysteresis: a jump to a level that stays is reported
+       once, while the window slowly takes in the new level and its spread). A spike resets
+       every drift count towards diffusion and, with ``spike_kick="global"`` (the default),
+       switches the whole-model phase from ``diffusion`` to ``drift`` at once (``"all"``:
+       every layer too; ``"none"``: no switch); a kicked phase makes no second switch on that
+       record, and goes back to diffusion by rule 3 if the SNR stays low. This is Smith &
+       Topin's kick: long learning-rate cycles raise the loss without always lifting a
+       one-epoch SNR above 1.
 
     **Delay and false alarms** (Hypothesis-tested in ``tests/test_phase.py``; rates measured
     in ``docs/phases.md``). If the SNR records before a change of level lie on the old side
@@ -595,7 +597,7 @@ class PhaseDetector:
                 if not self._spiking:
                     self._spiking = True
                     kicked = self._spike(loss, z, med, scale, out)
-            else:
+            elif z < self.spike_threshold / 2:
                 self._spiking = False
         self._losses.append(loss)
         return kicked

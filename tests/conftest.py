@@ -3,10 +3,13 @@ import os
 import torch
 from hypothesis import HealthCheck, settings
 
+# "ci" draws the same examples on every run (derandomize), so CI never fails by the luck of
+# the draw; "dev" (HYPOTHESIS_PROFILE=dev) explores new random examples each run.
 settings.register_profile(
     "ci",
     max_examples=30,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
     print_blob=True,
 )
