@@ -99,3 +99,13 @@ def describe_event(record: Mapping[str, Value], who: str = "") -> str:
     else:
         what = f"{layer} {record.get('old')} -> {record.get('event')}"
     return f"sgdlens: {where}step {record.get('step')}: {what}"
+
+
+def share_grad_scaler(monitor: PhaseMonitor, scaler: Any) -> None:
+    """Give a float16 run's ``GradScaler`` to every lens of ``monitor`` that takes
+    ``grad_scaler=`` (its hooks see scaled gradients) and was given none."""
+    if scaler is None:
+        return
+    for lens in monitor.lenses:
+        if hasattr(lens, "grad_scaler") and lens.grad_scaler is None:
+            lens.grad_scaler = scaler

@@ -27,6 +27,7 @@ from sgdlens.integrations import (
     describe_event,
     monitor_kwargs_for,
     numeric_metrics,
+    share_grad_scaler,
 )
 from sgdlens.monitor import PhaseMonitor, unwrap_optimizer
 from sgdlens.records import Record
@@ -192,13 +193,9 @@ class PhaseMonitorCallback(_Base):
             self.monitors.append(monitor)
             self._adopted.append(adopted)
             self._index[id(real)] = i
-        # a float16 run's GradScaler: the lenses whose hooks see scaled gradients need it
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        if scaler is not None:
-            for monitor in self.monitors:
-                for lens in monitor.lenses:
-                    if hasattr(lens, "grad_scaler") and lens.grad_scaler is None:
-                        lens.grad_scaler = scaler
+        for monitor in self.monitors:
+            share_grad_scaler(monitor, scaler)  # under 16-mixed
         self._attached = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None

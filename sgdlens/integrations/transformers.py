@@ -31,7 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sgdlens.integrations import check_callback_args, describe_event, numeric_metrics
+from sgdlens.integrations import (
+    check_callback_args,
+    describe_event,
+    numeric_metrics,
+    share_grad_scaler,
+)
 from sgdlens.monitor import PhaseMonitor
 from sgdlens.records import Record
 
@@ -132,13 +137,8 @@ class PhaseMonitorCallback(TrainerCallback):
                 optimizer, model=module, sinks=[self._receive], **monitor_kwargs
             )
             self._adopted = False
-        # an fp16 run's GradScaler (reachable through attach()): the lenses whose hooks see
-        # scaled gradients need it
-        scaler = getattr(self._accelerator, "scaler", None)
-        if scaler is not None:
-            for lens in self.monitor.lenses:
-                if hasattr(lens, "grad_scaler") and lens.grad_scaler is None:
-                    lens.grad_scaler = scaler
+        # under fp16 (the accelerator is known through attach())
+        share_grad_scaler(self.monitor, getattr(self._accelerator, "scaler", None))
         if state.global_step > 0:
             self._resume(args, state)
 
