@@ -286,6 +286,7 @@ class NoiseScale(Lens):
         self._handles: dict[str, list[Any]] = {}
         self._last_batch: int | None = None
         self._covered = [True] * len(view.params)
+        self._mask: tuple[tuple[bool, ...], Tensor] | None = None
         self._warned = False
         return {
             "g2": zeros.clone(),  # EMA of the |G|² estimates, per layer
@@ -433,9 +434,11 @@ class NoiseScale(Lens):
         """‖.grad‖² per layer over the covered parameters."""
         view = step.view
         sq = step.grad_sq
-        if not all(self._covered):
-            mask = torch.tensor(self._covered, dtype=sq.dtype, device=sq.device)
-            sq = sq * mask
+        if not all(self._covered):  # the mask is copied to the device once, not every step
+            key = tuple(self._covered)
+            if self._mask is None or self._mask[0] != key:
+                self._mask = (key, torch.tensor(key, dtype=sq.dtype, device=sq.device))
+            sq = sq * self._mask[1]
         return view.per_layer(sq, range(len(view.params)))
 
     def _update_accumulation(self, state: State, step: Step) -> None:
