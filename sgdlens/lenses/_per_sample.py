@@ -218,9 +218,9 @@ def _conv(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> d
         gs.append(go)
     t = sum(g[0, 0].numel() for g in gs)
     d_in, d_out = w[0].numel(), w.shape[0]
-    unfold = m.groups == 1 and nd < 3
-    gram = unfold and _gram_cheaper(t, d_in, d_out)
-    unfold = unfold and xs[0].device.type == "cpu" and not 4 <= w.shape[1] <= 64
+    can_unfold = m.groups == 1 and nd < 3
+    gram = can_unfold and _gram_cheaper(t, d_in, d_out)
+    unfold = can_unfold and xs[0].device.type == "cpu" and not 4 <= w.shape[1] <= 64
 
     def unfolded() -> tuple[Tensor, Tensor]:  # (B, T, in·k), (B, T, out)
         us = []
