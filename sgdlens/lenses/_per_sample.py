@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from sgdlens._torch import pytree
 
-__all__ = ["MODES", "PerSampleEngine"]
+__all__ = ["MODES", "PerSampleEngine", "index_sums"]
 
 MODES = ("auto", "hooks", "func")
 
@@ -480,6 +480,24 @@ def _func_rule(
     }
 
 
+def index_sums(
+    parts: list[list[Tensor]], dtype: torch.dtype, device: torch.device,
+    cache: dict[tuple[tuple[int, int], ...], Tensor], square: bool = False,
+) -> Tensor:  # fmt: skip
+    """``out[i]`` = the sum of every entry of ``parts[i]`` (0-d or 1-D tensors; of their
+    squares with ``square``) in ``dtype`` on ``device``: one concatenation and one
+    ``index_add_``, the index tensor of each layout kept in ``cache``."""
+    flat = [t.reshape(-1).to(device) for ts in parts for t in ts]
+    out = torch.zeros(len(parts), dtype=dtype, device=device)
+    if not flat:
+        return out
+    layout = tuple((i, t.numel()) for i, ts in enumerate(parts) for t in ts)
+    if layout not in cache:
+        cache[layout] = torch.tensor([i for i, n in layout for _ in range(n)], device=device)
+    values = torch.cat(flat).to(dtype)
+    return out.index_add_(0, cache[layout], values.square() if square else values)
+
+
 class _Unit:
     """A module whose forward calls give the per-sample gradients of ``names``."""
 
@@ -675,16 +693,7 @@ class PerSampleEngine:
         The hooks keep each backward's per-sample vector; one concatenation and one
         ``index_add_`` per step sum them.
         """
-        flat = [t.to(device) for ts in self._parts for t in ts]
-        out = torch.zeros(len(self.params), dtype=self.dtype, device=device)
-        if not flat:
-            return out
-        layout = tuple((i, len(t)) for i, ts in enumerate(self._parts) for t in ts)
-        if layout not in self._index:
-            self._index[layout] = torch.tensor(
-                [i for i, n in layout for _ in range(n)], device=device
-            )
-        return out.index_add_(0, self._index[layout], torch.cat(flat).to(self.dtype))
+        return index_sums(self._parts, self.dtype, device, self._index)
 
     def _process(self, unit: _Unit) -> dict[str, Result]:
         uses = [u for u in unit.uses if any(g is not None for g in u.grads)]

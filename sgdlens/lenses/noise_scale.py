@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
-from sgdlens.lenses._per_sample import MODES, PerSampleEngine
+from sgdlens.lenses._per_sample import MODES, PerSampleEngine, index_sums
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
 
 __all__ = ["NoiseScale", "two_batch_estimates"]
@@ -97,7 +97,7 @@ class _MicroBatches:
         self._step = [0] * n  # a parameter's step count, to drop gradients of abandoned steps
         self._pending: list[tuple[int, int, Tensor]] = []
         self._pending_n = 0
-        self._index: dict[tuple[int, ...], Tensor] = {}
+        self._index: dict[tuple[tuple[int, int], ...], Tensor] = {}
 
     def attach(self) -> list[Any]:
         return [p.register_hook(partial(self._on, i))
@@ -128,15 +128,7 @@ class _MicroBatches:
     def sums(self, device: torch.device) -> Tensor:
         """Σ_j ‖Δ_j‖² per parameter, in ``dtype`` on ``device``."""
         self._flush()
-        flat = [t.to(device) for ns in self.norms for t in ns]
-        index = tuple(i for i, ns in enumerate(self.norms) for _ in ns)
-        out = torch.zeros(len(self.params), dtype=self.dtype, device=device)
-        if not flat:
-            return out
-        if index not in self._index:
-            self._index[index] = torch.tensor(index, device=device)
-        sq = torch.stack(flat).to(self.dtype).square()
-        return out.index_add_(0, self._index[index], sq)
+        return index_sums(self.norms, self.dtype, device, self._index, square=True)
 
     def reset(self) -> None:
         self.norms = [[] for _ in self.params]
