@@ -300,6 +300,7 @@ class NoiseScale(Lens):
                 )
             self._local = torch.zeros(len(params), dtype=view.dtype, device=view.device)
             self._index = {id(p): i for i, p in enumerate(params)}
+            self._buckets: dict[tuple[int, ...], Tensor] = {}
             from collections import OrderedDict
 
             from torch.utils.hooks import RemovableHandle
@@ -359,7 +360,10 @@ class NoiseScale(Lens):
 
         if self._recording:
             grads, params = bucket.gradients(), bucket.parameters()
-            index = torch.tensor([self._index[id(p)] for p in params], device=self._local.device)
+            key = tuple(self._index[id(p)] for p in params)
+            index = self._buckets.get(key)
+            if index is None:  # copied to the device once per bucket, not every step
+                index = self._buckets[key] = torch.tensor(key, device=self._local.device)
             local = _torch.norms(grads, self._local.device, self._local.dtype).square()
             self._local.index_copy_(0, index, local)
         return allreduce_hook(process_group, bucket)
