@@ -322,6 +322,17 @@ def _mha_ok(m: nn.Module) -> bool:
     )
 
 
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _signature(cls: type) -> inspect.Signature:
+    """The signature of ``cls.forward`` without ``self`` (read once per class)."""
+    if cls not in _SIGNATURES:
+        sig = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+        _SIGNATURES[cls] = sig.replace(parameters=list(sig.parameters.values())[1:])
+    return _SIGNATURES[cls]
+
+
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """An attention mask as ``nn.MultiheadAttention`` reads it (bool: True = masked out) as an
     additive float mask."""
@@ -341,7 +352,7 @@ def _mha(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> di
     e, h = m.embed_dim, m.num_heads
     w_in, b_in = m.in_proj_weight, m.in_proj_bias
     w_out = m.out_proj.weight
-    sig = inspect.signature(m.forward)
+    sig = _signature(type(m))
     xs: list[list[Tensor]] = [[], [], []]  # inputs of the q, k, v projections
     gs: list[list[Tensor]] = [[], [], []]  # gradients of the projections' outputs
     os_, gos = [], []  # the out-projection's input and output gradient
