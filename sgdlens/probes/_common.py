@@ -249,6 +249,32 @@ def probe_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
+def own_generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or a CPU generator seeded from the global RNG.
+
+    Probes re-seed the global RNG before every loss evaluation (fixed dropout masks), so random
+    vectors drawn between evaluations must come from a generator of their own. Called inside
+    :func:`~sgdlens.probes.preserved`, which puts the global RNG back afterwards.
+    """
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(probe_seed())
+
+
+def fixed_data(data: Any, name: str = "data") -> Any:
+    """``data`` checked now, for a probe that reads it at every run later.
+
+    A one-shot iterator (a generator expression, ``iter(loader)``) is read into a list here:
+    read lazily, every run after the first would find it exhausted. Other iterables (a
+    ``DataLoader``) are left as they are, to be iterated at each run.
+    """
+    if isinstance(data, Iterator):
+        return Batches(as_batches(data, name))
+    if data is None or isinstance(data, (Tensor, tuple, list, Mapping, Batches, str, bytes)):
+        as_batches(data, name)
+    return data
+
+
 def trainable(model: nn.Module) -> list[tuple[str, Tensor]]:
     """Named parameters that require grad, tied weights once (the first name)."""
     check_unsharded(model)

@@ -37,6 +37,7 @@ from sgdlens.probes._common import (
     check_mode,
     check_model,
     check_positive,
+    own_generator,
     probe_seed,
     set_mode,
     trainable,
@@ -350,17 +351,6 @@ def _select(evals: Tensor, k: int, which: str) -> Tensor:
     else:
         order = torch.argsort(evals.abs(), descending=True)
     return order[:k]
-
-
-def _own_generator(generator: torch.Generator | None) -> torch.Generator:
-    """``generator``, or a CPU generator seeded from the global RNG.
-
-    Probes re-seed the global RNG before every loss evaluation (fixed dropout masks), so random
-    vectors drawn between evaluations must come from a generator of their own.
-    """
-    if generator is not None:
-        return generator
-    return torch.Generator().manual_seed(probe_seed())
 
 
 def _random_unit(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -692,7 +682,7 @@ def sharpness(
     if preconditioner is not None:
         unwrap_optimizer(preconditioner, "preconditioner")
     with preserved(model):
-        generator = _own_generator(generator)
+        generator = own_generator(generator)
         op = _Operator(model, loss_fn, data, mode, method, fd_step)
         if preconditioner is not None:
             pre = adam_preconditioner(model, preconditioner)
@@ -819,7 +809,7 @@ def hessian_trace(
     fd_step = _check_fd_step(fd_step)
     generator = check_generator(generator)
     with preserved(model):
-        generator = _own_generator(generator)
+        generator = own_generator(generator)
         op = _Operator(model, loss_fn, data, mode, hvp_method, fd_step)
         n = op.n
         like = op.theta_flat
@@ -834,7 +824,9 @@ def hessian_trace(
             g = samples - 2 * s
             S = _rademacher(n, s, like, generator)
             HS = torch.stack([op.matvec(si) for si in S])
-            Q, _ = torch.linalg.qr(HS.T)  # (n, s)
+            # QR in float32 at least: no bfloat16/float16 kernel (geqrf) on CPU
+            work = torch.promote_types(HS.dtype, torch.float32)
+            Q = torch.linalg.qr(HS.T.to(work))[0].to(HS.dtype)  # (n, s)
             HQ = torch.stack([op.matvec(qi) for qi in Q.T])
             low = float(torch.sum(Q.T * HQ))
             G = _rademacher(n, g, like, generator)

@@ -36,6 +36,7 @@ from sgdlens.probes._common import (
     check_mode,
     check_model,
     check_positive,
+    own_generator,
     probe_seed,
     progress_iter,
     set_mode,
@@ -101,7 +102,9 @@ def random_direction(
 
     Args:
         model: the model whose weights set the scale (not modified).
-        generator: a ``torch.Generator`` for reproducible directions (default: the global RNG).
+        generator: a ``torch.Generator`` for reproducible directions (default: a seed drawn
+            from the global RNG, whose state is then restored, so repeated calls without a
+            generator give the same direction).
         norm: ``"filter"`` (default), ``"layer"`` or ``"none"``.
         ignore: ``"biasbn"`` (default) or ``None``.
 
@@ -121,7 +124,11 @@ def random_direction(
     check_model(model)
     generator = check_generator(generator)
     _check_norm_ignore(norm, ignore)
-    dev = generator.device if generator is not None else torch.device("cpu")
+    if generator is None:  # a seed from the global RNG, which is then put back as it was
+        state = torch.get_rng_state()
+        generator = own_generator(None)
+        torch.set_rng_state(state)
+    dev = generator.device
     out = {}
     with torch.no_grad():
         for name, p in trainable(model):
@@ -407,6 +414,7 @@ def landscape_1d(
     batches = as_batches(data)
     bn_batches = batches if bn_data is None else as_batches(bn_data, "bn_data")
     with preserved(model):
+        generator = own_generator(generator)
         d = (
             random_direction(model, generator=generator, norm=norm, ignore=ignore)
             if direction is None
@@ -543,6 +551,7 @@ def landscape_2d(
     with preserved(model):
         base = _state_of(model, model, "model")
         if directions is None:
+            generator = own_generator(generator)  # one generator: two different directions
             d1 = random_direction(model, generator=generator, norm=norm, ignore=ignore)
             d2 = random_direction(model, generator=generator, norm=norm, ignore=ignore)
         else:
@@ -902,6 +911,7 @@ def flatness(
     with preserved(model):
         base = _state_of(model, model, "model")
         set_mode(model, mode)
+        generator = own_generator(generator)  # one generator: different directions
         dirs = [
             random_direction(model, generator=generator, norm=norm, ignore=ignore)
             for _ in range(directions)

@@ -16,6 +16,7 @@ the schedule; every record carries ``probe_time_fraction``, the fraction spent s
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 import time
@@ -27,6 +28,8 @@ import torch
 from torch import nn
 
 from sgdlens import _dist, _torch
+from sgdlens._optim import unwrap_optimizer
+from sgdlens.probes._common import check_fn, check_int, check_positive, fixed_data
 from sgdlens.probes.curvature import eos_ratio, hessian_trace, sharpness
 from sgdlens.probes.interpolate import interpolate
 from sgdlens.probes.restore import preserved
@@ -45,6 +48,9 @@ class Probe:
         every: run at the first log point at or after every ``every`` optimizer steps.
         per_decade: run at log-spaced steps, this many per decade (10, 100, 1000, …).
         on_event: also run at a log point where the phase detector raised an event.
+        state: a dict that ``fn`` keeps between runs (e.g. a warm start), saved in the
+            monitor's checkpoint (``PhaseMonitor.state_dict``) and put back by
+            ``load_state_dict``, so a resumed run continues as the uninterrupted one would.
 
     Example:
         >>> probe = Probe(lambda model, opt: {"w0": float(next(model.parameters())[0, 0])},
@@ -59,6 +65,7 @@ class Probe:
         every: int | None = None,
         per_decade: int | None = None,
         on_event: bool = False,
+        state: dict[str, Any] | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"Probe(fn=...) must be callable as fn(model, optimizer), got {fn!r}")
@@ -75,7 +82,13 @@ class Probe:
             raise ValueError(
                 f"Probe(name={name!r}) has no schedule: give every=, per_decade= or on_event=True"
             )
+        if state is not None and not isinstance(state, dict):
+            raise TypeError(
+                f"Probe(state=...) must be a dict that fn keeps between runs, or None, got "
+                f"{type(state).__name__}"
+            )
         self.fn, self.name = fn, name
+        self.state: dict[str, Any] = {} if state is None else state
         self.every, self.per_decade, self.on_event = every, per_decade, on_event
 
     def __repr__(self) -> str:
@@ -161,18 +174,35 @@ class ProbeScheduler:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"spent": self.spent, "due": list(self.due), "cost": list(self.cost),
-                "elapsed": time.perf_counter() - self.start}  # fmt: skip
+        return {
+            "spent": self.spent,
+            "due": list(self.due),
+            "cost": list(self.cost),
+            "elapsed": time.perf_counter() - self.start,
+            "probe_state": {p.name: copy.deepcopy(p.state) for p in self.probes},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if len(state["due"]) != len(self.probes):
             raise ValueError("load_state_dict: the checkpoint's probes differ from this monitor's")
+        kept = state.get("probe_state", {})  # absent in checkpoints written before 0.1
+        unknown = sorted(set(kept) - {p.name for p in self.probes})
+        if unknown:
+            raise ValueError(
+                f"load_state_dict: the checkpoint holds state of probes {unknown} that this "
+                f"monitor does not have ({[p.name for p in self.probes]}); build the monitor "
+                "with the probes the checkpoint was written with"
+            )
         self.spent, self.due, self.cost = (
             float(state["spent"]),
             list(state["due"]),
             list(state["cost"]),
         )
         self.start = time.perf_counter() - float(state["elapsed"])
+        for p in self.probes:
+            if p.name in kept:
+                p.state.clear()
+                p.state.update(copy.deepcopy(kept[p.name]))
 
 
 def _stand_in(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
@@ -195,13 +225,21 @@ def sharpness_probe(
 ) -> Probe:
     """λ_max of the Hessian on ``data`` and the edge-of-stability ratio for the optimizer.
 
-    Keys: ``sharpness`` (λ_max; for Adam/AdamW the preconditioned sharpness
-    λ_max(P^{-1/2} H P^{-1/2}), as Cohen et al. 2022 compare), ``eos_ratio`` (sharpness over
-    the threshold of :func:`~sgdlens.probes.eos_threshold` at the current learning rate), and
-    ``sharpness_hvps``. Each run warm-starts Lanczos from the previous top eigenvector.
+    Keys: ``sharpness``, ``eos_ratio`` (sharpness over the threshold of
+    :func:`~sgdlens.probes.eos_threshold` at the current learning rate, for the optimizers that
+    have one) and ``sharpness_hvps``. For ``Adam``/``AdamW`` (once they have state)
+    ``sharpness`` is the preconditioned sharpness λ_max(P^{-1/2} H P^{-1/2}) that Cohen et al.
+    2022 compare with the threshold; for every other optimizer (SGD, and also NAdam, RAdam,
+    Adamax, Adagrad, RMSprop, ... which have no threshold here) it is the plain λ_max(H),
+    without ``eos_ratio``. Each run warm-starts Lanczos from the previous top eigenvector,
+    which the monitor's checkpoint carries.
 
     Cost: one Hessian-vector product (1 forward + 2 backward per batch of ``data``) per Lanczos
     iteration, typically 5-20.
+
+    Raises:
+        TypeError, ValueError: at construction, for a ``loss_fn`` that is not callable, empty
+            or unreadable ``data``, ``tol <= 0``, or a bad schedule.
 
     Example:
         >>> import torch
@@ -214,19 +252,23 @@ def sharpness_probe(
         >>> monitor = PhaseMonitor(opt, model=model, log_every=10,
         ...                        probes=[probes.sharpness_probe(loss_fn, batch, every=100)])
     """
+    check_fn(loss_fn)
+    data = fixed_data(data)
+    tol = check_positive(tol, "tol", "; the relative residual at which Lanczos stops, e.g. 1e-3")
     last: dict[str, Any] = {}
 
     def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
-        adam = "exp_avg_sq" in next(iter(opt.state.values()), {})
+        real = unwrap_optimizer(opt)
+        adam = isinstance(real, (torch.optim.Adam, torch.optim.AdamW)) and bool(real.state)
         res = sharpness(model, loss_fn, data, tol=tol, v0=last.get("v"), return_vectors=True,
-                        preconditioner=opt if adam else None)  # fmt: skip
-        last["v"] = res.vector(0)
+                        preconditioner=real if adam else None)  # fmt: skip
+        last["v"] = {k: v.clone() for k, v in res.vector(0).items()}
         out = {"sharpness": float(res.value), "sharpness_hvps": float(res.hvps)}
         with contextlib.suppress(TypeError, ValueError):  # no threshold for this optimizer
-            out["eos_ratio"] = eos_ratio(res, opt)
+            out["eos_ratio"] = eos_ratio(res, real)
         return out
 
-    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event)
+    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event, state=last)
 
 
 def trace_probe(
@@ -241,13 +283,21 @@ def trace_probe(
 ) -> Probe:
     """Hutch++ estimate of tr H on ``data``. Keys: ``hessian_trace``, ``hessian_trace_stderr``.
 
-    Cost: ``samples`` Hessian-vector products.
+    Cost: ``samples`` Hessian-vector products (at least 3: a third sketches the top of the
+    spectrum, a third measures it, a third estimates the rest).
+
+    Raises:
+        TypeError, ValueError: at construction, for a ``loss_fn`` that is not callable, empty
+            or unreadable ``data``, ``samples < 3``, or a bad schedule.
 
     Example:
         >>> import torch
         >>> batch = (torch.randn(16, 3), torch.randn(16, 1))
         >>> probe = trace_probe(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batch, samples=10)
     """
+    check_fn(loss_fn)
+    data = fixed_data(data)
+    check_int(samples, "samples", 3, "; Hutch++ splits its HVP budget in three, e.g. samples=20")
 
     def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
         res = hessian_trace(model, loss_fn, data, method="hutch++", samples=samples)
@@ -267,11 +317,19 @@ def barrier_probe(
     per_decade: int | None = 2,
     on_event: bool = True,
 ) -> Probe:
-    """The loss barrier on the straight line from ``reference`` (a state dict) to the model.
+    """The loss barrier on the straight line from ``reference`` to the model.
+
+    ``reference`` is a state dict (``model.state_dict()``) or a module; either is copied at
+    construction, so later changes to it do not move the reference.
 
     Keys: ``barrier/<name>`` (Entezari: the largest excess of the loss over the chord; ≤ 0
     within a convex basin) and ``error_barrier/<name>`` (Frankle: the loss's supremum minus
     the mean of the ends). Cost: ``steps`` forward passes per batch of ``data``.
+
+    Raises:
+        TypeError, ValueError: at construction, for a ``reference`` that is neither a state
+            dict of tensors nor a module, a ``loss_fn`` that is not callable, empty or
+            unreadable ``data``, ``steps < 2``, an empty ``name``, or a bad schedule.
 
     Example:
         >>> import torch
@@ -280,7 +338,12 @@ def barrier_probe(
         >>> probe = barrier_probe(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batch,
         ...                       reference=model.state_dict(), name="init")
     """
-    ref = {k: v.detach().clone() for k, v in reference.items()}
+    check_fn(loss_fn)
+    data = fixed_data(data)
+    check_int(steps, "steps", 2, "; the number of points on the line, e.g. 11")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"barrier_probe(name={name!r}) must be a non-empty string, e.g. 'init'")
+    ref = _snapshot(reference)
 
     def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
         res = interpolate(ref, model, loss_fn, data, steps=steps, model=model)
@@ -291,3 +354,24 @@ def barrier_probe(
 
     return Probe(fn, name=f"barrier/{name}".replace("/", "-"), every=every, per_decade=per_decade,
                  on_event=on_event)  # fmt: skip
+
+
+def _snapshot(reference: Any) -> dict[str, torch.Tensor]:
+    """A detached copy of a state dict or of a module's parameters and buffers."""
+    if isinstance(reference, nn.Module):
+        items: Mapping[str, Any] = {**dict(reference.named_parameters()),
+                                    **dict(reference.named_buffers())}  # fmt: skip
+    elif isinstance(reference, Mapping):
+        items = reference
+    else:
+        raise TypeError(
+            f"barrier_probe(reference=...) must be a state dict or a module, got "
+            f"{type(reference).__name__}; pass e.g. model.state_dict() saved at initialisation"
+        )
+    bad = [k for k, v in items.items() if not isinstance(v, torch.Tensor)]
+    if bad or not items:
+        raise TypeError(
+            f"barrier_probe(reference=...) must map names to tensors (model.state_dict()); "
+            f"got {'no entries' if not items else f'non-tensors at {bad[:3]}'}"
+        )
+    return {k: v.detach().clone() for k, v in items.items()}
