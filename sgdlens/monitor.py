@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import numbers
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,6 +17,7 @@ from torch.optim import Optimizer
 
 from sgdlens import _dist, _torch
 from sgdlens._optim import unwrap_optimizer
+from sgdlens.header import header_once
 from sgdlens.lenses import default as default_lenses
 from sgdlens.lenses.base import Lens, ParamView, State, Step
 from sgdlens.phase import PhaseDetector, PhaseEvent
@@ -26,6 +29,11 @@ from sgdlens.sinks import check_sinks
 __all__ = ["PhaseMonitor"]
 
 _ATTR = "_sgdlens_monitor"
+#: record fields the monitor writes itself, which observe() may not replace
+RESERVED = frozenset(
+    {"step", "time", "nonfinite_steps", "phase", "event", "layer", "old", "run",
+     "probe_time_fraction"}
+)  # fmt: skip
 _STATE_VERSION = 1
 
 
@@ -169,7 +177,7 @@ class PhaseMonitor:
         >>> monitor.close()
     """
 
-    optimizer: Optimizer
+    optimizer: Any  # the torch.optim.Optimizer; None once closed
     model: nn.Module | None
     log_every: int
     view: ParamView
@@ -307,6 +315,9 @@ class PhaseMonitor:
             (), float("nan"), dtype=self.view.dtype, device=self.view.device
         )
         self._step = None  # the step read in the pre-hook, finished in the post-hook
+        self._closed = ""  # the optimizer's class name once closed
+        self._outer: Any = None  # the frame of the step() call in progress
+        self._nested = 0  # step() calls inside it (a subclass calling super().step())
         self._handles = [
             opt.register_step_pre_hook(self._pre_step),
             opt.register_step_post_hook(self._post_step),
@@ -366,15 +377,28 @@ class PhaseMonitor:
         return mon
 
     def close(self) -> None:
-        """Remove every hook and close the sinks. Idempotent; ``history`` stays readable."""
+        """Remove every hook, close the sinks and let go of the model and optimizer.
+
+        Idempotent. ``history``, ``events``, ``phase`` and the lenses' settings stay readable;
+        the lenses' state (and with it :meth:`state_dict`) is released, so a closed monitor
+        kept for its history holds no reference to the model, optimizer or parameters.
+        """
         for h in self._handles + self._lens_handles:
             h.remove()
         self._handles, self._lens_handles = [], []
-        if getattr(self.optimizer, _ATTR, None) is self:
+        if self.optimizer is not None and getattr(self.optimizer, _ATTR, None) is self:
             delattr(self.optimizer, _ATTR)
         for sink in self.sinks[1:]:
             if callable(getattr(sink, "close", None)):
                 sink.close()  # type: ignore[attr-defined]
+        if self.optimizer is not None:
+            self._closed = type(self.optimizer).__name__
+            for lens in self.lenses:
+                if callable(getattr(lens, "release", None)):
+                    lens.release()
+            self.optimizer = self.model = None
+            self.view = dataclasses.replace(self.view, params=(), optimizer=None, _index={})
+            self.states, self.probes = [], None
 
     def flush(self) -> None:
         """Flush every sink that can be flushed."""
@@ -390,7 +414,7 @@ class PhaseMonitor:
 
     def __repr__(self) -> str:
         return (
-            f"PhaseMonitor({type(self.optimizer).__name__}, step={self.step}, "
+            f"PhaseMonitor({self._closed or type(self.optimizer).__name__}, step={self.step}, "
             f"log_every={self.log_every}, layers={len(self.view.layers)}, lenses={self.lenses})"
         )
 
@@ -406,7 +430,11 @@ class PhaseMonitor:
         Example:
             >>> monitor.observe(loss=loss)  # doctest: +SKIP
         """
+        if self._closed:
+            return
         for name, value in values.items():
+            if name not in self._observed:
+                self._check_observed_name(name)
             if isinstance(value, Tensor):
                 if value.numel() != 1:
                     raise ValueError(
@@ -427,19 +455,43 @@ class PhaseMonitor:
                 slot[0].add_(v)
                 slot[1] += 1
 
+    def _check_observed_name(self, name: str) -> None:
+        taken = {m for lens in self.lenses for m in getattr(lens, "metrics", ())}
+        if self.probes is not None:
+            taken.update(p.name for p in self.probes.probes)
+        if "/" in name or name in RESERVED or name in taken:
+            raise ValueError(
+                f"observe({name}=...): {name!r} is a key the monitor writes itself "
+                f"({'a per-layer key' if '/' in name else 'reserved'}: the record's own fields "
+                f"{sorted(RESERVED)} and the lenses' and probes' metrics {sorted(taken)}); "
+                f"choose another name, e.g. observe(my_{name.replace('/', '_')}=...)"
+            )
+
     def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # torch wraps every class's own step(): a subclass whose step() calls super().step()
+        # runs the hooks twice, the inner pair while the outer call is still on the stack
+        if self._outer is not None and _on_stack(self._outer):
+            self._nested += 1
+            return
+        self._outer, self._nested = sys._getframe(1), 0
         index = self.step + 1
         step = Step(self.view, index, logging=index % self.log_every == 0)
         with torch.no_grad():
             if step.logging:
                 for lens, state in zip(self.lenses, self.states):
                     lens.prepare(state, step)
+            # A step pre-hook gets (optimizer, args, kwargs) with args[0] the optimizer itself.
             # The gradients are final before step() unless it gets a closure (LBFGS), which
-            # computes them inside; read them now, while backward() has left them in cache.
-            closure = args[0] if args else kwargs.get("closure")
+            # computes them inside; read them now, before the optimizer (or a later hook) can
+            # rewrite .grad in place, and while backward() has left them in cache.
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")
             self._step = None if closure is not None else self._update(step)
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self._nested:
+            self._nested -= 1
+            return
+        self._outer = None
         self.step += 1
         with torch.no_grad():
             step = self._step or self._update(
@@ -476,7 +528,15 @@ class PhaseMonitor:
         for lens, state in zip(self.lenses, self.states):
             values.update(lens.compute(state, step))
         values["nonfinite_steps"] = self.step - self._finite
-        values.update(self._observed_means())
+        for name, mean in self._observed_means().items():
+            if name in values:  # a lens that declares no metrics logged this name
+                self._warn_once(
+                    f"observe {name}",
+                    f"observe({name}=...) is also a lens key; "
+                    "the record keeps the lens's value: rename the observed one",
+                )
+            else:
+                values[name] = mean
         dev, dt = self.view.device, self.view.dtype
         host = torch.stack([v.to(device=dev, dtype=dt) for v in values.values()]).tolist()
         numbers: dict[str, float] = dict(zip(values, host))
@@ -502,7 +562,8 @@ class PhaseMonitor:
             return {}
         first = self.step - n + 1
         rows = [(t - 1) % len(self._trace) for t in range(first, self.step + 1)]
-        values = self._trace[torch.tensor(rows, device=self._trace.device)].tolist()
+        index = torch.tensor(rows, dtype=torch.long, device=self._trace.device)
+        values = self._trace[index].tolist()
         return {
             "trace/step": list(range(first, self.step + 1)),
             "trace/loss": [v[0] for v in values],
@@ -526,7 +587,15 @@ class PhaseMonitor:
         means = both[: len(names)] / both[len(names) :]
         return dict(zip(names, means.unbind()))
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
     def _emit(self, record: Record) -> None:
+        header = header_once(self)  # a run starts with its header record (sgdlens.header)
+        if header is not None:
+            self._emit(header)
         sinks = self.sinks if _dist.rank_and_size()[0] == 0 else self.sinks[:1]
         for sink in sinks:
             try:
@@ -576,6 +645,11 @@ class PhaseMonitor:
         records the uninterrupted run would have. Loadable with ``torch.load(weights_only=True)``.
         Like ``nn.Module.state_dict`` it holds references to live tensors, not copies.
         """
+        if self._closed:
+            raise RuntimeError(
+                "state_dict(): this PhaseMonitor is closed and has released its lenses' state; "
+                "take the state_dict before close()"
+            )
         return {
             "version": _STATE_VERSION,
             "step": self.step,
@@ -618,6 +692,16 @@ class PhaseMonitor:
             k: [torch.as_tensor(v[0]).to(self.view.device, self.view.dtype).clone(), int(v[1])]
             for k, v in state_dict["observed"].items()
         }
+
+
+def _on_stack(frame: Any) -> bool:
+    """Whether ``frame`` is still running (is an ancestor of the caller's frame)."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 def _event_record(event: PhaseEvent, trace: Mapping[str, Any]) -> Record:

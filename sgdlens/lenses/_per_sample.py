@@ -65,6 +65,7 @@ import torch.nn.functional as F
 import torch.nn.grad
 from torch import Tensor, nn
 
+from sgdlens._quiet import probing_now
 from sgdlens._torch import pytree
 
 __all__ = ["MODES", "PerSampleEngine", "index_sums"]
@@ -76,14 +77,35 @@ Result = tuple[str, Tensor, Tensor | None]
 
 
 class _Use:
-    """One forward call of a module: its inputs and the gradients of its outputs."""
+    """One forward call of a module: its inputs, its outputs' shapes and their gradients.
+
+    The outputs themselves are not kept: a hook on an output lives on its ``grad_fn``, so a
+    reference from the hook back to the output would be a cycle through the autograd graph,
+    which Python's garbage collector cannot see (every step's graph would leak).
+    """
 
     __slots__ = ("args", "got", "grads", "kwargs", "output")
 
     def __init__(self, args: Any, kwargs: Any, output: list[Tensor]) -> None:
-        self.args, self.kwargs, self.output = args, kwargs, output
+        self.args, self.kwargs = args, kwargs
+        self.output = [_Like(t) for t in output]
         self.grads: list[Tensor | None] = [None] * len(output)
         self.got: list[bool] = []  # which outputs received a gradient (set before processing)
+
+
+class _Like:
+    """The shape, dtype and device of a tensor, without the tensor."""
+
+    __slots__ = ("device", "dtype", "shape")
+
+    def __init__(self, t: Tensor) -> None:
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
 
 def _tensors(output: Any) -> list[Tensor]:
@@ -131,8 +153,8 @@ def _weight_bias(
             out["weight"] = ("norm", w_sq(), None)
         else:
             full = w()
-            out["weight"] = ("full", full, None) if want["weight"] == "full" else _from_full(
-                full, need
+            out["weight"] = (
+                ("full", full, None) if want["weight"] == "full" else _from_full(full, need)
             )
     if "bias" in want:
         b = gsum()
@@ -399,6 +421,7 @@ def _mha(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> di
     a_o, g_o = _cat(os_, 1), _cat(gos, 1)
     gram = all(_gram_cheaper(a.shape[1], e, e) for a in a3)
     out: dict[str, Result] = {}
+
     def in_sq() -> Tensor:  # Σ over q, k, v of Σ_{t,u} (a_t·a_u)(g_t·g_u); one Gram of a shared a
         grams: dict[int, Tensor] = {}
         total = None
@@ -410,13 +433,13 @@ def _mha(m: nn.Module, uses: list[_Use], want: dict[str, str], need: bool) -> di
         assert total is not None
         return total
 
-    inner = {n[len("in_proj_"):]: w for n, w in want.items() if n.startswith("in_proj_")}
+    inner = {n[len("in_proj_") :]: w for n, w in want.items() if n.startswith("in_proj_")}
     for n, r in _weight_bias(
         lambda: torch.cat([g.transpose(1, 2) @ a for a, g in zip(a3, g3)], 1),
         lambda: torch.cat([g.sum(1) for g in g3], 1), inner, need, in_sq if gram else None,
     ).items():  # fmt: skip
         out[f"in_proj_{n}"] = r
-    inner = {n[len("out_proj."):]: w for n, w in want.items() if n.startswith("out_proj.")}
+    inner = {n[len("out_proj.") :]: w for n, w in want.items() if n.startswith("out_proj.")}
     for n, r in _weight_bias(
         lambda: g_o.transpose(1, 2) @ a_o, lambda: g_o.sum(1), inner, need,
         (lambda: _gram_sq(a_o, g_o)) if _gram_cheaper(a_o.shape[1], e, e) else None,
@@ -461,9 +484,7 @@ def _func_rule(
                     f"its output {j} (shape {tuple(use.output[j].shape)}) has no batch dimension "
                     f"and gets a gradient (a loss computed inside the module, say)"
                 )
-        cots = tuple(
-            torch.zeros_like(o) if gr is None else gr for o, gr in zip(use.output, use.grads)
-        )
+        cots = tuple(o.zeros() if gr is None else gr for o, gr in zip(use.output, use.grads))
         buffers = {n: b.clone() for n, b in m.named_buffers()}
 
         def one(cot: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> dict[str, Tensor]:
@@ -504,7 +525,9 @@ def index_sums(
         return out
     layout = tuple((i, t.numel()) for i, ts in enumerate(parts) for t in ts)
     if layout not in cache:
-        cache[layout] = torch.tensor([i for i, n in layout for _ in range(n)], device=device)
+        cache[layout] = torch.tensor(
+            [i for i, n in layout for _ in range(n)], dtype=torch.long, device=device
+        )
     values = torch.cat(flat).to(dtype)
     return out.index_add_(0, cache[layout], values.square() if square else values)
 
@@ -564,7 +587,8 @@ class PerSampleEngine:
         for u in self.units:  # a parameter in several units is materialised by each
             u.want = {n: "full" if len(self.units_of[i]) > 1 else "norm"
                       for n, i in u.names.items()}  # fmt: skip
-        self.covered = [bool(us) for us in self.units_of]
+        # a frozen parameter (requires_grad=False) gets no gradient and takes no hook
+        self.covered = [bool(us) and p.requires_grad for us, p in zip(self.units_of, self.params)]
         n = len(self.params)
         self._parts: list[list[Tensor]] = [[] for _ in range(n)]  # per-sample ‖c_s‖² vectors
         self._index: dict[tuple[tuple[int, int], ...], Tensor] = {}
@@ -599,18 +623,23 @@ class PerSampleEngine:
     def attach(self) -> list[Any]:
         """Register the hooks; returns their handles."""
         handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
-        for u in self.units:
-            handles.append(
-                u.module.register_forward_hook(partial(self._on_forward, u), with_kwargs=True)
-            )
-        for i, p in enumerate(self.params):
-            if self.covered[i]:
-                handles.append(p.register_hook(partial(self._on_param, i)))
+        try:
+            for u in self.units:
+                handles.append(
+                    u.module.register_forward_hook(partial(self._on_forward, u), with_kwargs=True)
+                )
+            for i, p in enumerate(self.params):
+                if self.covered[i] and p.requires_grad:
+                    handles.append(p.register_hook(partial(self._on_param, i)))
+        except BaseException:  # never leave half the hooks behind
+            for h in handles:
+                h.remove()
+            raise
         return handles
 
     def _on_model(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """The batch size: dimension 0 of the model's first tensor input."""
-        if not self._busy and torch.is_grad_enabled() and not _transformed():
+        if not self._busy and torch.is_grad_enabled() and not _transformed() and not probing_now():
             leaf = next((t for t in pytree.tree_leaves((args, kwargs))
                          if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
             self.batch = None if leaf is None else int(leaf.shape[0])
@@ -637,7 +666,7 @@ class PerSampleEngine:
     # -- hooks ---------------------------------------------------------------------------
 
     def _on_forward(self, unit: _Unit, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        if self._busy or not torch.is_grad_enabled() or _transformed():
+        if self._busy or not torch.is_grad_enabled() or _transformed() or probing_now():
             return
         if unit.excluded:
             return
@@ -646,16 +675,22 @@ class PerSampleEngine:
         outs = _tensors(out)
         seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
         if seq_first and unit.rule is _func_rule:
-            self._exclude(unit, "the torch.func rule splits dimension 0, and this attention "
-                          "is sequence-first (batch_first=False)")
+            self._exclude(
+                unit,
+                "the torch.func rule splits dimension 0, and this attention "
+                "is sequence-first (batch_first=False)",
+            )
             return
         first = next((t for t in outs if t.dim() > 0), None)  # a loss may come first
         if first is not None and self.batch is not None:
             size = first.shape[1 if seq_first and first.dim() > 1 else 0]
             if size != self.batch:
-                self._exclude(unit, f"its output has {size} along the batch dimension where the "
-                              f"model's input has {self.batch} (an output shared by the whole "
-                              f"batch, such as position embeddings, or a flattened batch)")
+                self._exclude(
+                    unit,
+                    f"its output has {size} along the batch dimension where the "
+                    f"model's input has {self.batch} (an output shared by the whole "
+                    f"batch, such as position embeddings, or a flattened batch)",
+                )
                 return
         use = _Use(args, kwargs, outs)
         for j, t in enumerate(outs):
@@ -664,7 +699,7 @@ class PerSampleEngine:
         unit.uses.append(use)
 
     def _on_param(self, i: int, grad: Tensor) -> None:
-        if self._busy or not self.covered[i]:
+        if self._busy or not self.covered[i] or probing_now():
             return
         p = self.params[i]
         if p.grad is None:  # a new accumulation cycle (zero_grad(set_to_none=True))
@@ -716,7 +751,7 @@ class PerSampleEngine:
         with torch.no_grad():
             for u in uses:  # outputs that got no gradient contribute zero
                 u.got = [g is not None for g in u.grads]
-                u.grads = [torch.zeros_like(o) if g is None else g
+                u.grads = [o.zeros() if g is None else g
                            for o, g in zip(u.output, u.grads)]  # fmt: skip
                 if rule is not _func_rule:  # half-precision products and squares lose
                     # the small differences the estimators take: the rules work in float32

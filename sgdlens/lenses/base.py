@@ -180,7 +180,8 @@ class Step:
         if len(grads) == len(self.grads):
             return sq
         out = torch.zeros(len(self.grads), dtype=view.dtype, device=view.device)
-        return out.index_copy_(0, torch.tensor(self.present, device=view.device), sq)
+        index = torch.tensor(self.present, dtype=torch.long, device=view.device)
+        return out.index_copy_(0, index, sq)
 
     @cached_property
     def grad_sq_total(self) -> Tensor:
@@ -209,9 +210,17 @@ class Lens:
     """Base class for lenses: no-op ``prepare`` and a readable ``repr``. Subclasses set ``name``."""
 
     name: str = "lens"
+    #: the metric names it logs, as ``"<metric>"`` and ``"<metric>/<layer>"`` keys
+    metrics: tuple[str, ...] = ()
 
     def init(self, view: ParamView) -> State:
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Forget what the lens holds at run time (views, engines: references to the model
+        and its parameters) once its monitor closes; its settings stay."""
+        for name in [n for n in vars(self) if n.startswith("_")]:
+            delattr(self, name)
 
     def update(self, state: State, step: Step) -> State:
         return state

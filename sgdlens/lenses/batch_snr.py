@@ -100,6 +100,7 @@ class BatchSNR(Lens):
     """
 
     name = "batch_snr"
+    metrics = ("batch_snr", "gsnr", "adam_snr", "adam_gsnr")
     source: str
     eps: float
     reduction: str
@@ -204,7 +205,7 @@ class BatchSNR(Lens):
         view = step.view
         which = [i for i, c in enumerate(self._covered) if c and engine.count[i] > 0]
         zero = torch.zeros((), dtype=view.dtype, device=view.device)
-        idx = torch.tensor(which, device=view.device)
+        idx = torch.tensor(which, dtype=torch.long, device=view.device)
         inv = _torch.inverse_scale_sq(self.grad_scaler, step.grad_sq)  # 1/S² under a GradScaler
         sq = engine.sums(view.device).index_select(0, idx) * inv
         k2 = float(n * n) if self.reduction == "mean" else 1.0  # Σ‖g_i‖² = k2 Σ‖c_i‖²

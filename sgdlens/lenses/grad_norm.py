@@ -26,6 +26,7 @@ class GradNorm(Lens):
     """
 
     name = "grad_norm"
+    metrics = ("grad_norm",)
 
     def __repr__(self) -> str:
         return "GradNorm()"

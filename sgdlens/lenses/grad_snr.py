@@ -92,6 +92,7 @@ class GradSNR(Lens):
     """
 
     name = "grad_snr"
+    metrics = ("grad_mean", "grad_std", "grad_snr")
 
     def __init__(
         self, window: int | None = None, *, decay: float | None = None, weights_only: bool = False

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
+from sgdlens._quiet import probing_now
 from sgdlens.lenses._per_sample import MODES, PerSampleEngine, index_sums
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
 
@@ -104,6 +105,8 @@ class _MicroBatches:
                 for i, p in enumerate(self.params) if p.requires_grad]  # fmt: skip
 
     def _on(self, i: int, grad: Tensor) -> None:
+        if probing_now():
+            return
         if self.params[i].grad is None:  # zero_grad(set_to_none=True): a new step began
             self.norms[i], self.fires[i] = [], 0
             self._step[i] += 1
@@ -204,6 +207,7 @@ class NoiseScale(Lens):
     """
 
     name = "noise_scale"
+    metrics = ("noise_scale", "grad_noise_tr", "grad_sq_norm", "batch_over_noise_scale")
     estimator: str
     batch_size: int | None
     decay: float
@@ -363,13 +367,15 @@ class NoiseScale(Lens):
             key = tuple(self._index[id(p)] for p in params)
             index = self._buckets.get(key)
             if index is None:  # copied to the device once per bucket, not every step
-                index = self._buckets[key] = torch.tensor(key, device=self._local.device)
+                index = self._buckets[key] = torch.tensor(
+                    key, dtype=torch.long, device=self._local.device
+                )
             local = _torch.norms(grads, self._local.device, self._local.dtype).square()
             self._local.index_copy_(0, index, local)
         return allreduce_hook(process_group, bucket)
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not probing_now():
             for leaf in _torch.pytree.tree_leaves((args, kwargs)):
                 if isinstance(leaf, Tensor) and leaf.dim() > 0:
                     self._last_batch = int(leaf.shape[0])
@@ -379,12 +385,17 @@ class NoiseScale(Lens):
         assert self._engine is not None
         self._covered = self._engine.covered  # the engine may drop a module at its first use
 
+    def release(self) -> None:
+        uncovered = self.uncovered
+        super().release()
+        self._uncovered = uncovered
+
     @property
     def uncovered(self) -> list[str]:
         """``"<layer>[<index>]"`` of the parameters no per-sample hook covers."""
         view = getattr(self, "_view", None)
-        if view is None:  # not attached to a monitor yet
-            return []
+        if view is None:  # not attached to a monitor yet, or its monitor closed
+            return getattr(self, "_uncovered", [])
         return [f"{view.layers[view.layer_of[i]]}[{i}]"
                 for i, c in enumerate(self._covered) if not c]  # fmt: skip
 

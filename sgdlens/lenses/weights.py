@@ -40,6 +40,7 @@ class WeightNorms(Lens):
     """
 
     name = "weights"
+    metrics = ("weight_norm", "weight_dist", "update_size", "update_ratio")
 
     def __repr__(self) -> str:
         return "WeightNorms()"

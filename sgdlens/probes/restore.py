@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdlens._optim import unwrap_optimizer
+from sgdlens._quiet import probing
 from sgdlens.probes._common import check_model
 
 __all__ = ["preserved", "same_bits"]
@@ -241,7 +242,8 @@ def preserved(model: nn.Module, optimizer: Any = None) -> Iterator[nn.Module]:
     saved_opt = None if opt is None else _OptimizerState(opt)
     saved_rng = _RNG()
     try:
-        yield model
+        with probing():  # the probe's passes are invisible to the monitor's lenses
+            yield model
     finally:
         saved_model.restore()
         if saved_opt is not None:

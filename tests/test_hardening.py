@@ -1,0 +1,267 @@
+"""Regression tests for faults an adversarial pass found (each fails on the code before its fix)."""
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from sgdlens import PhaseMonitor, probes
+from sgdlens.lenses import BatchSNR, GradNorm, NoiseScale
+
+
+def _mlp(width=32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 3))
+
+
+def _batch(n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _train(model, opt, steps, batch=None):
+    x, y = batch or _batch()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+PER_SAMPLE = [
+    pytest.param(lambda: [NoiseScale("per_sample")], id="noise_scale"),
+    pytest.param(lambda: [BatchSNR()], id="batch_snr"),
+]
+
+
+# -- 1: leaks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", PER_SAMPLE)
+def test_per_sample_hooks_do_not_keep_the_graphs(make):
+    """The output-gradient hooks once referenced their outputs: a cycle through the autograd
+    graph that Python cannot collect, so every step's graph (and activations) leaked."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = PhaseMonitor(opt, model=model, lenses=make(), log_every=1)
+    _train(model, opt, 20)
+    before = _live_tensors()
+    _train(model, opt, 200)
+    grown = _live_tensors() - before
+    monitor.close()
+    assert grown <= 10, f"{grown} tensors more after 200 steps"
+
+
+@pytest.mark.parametrize("make", [*PER_SAMPLE, pytest.param(lambda: None, id="default")])
+def test_model_and_optimizer_collectable_after_close(make):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = PhaseMonitor(opt, model=model, lenses=make(), log_every=5)
+    _train(model, opt, 12)
+    monitor.close()
+    refs = weakref.ref(model), weakref.ref(opt)
+    del model, opt
+    gc.collect()
+    assert all(r() is None for r in refs), "the closed monitor keeps the model or optimizer"
+    assert len(monitor.history) == 2  # what it recorded stays readable
+
+
+# -- 2: a step without gradients ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [*PER_SAMPLE, pytest.param(lambda: None, id="default"),
+     pytest.param(lambda: [NoiseScale("accumulation")], id="accumulation")],
+)  # fmt: skip
+def test_step_with_no_gradient_at_all(make):
+    """``zero_grad(); step()`` (a GAN step that trains the other network) must not raise."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = PhaseMonitor(opt, model=model, lenses=make(), log_every=2)
+    for _ in range(4):
+        opt.zero_grad()
+        opt.step()
+    _train(model, opt, 2)
+    assert monitor.step == 6 and len(monitor.history) == 3
+    monitor.close()
+
+
+def test_step_with_no_gradient_counts_as_a_zero_gradient():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = PhaseMonitor(opt, model=model, lenses=[GradNorm()], log_every=1)
+    opt.zero_grad()
+    opt.step()
+    assert monitor.history.records[-1]["grad_norm"] == 0.0
+    monitor.close()
+
+
+# -- 3: frozen parameters -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", PER_SAMPLE)
+def test_frozen_parameter_in_the_optimizer(make):
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = PhaseMonitor(opt, model=model, lenses=make(), log_every=2)
+    _train(model, opt, 6)
+    record = monitor.history.records[-1]
+    metric = "noise_scale" if "noise_scale" in record else "batch_snr"
+    assert all(torch.isfinite(torch.tensor(record[f"{metric}/{layer}"])) for layer in ("0", "2"))
+    monitor.close()
+    assert not model[0].bias._backward_hooks and not model[2].weight._backward_hooks
+    assert not model[0]._forward_hooks and not model._forward_pre_hooks
+
+
+# -- 4: the gradients are read before the update ------------------------------------------
+
+
+class _Rescaling(torch.optim.SGD):
+    """An optimizer that rewrites ``.grad`` in place inside ``step()`` (as some do)."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(1000.0)
+        return super().step(closure)
+
+
+def test_gradients_are_read_before_step_rewrites_them():
+    model = _mlp()
+    opt = _Rescaling(model.parameters(), lr=1e-6)
+    monitor = PhaseMonitor(opt, model=model, lenses=[GradNorm()], log_every=1)
+    x, y = _batch()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        want = torch.linalg.vector_norm(
+            torch.cat([p.grad.double().flatten() for p in model.parameters()])
+        ).item()
+        opt.step()
+        assert monitor.history.records[-1]["grad_norm"] == pytest.approx(want, rel=1e-6)
+    monitor.close()
+
+
+def test_a_later_sanitising_pre_hook_does_not_hide_a_nonfinite_step():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = PhaseMonitor(opt, model=model, log_every=4)
+
+    def sanitise(optimizer, args, kwargs):
+        for p in model.parameters():
+            p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+    opt.register_step_pre_hook(sanitise)
+    x, y = _batch()
+    for i in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if i == 1:
+            model[0].weight.grad[0, 0] = float("nan")
+        opt.step()
+    assert monitor.history.records[-1]["nonfinite_steps"] == 1
+    monitor.close()
+
+
+# -- 5: a subclass calling super().step() ----------------------------------------------------
+
+
+def test_subclass_calling_super_step_counts_one_step():
+    torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)  # patches SGD.step for this process
+    model = _mlp()
+    opt = _Rescaling(model.parameters(), lr=1e-6)
+    monitor = PhaseMonitor(opt, model=model, log_every=5)
+    _train(model, opt, 10)
+    assert monitor.step == 10 and [r["step"] for r in monitor.history] == [5, 10]
+    monitor.close()
+
+
+def test_a_step_that_raised_does_not_swallow_the_next():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = PhaseMonitor(opt, model=model, log_every=1)
+
+    def fail(optimizer, args, kwargs):
+        raise RuntimeError("boom")
+
+    handle = opt.register_step_pre_hook(fail)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(_batch()[0]), _batch()[1]).backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    handle.remove()
+    _train(model, opt, 3)
+    assert monitor.step == 3
+    monitor.close()
+
+
+# -- 7: probes are invisible to the lenses ---------------------------------------------------
+
+
+def test_scheduled_probe_with_another_batch_size_leaves_per_sample_alone():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def loss_fn(m, batch):
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    probe = probes.sharpness_probe(loss_fn, _batch(5), every=2)
+    lens = NoiseScale("per_sample")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an excluded module warns
+        monitor = PhaseMonitor(opt, model=model, lenses=[lens], log_every=2, probes=[probe],
+                               probe_budget=1.0)  # fmt: skip
+        _train(model, opt, 10)
+    record = monitor.history.records[-1]
+    assert "sharpness" in record
+    assert record["noise_scale"] == record["noise_scale"]  # not NaN
+    assert monitor.lenses[0].uncovered == []
+    monitor.close()
+
+
+def test_on_demand_probe_between_backward_and_step_changes_no_key():
+    def run(probe):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        monitor = PhaseMonitor(opt, model=model, lenses=[NoiseScale("per_sample"), BatchSNR()],
+                               log_every=2)  # fmt: skip
+        x, y = _batch()
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if probe:
+                probes.sharpness(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+                                 _batch(5), k=1)  # fmt: skip
+            opt.step()
+        monitor.close()
+        return monitor.history.records[-1]
+
+    plain, probed = run(False), run(True)
+    keys = [k for k in plain if k != "time"]
+    assert keys == [k for k in probed if k != "time"]
+    assert all(plain[k] == probed[k] for k in keys)
+
+
+# -- 8: observe() may not replace the record's own fields --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["step", "time", "nonfinite_steps", "phase", "grad_snr",
+                                  "grad_norm", "grad_snr/0"])  # fmt: skip
+def test_observe_refuses_reserved_names(name):
+    model = _mlp()
+    monitor = PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    with pytest.raises(ValueError, match=f"observe\\({name}=") as err:
+        monitor.observe(**{name: 1.0})
+    assert "choose another name" in str(err.value)
+    monitor.observe(loss=1.0, my_step=3.0)  # other names are fine
+    monitor.close()
