@@ -29,6 +29,7 @@ from sgdlens.sinks import check_sinks
 __all__ = ["PhaseMonitor"]
 
 _ATTR = "_sgdlens_monitor"
+MAX_TRACE = 1 << 16  # trace_steps: two float64 per step on the device (1 MiB)
 #: record fields the monitor writes itself, which observe() may not replace
 RESERVED = frozenset(
     {"step", "time", "nonfinite_steps", "phase", "event", "layer", "old", "run",
@@ -198,6 +199,9 @@ class PhaseMonitor:
     _trace: Tensor
     _last_loss: Tensor
     _step: Step | None
+    _closed: str
+    _outer: Any
+    _nested: int
 
     def __init__(
         self,
@@ -231,9 +235,14 @@ class PhaseMonitor:
                 f"{detector!r}; e.g. detector=PhaseDetector(enter_diffusion=0.7)"
             )
         trace = min(log_every, 1024) if trace_steps is None else trace_steps
-        if isinstance(trace, bool) or not isinstance(trace, numbers.Integral) or trace < 0:
+        if (
+            isinstance(trace, bool)
+            or not isinstance(trace, numbers.Integral)
+            or not 0 <= trace <= MAX_TRACE
+        ):
             raise ValueError(
-                f"PhaseMonitor(trace_steps={trace_steps!r}) must be an int >= 0 (0: no trace)"
+                f"PhaseMonitor(trace_steps={trace_steps!r}) must be an int in [0, {MAX_TRACE}] "
+                f"(steps kept on the device before each event; 0: no trace)"
             )
         probe_list = list(probes) if isinstance(probes, Iterable) else probes
         if not isinstance(probe_list, list) or not all(isinstance(p, Probe) for p in probe_list):
@@ -316,7 +325,7 @@ class PhaseMonitor:
         )
         self._step = None  # the step read in the pre-hook, finished in the post-hook
         self._closed = ""  # the optimizer's class name once closed
-        self._outer: Any = None  # the frame of the step() call in progress
+        self._outer = None  # the frame of the step() call in progress
         self._nested = 0  # step() calls inside it (a subclass calling super().step())
         self._handles = [
             opt.register_step_pre_hook(self._pre_step),
@@ -335,6 +344,11 @@ class PhaseMonitor:
             )
         out, names = [], set()
         for i, lens in enumerate(lenses):
+            if isinstance(lens, type):
+                raise TypeError(
+                    f"PhaseMonitor(lenses=...)[{i}] is the class {lens.__name__}, not a lens; "
+                    f"pass an instance, e.g. lenses=[{lens.__name__}()]"
+                )
             if not all(callable(getattr(lens, m, None)) for m in ("init", "update", "compute")):
                 raise TypeError(
                     f"PhaseMonitor(lenses=...)[{i}] is {type(lens).__name__} ({lens!r}), not a "
@@ -656,6 +670,8 @@ class PhaseMonitor:
             "finite": self._finite,
             "observed": {k: [v[0], v[1]] for k, v in self._observed.items()},
             "lenses": [repr(lens) for lens in self.lenses],
+            "layers": list(self.view.layers),
+            "log_every": self.log_every,
             "states": list(self.states),
             "detector": None if self.detector is None else self.detector.state_dict(),
             "probes": None if self.probes is None else self.probes.state_dict(),
@@ -664,19 +680,53 @@ class PhaseMonitor:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` taken from a monitor built with the same arguments."""
+        """Restore a :meth:`state_dict` taken from a monitor built with the same arguments.
+
+        Everything is checked before anything is loaded (lenses, layers, ``log_every``, the
+        shape of every state tensor); a load that fails part-way puts the monitor back as it
+        was, so a refused checkpoint never leaves a half-loaded monitor.
+        """
+        where = "load_state_dict(state_dict=...)"
         if not isinstance(state_dict, Mapping) or state_dict.get("version") != _STATE_VERSION:
             raise ValueError(
-                "load_state_dict(state_dict=...) needs a dict from PhaseMonitor.state_dict() "
-                f"(version {_STATE_VERSION}); got {type(state_dict).__name__}"
-            )
-        saved = list(state_dict["lenses"])
-        mine = [repr(lens) for lens in self.lenses]
-        if saved != mine:
+                f"{where} needs a dict from PhaseMonitor.state_dict() (version "
+                f"{_STATE_VERSION}); got {type(state_dict).__name__}"
+                + (f" with version {state_dict.get('version')!r}"
+                   if isinstance(state_dict, Mapping) else "")
+            )  # fmt: skip
+        missing = sorted(_STATE_KEYS - set(state_dict))
+        if missing:
             raise ValueError(
-                f"load_state_dict: the checkpoint's lenses {saved} differ from this monitor's "
-                f"{mine}; build the monitor with the same lenses"
+                f"{where} lacks {missing}: it is not a complete PhaseMonitor.state_dict() "
+                f"(truncated or edited?); save monitor.state_dict() as it is"
             )
+        checks = [
+            ("lenses", [repr(lens) for lens in self.lenses], "the same lenses"),
+            ("layers", list(self.view.layers), "the same model (layers)"),
+            ("log_every", self.log_every, f"log_every={state_dict.get('log_every')}"),
+        ]
+        for key, mine, fix in checks:
+            if key in state_dict and _plain(state_dict[key]) != mine:  # older files lack some
+                saved = _plain(state_dict[key])
+                raise ValueError(
+                    f"load_state_dict: the checkpoint's {key} {_short(saved)} differ from this "
+                    f"monitor's {_short(mine)}; build the monitor with {fix}"
+                )
+        for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
+            _check_like(state, loaded, f"states[{i}]")
+        if len(state_dict["states"]) != len(self.states):
+            raise ValueError(
+                f"load_state_dict: states holds {len(state_dict['states'])} entries, this "
+                f"monitor has {len(self.states)} lenses"
+            )
+        backup = copy.deepcopy(self.state_dict())
+        try:
+            self._load(state_dict)
+        except BaseException:
+            self._load(backup)
+            raise
+
+    def _load(self, state_dict: Mapping[str, Any]) -> None:
         for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
             self.states[i] = _load_into(state, loaded, f"states[{i}]")
         self.step = int(state_dict["step"])
@@ -696,7 +746,7 @@ class PhaseMonitor:
 
 def _on_stack(frame: Any) -> bool:
     """Whether ``frame`` is still running (is an ancestor of the caller's frame)."""
-    f = sys._getframe(2)
+    f: Any = sys._getframe(2)
     while f is not None:
         if f is frame:
             return True
@@ -715,6 +765,41 @@ def _event_record(event: PhaseEvent, trace: Mapping[str, Any]) -> Record:
     record.update({f"evidence/{k}": v for k, v in event.evidence.items()})
     record.update(trace)
     return record
+
+
+_STATE_KEYS = frozenset(
+    {"version", "step", "finite", "observed", "lenses", "states", "trace", "last_loss"}
+)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_like(current: Any, loaded: Any, path: str) -> None:
+    """Raise if ``loaded`` cannot be loaded into ``current`` (see :func:`_load_into`)."""
+    if isinstance(current, Tensor):
+        if not isinstance(loaded, Tensor) or loaded.shape != current.shape:
+            raise ValueError(f"load_state_dict: {path} does not match this monitor's parameters")
+    elif isinstance(current, dict):
+        if not isinstance(loaded, Mapping) or set(loaded) != set(current):
+            raise ValueError(f"load_state_dict: {path} has other entries than this monitor's")
+        for k in current:
+            _check_like(current[k], loaded[k], f"{path}[{k!r}]")
+    elif isinstance(current, list):
+        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(current):
+            raise ValueError(
+                f"load_state_dict: {path} holds "
+                f"{len(loaded) if isinstance(loaded, (list, tuple)) else type(loaded).__name__}"
+                f" entries, not {len(current)}"
+            )
+        for j, (c, x) in enumerate(zip(current, loaded)):
+            _check_like(c, x, f"{path}[{j}]")
 
 
 def _load_into(current: Any, loaded: Any, path: str) -> Any:

@@ -265,3 +265,92 @@ def test_observe_refuses_reserved_names(name):
     assert "choose another name" in str(err.value)
     monitor.observe(loss=1.0, my_step=3.0)  # other names are fine
     monitor.close()
+
+
+# -- 12: load_state_dict validates everything, then loads atomically ----------------------------
+
+
+def _trained_monitor(model=None, log_every=5, steps=7):
+    model = model or _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = PhaseMonitor(opt, model=model, log_every=log_every)
+    _train(model, opt, steps)
+    return monitor
+
+
+def _snapshot(monitor):
+    import copy
+
+    return copy.deepcopy(monitor.state_dict())
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _other_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3), nn.Tanh(), nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda sd: {"version": 1}, "lacks"),
+        (lambda sd: {**sd, "log_every": 7}, "log_every"),
+        (lambda sd: {**sd, "layers": ["a", "b"]}, "layers"),
+        (lambda sd: {**sd, "states": sd["states"][:-1]}, "states"),
+        (lambda sd: {**sd, "version": 99}, "version 99"),
+    ],
+    ids=["bare-version", "log_every", "layers", "truncated-states", "version"],
+)
+def test_load_state_dict_refuses_a_foreign_checkpoint_and_changes_nothing(edit, match):
+    source = _trained_monitor()
+    target = _trained_monitor(steps=3)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(edit(source.state_dict()))
+    assert _same(_snapshot(target), before)
+
+
+def test_load_state_dict_refuses_another_models_layers():
+    source = _trained_monitor(model=_other_model())
+    target = _trained_monitor(steps=3)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match="layers"):
+        target.load_state_dict(source.state_dict())
+    assert _same(_snapshot(target), before)
+
+
+def test_a_load_failing_part_way_rolls_back():
+    source, target = _trained_monitor(), _trained_monitor(steps=3)
+    before = _snapshot(target)
+    state = source.state_dict()
+    state["detector"] = {"garbage": True}  # the detector refuses it after the lenses loaded
+    with pytest.raises(ValueError):
+        target.load_state_dict(state)
+    assert _same(_snapshot(target), before)
+    target.load_state_dict(source.state_dict())  # a good checkpoint still loads
+    assert _same(_snapshot(target), _snapshot(source))
+
+
+# -- 15: unclear inputs --------------------------------------------------------------------------
+
+
+def test_a_lens_class_instead_of_an_instance():
+    from sgdlens.lenses import GradSNR
+
+    with pytest.raises(TypeError, match=r"the class GradSNR.*GradSNR\(\)"):
+        PhaseMonitor(torch.optim.SGD(_mlp().parameters(), lr=0.1), lenses=[GradSNR])
+
+
+@pytest.mark.parametrize("trace_steps", [10**9, -1, 2.5])
+def test_trace_steps_is_bounded(trace_steps):
+    with pytest.raises(ValueError, match="trace_steps"):
+        PhaseMonitor(torch.optim.SGD(_mlp().parameters(), lr=0.1), trace_steps=trace_steps)
