@@ -6,7 +6,7 @@
 from sgdlens import datasets, lenses, probes, sinks
 from sgdlens.monitor import PhaseMonitor
 from sgdlens.phase import PhaseDetector, PhaseEvent
-from sgdlens.records import History, Record, load
+from sgdlens.records import History, Record, load, runs
 
 __all__ = [
     "History",
@@ -18,6 +18,7 @@ __all__ = [
     "lenses",
     "load",
     "probes",
+    "runs",
     "sinks",
 ]
 __version__ = "0.1.0.dev0"

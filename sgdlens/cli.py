@@ -1,8 +1,11 @@
-"""The ``sgdlens`` command line: ``sgdlens demo | report | summary | compare``.
+"""The ``sgdlens`` command line: ``sgdlens demo | runs | report | summary | compare``.
 
-``report``, ``summary`` and ``compare`` read JSONL runs. A file that is missing, empty, not
-UTF-8 text, not JSON lines, or malformed before its last line gives one line on stderr and exit
-status 1 (a truncated last line is skipped with a note); bad arguments give status 2.
+``runs``, ``report``, ``summary`` and ``compare`` read JSONL runs. A file that is missing,
+empty, not UTF-8 text or not JSON lines gives one line on stderr and exit status 1 (a torn
+record, as a crash leaves it, is skipped with a note); bad arguments give status 2. A file
+holding several runs is read one run at a time: ``--run`` takes an index (0-based, negative
+from the end) or a run id, as ``sgdlens runs FILE`` lists them. No command writes over a file
+it reads. Text from the file reaches the terminal with control characters escaped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _run_choice(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _positive_float(text: str) -> float:
@@ -46,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--print-every", type=_positive_int, default=4, help="records per line")
     demo.add_argument("--out", default="runs/demo.jsonl", help="JSONL file to append the run to")
 
-    run_help = "which run of a file that holds several (0-based, negative from the end; default -1)"
+    run_help = "which run of the file: index (0-based, negative from the end) or run id; default -1"
+    runs = sub.add_parser("runs", help="list the runs in a file with their headers")
+    runs.add_argument("run", metavar="RUN.jsonl", help="a JSONL file")
     report = sub.add_parser(
         "report",
         help="write one self-contained HTML report of a run (needs matplotlib)",
@@ -58,14 +70,14 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("run", metavar="RUN.jsonl", help="a JSONL run (JSONLSink, sgdlens demo)")
     report.add_argument("-o", "--out", default=None, help="HTML file (default: RUN.html)")
     report.add_argument("--title", default=None, help="page title")
-    report.add_argument("--run", dest="index", type=int, default=-1, help=run_help)
+    report.add_argument("--run", dest="index", type=_run_choice, default=-1, help=run_help)
 
     summary = sub.add_parser(
         "summary",
         help="print a table of a run: phase per layer, transition steps, last values",
     )
     summary.add_argument("run", metavar="RUN.jsonl", help="a JSONL run")
-    summary.add_argument("--run", dest="index", type=int, default=-1, help=run_help)
+    summary.add_argument("--run", dest="index", type=_run_choice, default=-1, help=run_help)
 
     compare = sub.add_parser(
         "compare",
@@ -80,6 +92,15 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("b", metavar="B.jsonl")
     compare.add_argument("-o", "--out", default=None, help="out.png | out.svg | out.pdf | out.html")
     compare.add_argument("--labels", nargs=2, default=None, metavar=("LA", "LB"))
+    compare.add_argument(
+        "--run",
+        dest="index",
+        type=_run_choice,
+        nargs="+",
+        default=[-1],
+        metavar="RUN",
+        help="the run of A and of B (one value: the same for both); " + run_help,
+    )
     return ap
 
 
@@ -87,13 +108,76 @@ _FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def _error(command: str, message: str) -> int:
-    print(f"sgdlens {command}: error: {message}", file=sys.stderr)
+    print(f"sgdlens {command}: error: {safe_text(message)}", file=sys.stderr)
     return 1
 
 
 def _notes(notes: Sequence[str]) -> None:
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(f"note: {safe_text(note)}", file=sys.stderr)
+
+
+def safe_text(text: str) -> str:
+    """``text`` with control characters (terminal escapes) shown as ``\\x1b``; newlines and
+    tabs kept.
+
+    Example:
+        >>> safe_text("fc1\x1b[2J")
+        'fc1\\x1b[2J'
+    """
+    return "".join(
+        c if c in "\n\t" or (c.isprintable() and not 0x7F <= ord(c) <= 0x9F) else repr(c)[1:-1]
+        for c in text
+    )
+
+
+def _same_file(a: str, b: str) -> bool:
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_out(command: str, out: str, inputs: Sequence[str]) -> None:
+    for path in inputs:
+        if _same_file(out, path):
+            raise _Refused(
+                command,
+                f"the output {out} is the input {path}; it would be overwritten: pass another "
+                f"file with -o",
+            )
+
+
+class _Refused(Exception):
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from sgdlens import report
+    from sgdlens.records import runs
+
+    report.read_run(args.run)  # the user-facing checks
+    rows = [["index", "run", "records", "steps", "optimizer", "model", "started"]]
+    for r in runs(args.run):
+        h = r["header"] or {}
+        started = h.get("started", "")
+        rows.append(
+            [
+                str(r["index"]),
+                str(r["run"] or "(no header)"),
+                str(r["records"]),
+                f"{r['first_step']} to {r['last_step']}",
+                str(h.get("optimizer", "-")),
+                str(h.get("model", "-")),
+                str(started or "-"),
+            ]
+        )
+    print(safe_text(report._table(rows)))
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -104,6 +188,7 @@ def _report(args: argparse.Namespace) -> int:
     history, notes = report.read_run(args.run, run=args.index)
     _notes(notes)
     out = args.out or os.path.splitext(args.run)[0] + ".html"
+    _check_out("report", out, [args.run])
     title = args.title or f"sgdlens report: {os.path.basename(args.run)}"
     page = report.report_html(history, title=title, notes=notes)
     try:
@@ -120,7 +205,7 @@ def _summary(args: argparse.Namespace) -> int:
 
     history, notes = report.read_run(args.run, run=args.index)
     _notes(notes)
-    print(report.summary(history, name=args.run))
+    print(safe_text(report.summary(history, name=args.run)))
     return 0
 
 
@@ -132,12 +217,16 @@ def _compare(args: argparse.Namespace) -> int:
     labels = args.labels or [os.path.basename(args.a), os.path.basename(args.b)]
     if labels[0] == labels[1]:
         labels = ["A", "B"]
-    a, notes_a = report.read_run(args.a)
-    b, notes_b = report.read_run(args.b)
+    if len(args.index) > 2:
+        return _error("compare", f"--run takes one or two values, got {len(args.index)}")
+    run_a, run_b = (args.index * 2)[:2]
+    a, notes_a = report.read_run(args.a, run=run_a)
+    b, notes_b = report.read_run(args.b, run=run_b)
     _notes([*notes_a, *notes_b])
     if args.out is None:
-        print(report.compare_text(a, b, labels=labels))
+        print(safe_text(report.compare_text(a, b, labels=labels)))
         return 0
+    _check_out("compare", args.out, [args.a, args.b])
     suffix = os.path.splitext(args.out)[1].lower()
     try:
         if suffix == ".html":
@@ -176,13 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         suffix = os.path.splitext(args.out)[1].lower()
         if suffix not in (*_FIGURE_SUFFIXES, ".html"):
             ap.error(f"compare -o {args.out}: use a .png, .svg, .pdf or .html file")
-    commands = {"report": _report, "summary": _summary, "compare": _compare}
+    commands = {"runs": _runs, "report": _report, "summary": _summary, "compare": _compare}
     from sgdlens.report import RunError
 
     try:
         return commands[args.command](args)
     except RunError as e:
         return _error(args.command, str(e))
+    except _Refused as e:
+        return _error(e.command, str(e))
     except ImportError as e:
         return _error(args.command, str(e))
 

@@ -53,7 +53,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f'sgdlens.plot needs matplotlib: pip install "sgdlens[plot]" ({e})') from e
 
 from sgdlens.records import History
-from sgdlens.report import phase_spans, split_runs
+from sgdlens.report import phase_spans
 
 __all__ = [
     "available",
@@ -84,15 +84,15 @@ _DIFFUSION_ALPHA = 0.13
 def _history(run: Run) -> History:
     if isinstance(run, History):
         return run
-    from sgdlens.records import load
+    from sgdlens.records import group_runs, read_records
 
-    runs = split_runs(load(run))
+    runs = group_runs(read_records(run)[0])
     if not runs:
         raise ValueError(f"{os.fspath(run)} holds no records")
     if len(runs) > 1:
         warnings.warn(
             f"{os.fspath(run)} holds {len(runs)} runs; plotting the last "
-            f"(pick one with sgdlens.report.read_run(path, run=i))",
+            f"(pick one with sgdlens.load(path, run=i))",
             stacklevel=3,
         )
     return runs[-1]

@@ -1,12 +1,24 @@
-"""Records: one flat ``{key: number}`` dict per log point, and reading a run back.
+"""Records: one flat ``{key: number}`` dict per log point, and reading runs back.
 
 A record always holds ``step`` (optimizer steps seen so far) and ``time`` (Unix seconds), then
 flat metric keys ``"<metric>/<layer>"`` per layer and ``"<metric>"`` for the whole model.
-Values are plain Python numbers; non-finite values stay ``nan``/``inf``.
+Values are plain Python numbers; non-finite values stay ``nan``/``inf`` in memory.
+
+A run starts with a *header* record (a ``"header"`` key; see :mod:`sgdlens.header`) that says
+what produced it: run id, optimizer and hyperparameters, model, versions. Event records (phase
+changes and loss spikes) carry an ``"event"`` key. In a JSONL file written by
+:class:`~sgdlens.sinks.JSONLSink` every line carries the run id under ``"run"``, so several
+runs in one file (appended, or written at once by two monitors) are told apart on reading;
+files from before run ids are split where ``step`` restarts.
+
+Non-finite numbers are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` so
+that strict JSON readers (``jq``, browsers) accept every line; :func:`load` turns them back
+into floats (and still reads the bare ``NaN`` of older files).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -15,8 +27,12 @@ from typing import Any
 
 import numpy as np
 
-Value = int | float | str | list[float] | list[int]
+Value = int | float | str | list[Any] | dict[str, Any] | None
 Record = dict[str, Value]
+
+#: Keys whose string values are text, never a spelled-out non-finite number.
+TEXT_KEYS = frozenset({"event", "layer", "old", "run", "phase", "header"})
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 class History:
@@ -25,7 +41,8 @@ class History:
     ``history["grad_snr/fc1"]`` is a float64 numpy array with one entry per record (``nan`` where
     that record lacks the key). ``history.records`` is the list of record dicts;
     ``history.events`` the event records (phase changes and loss spikes: those with an
-    ``"event"`` key), kept apart so that metric columns stay evenly spaced.
+    ``"event"`` key), kept apart so that metric columns stay evenly spaced; ``history.header``
+    the run's header record (``None`` for a run written before headers existed).
 
     Example:
         >>> h = History([{"step": 1, "loss": 2.0}, {"step": 2}])
@@ -36,11 +53,27 @@ class History:
     def __init__(self, records: Iterable[Mapping[str, Value]] = ()) -> None:
         self.records: list[Record] = []
         self.events: list[Record] = []
+        self.header: Record | None = None
+        self.notes: list[str] = []  # what reading the file skipped, for the user
+        self._keys: dict[str, None] = {}
+        self._columns: dict[str, np.ndarray] = {}
+        self._seen = 0
         for r in records:
             self(r)
 
     def __call__(self, record: Mapping[str, Value]) -> None:
-        (self.events if "event" in record else self.records).append(dict(record))
+        if "header" in record:
+            if self.header is None:
+                self.header = dict(record)
+        elif "event" in record:
+            self.events.append(dict(record))
+        else:
+            self._sync()
+            self.records.append(dict(record))
+            self._keys.update(dict.fromkeys(record))
+            self._seen += 1
+            if self._columns:
+                self._columns = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -48,27 +81,37 @@ class History:
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)
 
+    def _sync(self) -> None:
+        # ``records`` is a public list: notice records added to (or removed from) it directly
+        if self._seen != len(self.records):
+            self._keys = {}
+            for r in self.records:
+                self._keys.update(dict.fromkeys(r))
+            self._columns = {}
+            self._seen = len(self.records)
+
     def __contains__(self, key: object) -> bool:
-        return any(key in r for r in self.records)
+        self._sync()
+        return key in self._keys
 
     def keys(self) -> list[str]:
         """Every key that any record holds, in order of first appearance."""
-        seen: dict[str, None] = {}
-        for r in self.records:
-            seen.update(dict.fromkeys(r))
-        return list(seen)
+        self._sync()
+        return list(self._keys)
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self:
+        self._sync()
+        if key not in self._keys:
             raise KeyError(f"no record holds {key!r}; keys are {self.keys()}")
-        out = np.full(len(self.records), np.nan)
-        for i, r in enumerate(self.records):
-            v = r.get(key)
-            if isinstance(v, (int, float)):
-                out[i] = v
-        return out
+        col = self._columns.get(key)
+        if col is None or len(col) != len(self.records):
+            col = np.fromiter(
+                (_float(r.get(key)) for r in self.records), dtype=float, count=len(self.records)
+            )
+            self._columns[key] = col
+        return col.copy()
 
-    def column(self, key: str) -> list[Value | None]:
+    def column(self, key: str) -> list[Value]:
         """One key's raw values (strings included), ``None`` where a record lacks it."""
         return [r.get(key) for r in self.records]
 
@@ -86,46 +129,256 @@ class History:
         return pd.DataFrame.from_records(self.records)
 
     def __repr__(self) -> str:
-        return f"History({len(self.records)} records, {len(self.keys())} keys)"
+        run = f", run {self.header.get('run')!r}" if self.header else ""
+        return f"History({len(self.records)} records, {len(self.keys())} keys{run})"
+
+
+def _float(v: object) -> float:
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and parsing lines
+# --------------------------------------------------------------------------------------------
+
+
+def _portable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, (list, tuple)):
+        return [_portable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _portable(x) for k, x in v.items()}
+    return v
 
 
 def to_json_line(record: Mapping[str, Value]) -> str:
-    """One record as a JSON line. Non-finite floats are written as ``NaN``/``Infinity``."""
-    return json.dumps(record, allow_nan=True, separators=(",", ":")) + "\n"
+    """One record as a strict JSON line; ``nan``/``inf`` become ``"NaN"``/``"Infinity"``.
+
+    Example:
+        >>> to_json_line({"step": 1, "loss": float("nan")})
+        '{"step":1,"loss":"NaN"}\\n'
+    """
+    try:
+        return json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
+    except ValueError:  # a non-finite float somewhere: spell it out
+        return json.dumps(_portable(record), allow_nan=False, separators=(",", ":")) + "\n"
 
 
-def load(path: str | os.PathLike[str]) -> History:
-    """Read a JSONL run back as a :class:`History`.
+def _revive(obj: dict[str, Any]) -> dict[str, Any]:
+    """Turn spelled-out non-finite numbers back into floats (text keys left alone)."""
+    for k, v in obj.items():
+        if k in TEXT_KEYS or k.startswith("phase/"):
+            continue
+        if isinstance(v, str) and v in _NONFINITE:
+            obj[k] = _NONFINITE[v]
+        elif isinstance(v, list):
+            obj[k] = [_NONFINITE[x] if isinstance(x, str) and x in _NONFINITE else x for x in v]
+    return obj
 
-    Only JSON is parsed (nothing is unpickled). A truncated last line, as a crash mid-write
-    leaves it, is skipped; a malformed line anywhere else raises ``ValueError`` naming the file
-    and the line.
+
+def parse_line(line: str) -> dict[str, Any]:
+    """One JSONL line as a record dict. Raises ``ValueError`` for anything else.
+
+    Example:
+        >>> parse_line('{"step": 3, "loss": "Infinity"}')
+        {'step': 3, 'loss': inf}
+    """
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        raise ValueError("a JSON value nested too deeply to be a record") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "NaN" in line or "Infinity" in line:
+        _revive(obj)
+    return obj
+
+
+def _recover(line: str) -> dict[str, Any] | None:
+    """The whole record that follows a torn one on the same line (a crash, then an append)."""
+    start = line.find('{"', 1)
+    for _ in range(64):
+        if start < 0:
+            return None
+        try:
+            return parse_line(line[start:])
+        except ValueError:
+            start = line.find('{"', start + 1)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+
+def _lines(path: str) -> Iterator[tuple[int, str | None]]:
+    """``(line number, text)`` per line; text ``None`` for a line that is not UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        for i, chunk in enumerate(raw.split(b"\n")):
+            try:
+                yield i + 1, chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if chunk.lstrip().startswith(b"{"):  # a record torn mid-character
+                    yield i + 1, chunk.decode("utf-8", errors="replace")
+                    continue
+                raise ValueError(
+                    f"{path}, line {i + 1}: binary data, not UTF-8 text (byte "
+                    f"0x{chunk[e.start]:02x} at column {e.start + 1})"
+                ) from None
+        return
+    del raw
+    for i, line in enumerate(text.split("\n")):
+        yield i + 1, line
+
+
+def read_records(path: str | os.PathLike[str]) -> tuple[list[Record], list[str]]:
+    """Every record of a JSONL file in file order, and notes on what was skipped.
+
+    Only JSON is parsed (nothing is unpickled). A UTF-8 byte-order mark is accepted. A torn
+    line (a writer that stopped mid-record) is skipped with a note, wherever it is; when a
+    resumed writer appended a whole record to the torn line, that record is kept. A line that
+    is not a JSON object at all raises ``ValueError`` naming the file and the line.
+    """
+    name = os.fspath(path)
+    items: list[Record] = []
+    torn: list[int] = []
+    last = 0
+    for n, line in _lines(name):
+        if not line or line.isspace():
+            continue
+        last = n
+        try:
+            items.append(parse_line(line))
+        except ValueError as e:
+            if not line.lstrip().startswith("{") or "nested too deeply" in str(e):
+                raise ValueError(f"{name}, line {n}: not a JSON record ({e})") from None
+            torn.append(n)
+            rest = _recover(line)
+            if rest is not None and "\ufffd" not in json.dumps(rest):
+                items.append(rest)
+    notes = []
+    for n in torn:
+        if n == last:
+            notes.append(f"{name}: skipped a truncated last line (the writer stopped mid-record)")
+        else:
+            notes.append(f"{name}, line {n}: skipped a torn record (a writer stopped mid-record)")
+    return items, notes
+
+
+def group_runs(items: Iterable[Mapping[str, Value]]) -> list[History]:
+    """Records in file order as one :class:`History` per run.
+
+    Records with a ``"run"`` id go to that run (two writers interleaving one file are told
+    apart); records without one (files from before run ids) start a new run wherever ``step``
+    does not increase, and their events follow the run being read. Runs holding no metric
+    record are dropped.
+    """
+    runs: dict[object, History] = {}
+    legacy: tuple[str, int] | None = None
+    prev = math.nan
+    for r in items:
+        rid = r.get("run")
+        if isinstance(rid, str):
+            key: object = rid
+            if "header" not in r:  # the id lives in the header; records read as written
+                r = {k: v for k, v in r.items() if k != "run"}
+        else:
+            if legacy is None or ("header" not in r and "event" not in r and not
+                                  _float(r.get("step")) > prev):  # fmt: skip
+                legacy = ("legacy", len(runs))
+            if "header" not in r and "event" not in r:
+                prev = _float(r.get("step"))
+            key = legacy
+        run = runs.get(key)
+        if run is None:
+            run = runs[key] = History()
+        run(r)
+    return [h for h in runs.values() if h.records]
+
+
+def select_run(histories: list[History], run: int | str, name: str) -> History:
+    if isinstance(run, str):
+        for h in histories:
+            if h.header is not None and h.header.get("run") == run:
+                return h
+        ids = [h.header.get("run") for h in histories if h.header is not None]
+        raise ValueError(f"{name}: no run with id {run!r}; the runs are {ids}")
+    if isinstance(run, bool) or not isinstance(run, int):
+        raise TypeError(f"load(run=...) must be an int index or a run id str, got {run!r}")
+    if not -len(histories) <= run < len(histories):
+        raise ValueError(
+            f"{name}: holds {len(histories)} run(s); run={run} is out of range "
+            f"(0 to {len(histories) - 1}, or negative from the end)"
+        )
+    return histories[run]
+
+
+def load(path: str | os.PathLike[str], run: int | str = -1) -> History:
+    """Read one run of a JSONL file back as a :class:`History`.
+
+    Args:
+        path: the file (as :class:`~sgdlens.sinks.JSONLSink` writes it).
+        run: which run: an index into :func:`runs` (0-based, negative from the end; the last
+            by default) or a run id.
+
+    Returns:
+        The run's records, events and header; ``history.notes`` says which torn lines were
+        skipped.
+
+    Raises:
+        ValueError: a line that is not a JSON object, a file without records, an unknown run.
 
     Example:
         >>> import sgdlens
         >>> run = sgdlens.load("runs/exp1.jsonl")  # doctest: +SKIP
-        >>> run["grad_snr"]  # doctest: +SKIP
+        >>> run["grad_snr"], run.header["optimizer"]  # doctest: +SKIP
     """
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    history = History()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == last:  # a truncated final line: the writer died mid-record
-                break
-            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(
-                f"{path}, line {i + 1}: expected a JSON object, got {type(obj).__name__}"
-            )
-        history(obj)
+    name = os.fspath(path)
+    items, notes = read_records(name)
+    histories = group_runs(items)
+    if not histories:
+        raise ValueError(f"{name}: holds no metric records")
+    history = select_run(histories, run, name)
+    history.notes = notes
     return history
+
+
+def runs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The runs in a JSONL file, in order, each with its header.
+
+    Returns:
+        One dict per run: ``index``, ``run`` (the id, ``None`` for a run without a header),
+        ``header`` (the header record or ``None``), ``records``, ``events``, ``first_step``,
+        ``last_step``. Pass ``index`` or ``run`` to :func:`load`.
+
+    Example:
+        >>> import sgdlens
+        >>> [r["run"] for r in sgdlens.runs("runs/demo.jsonl")]  # doctest: +SKIP
+        ['20261201-143423-5f2c', '20261201-150104-9a0e']
+    """
+    out = []
+    for i, h in enumerate(group_runs(read_records(path)[0])):
+        steps = [r.get("step") for r in h.records]
+        out.append(
+            {
+                "index": i,
+                "run": h.header.get("run") if h.header is not None else None,
+                "header": h.header,
+                "records": len(h.records),
+                "events": len(h.events),
+                "first_step": steps[0],
+                "last_step": steps[-1],
+            }
+        )
+    return out
 
 
 def finite_or_none(x: float) -> float | None:

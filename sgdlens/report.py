@@ -34,7 +34,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sgdlens.records import History, Record, load
+from sgdlens.records import History, Record, group_runs, read_records, select_run
 
 __all__ = [
     "RunError",
@@ -133,17 +133,17 @@ def split_runs(history: History) -> list[History]:
     return runs
 
 
-def read_run(path: str | os.PathLike[str], *, run: int = -1) -> tuple[History, list[str]]:
+def read_run(path: str | os.PathLike[str], *, run: int | str = -1) -> tuple[History, list[str]]:
     """Load one run of a JSONL file for reporting, with user-facing checks.
 
     Args:
         path: the JSONL file (as written by :class:`~sgdlens.sinks.JSONLSink`).
-        run: which run of the file (see :func:`split_runs`): 0-based, negative from the end;
-            the last one by default.
+        run: which run of the file (see :func:`sgdlens.runs`): 0-based, negative from the end,
+            or a run id; the last one by default.
 
     Returns:
-        ``(history, notes)``: the run and notes worth telling the user (a skipped truncated
-        last line, other runs in the file).
+        ``(history, notes)``: the run and notes worth telling the user (skipped torn lines,
+        other runs in the file).
 
     Raises:
         RunError: the file is missing, unreadable, not UTF-8 text, not JSON lines, holds no
@@ -153,57 +153,43 @@ def read_run(path: str | os.PathLike[str], *, run: int = -1) -> tuple[History, l
         >>> history, notes = read_run("runs/exp1.jsonl")  # doctest: +SKIP
     """
     name = os.fspath(path)
-    notes: list[str] = []
     try:
-        with open(name, "rb") as f:
-            raw = f.read()
+        items, notes = read_records(name)
     except FileNotFoundError:
         raise RunError(f"{name}: no such file") from None
     except IsADirectoryError:
         raise RunError(f"{name}: is a directory, not a JSONL run file") from None
     except OSError as e:
         raise RunError(f"{name}: cannot read it ({e.strerror or e})") from None
-    if not raw.strip():
-        raise RunError(f"{name}: the file is empty; no records to report")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RunError(
-            f"{name}: not a JSONL run (binary data, not UTF-8 text); pass a file written by "
-            f"sgdlens.sinks.JSONLSink or `sgdlens demo`"
-        ) from None
-    try:
-        history = load(name)
     except ValueError as e:
         raise RunError(
             f"{e}; not a JSONL run of sgdlens records (one JSON object per line, as "
             f"sgdlens.sinks.JSONLSink writes them)"
         ) from None
-    last = next((line for line in reversed(text.split("\n")) if line.strip()), "")
-    try:
-        json.loads(last)
-    except json.JSONDecodeError:
-        notes.append(f"{name}: skipped a truncated last line (the writer stopped mid-record)")
-    bad = [r for r in history.records if not isinstance(r.get("step"), (int, float))]
-    if bad or not history.records:
-        if not history.records:
-            raise RunError(f"{name}: holds no metric records (only a truncated line or events)")
+    if not items and not notes:
+        raise RunError(f"{name}: the file is empty; no records to report")
+    metric = [r for r in items if "event" not in r and "header" not in r]
+    bad = [r for r in metric if not isinstance(r.get("step"), (int, float))]
+    if not metric:
+        raise RunError(f"{name}: holds no metric records (only a truncated line or events)")
+    if bad:
         raise RunError(
-            f"{name}: not a run of sgdlens records: {len(bad)} of {len(history.records)} JSON "
+            f"{name}: not a run of sgdlens records: {len(bad)} of {len(metric)} JSON "
             f"objects lack a numeric 'step' (first: {_short(bad[0])})"
         )
-    runs = split_runs(history)
-    if len(runs) > 1:
-        if not -len(runs) <= run < len(runs):
-            raise RunError(f"{name}: holds {len(runs)} runs; --run {run} is out of range")
-        index = run % len(runs)
+    histories = group_runs(items)
+    try:
+        history = select_run(histories, run, name)
+    except (TypeError, ValueError) as e:
+        raise RunError(str(e).replace("run=", "--run ")) from None
+    if len(histories) > 1:
+        index = histories.index(history)
         notes.append(
-            f"{name}: holds {len(runs)} runs (the step count restarts); showing run "
-            f"{index + 1} of {len(runs)} ({len(runs[index])} records); choose with --run"
+            f"{name}: holds {len(histories)} runs; showing run {index} "
+            f"({index + 1} of {len(histories)}, {len(history)} records); choose with --run "
+            f"(list them with sgdlens runs {name})"
         )
-        return runs[index], notes
-    if run not in (0, -1):
-        raise RunError(f"{name}: holds 1 run; --run {run} is out of range")
+    history.notes = notes
     return history, notes
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -219,7 +220,8 @@ def _lines(path):
         ("csv", "line 1: not a JSON record"),
         ("json-array", "expected a JSON object, got list"),
         ("foreign-json", "lack a numeric 'step'"),
-        ("broken-middle", "line 2: not a JSON record"),
+        ("garbage-middle", "line 2: not a JSON record"),
+        ("nested", "line 1: not a JSON record (a JSON value nested too deeply"),
         ("only-truncated", "holds no metric records"),
     ],
 )
@@ -240,8 +242,10 @@ def test_cli_bad_files_exit_1_with_one_clear_line(tmp_path, capsys, command, kin
         path.write_text("[1, 2, 3]\n")
     elif kind == "foreign-json":
         path.write_text('{"name": "x"}\n{"name": "y"}\n')
-    elif kind == "broken-middle":
-        path.write_text("\n".join([good[0], good[1][:50], good[2]]) + "\n")
+    elif kind == "garbage-middle":
+        path.write_text("\n".join([good[0], "garbage", good[2]]) + "\n")
+    elif kind == "nested":
+        path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
     elif kind == "only-truncated":
         path.write_text(good[0][:40])
     argv = [command, str(path)] + ([TISHBY] if command == "compare" else [])
@@ -272,7 +276,7 @@ def test_cli_appended_runs(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "summary", str(path))
     assert code == 0 and "holds 2 runs" in err and "records: 30" in stdout
     code, stdout, err = run_cli(capsys, "summary", str(path), "--run", "0")
-    assert code == 0 and "showing run 1 of 2" in err and "records: 20" in stdout
+    assert code == 0 and "showing run 0 (1 of 2" in err and "records: 20" in stdout
     code, _, err = run_cli(capsys, "summary", str(path), "--run", "5")
     assert code == 1 and "out of range" in err
 
@@ -317,3 +321,60 @@ def test_fixture_lines_are_records():
     for path in (TISHBY, PROBES, SGD):
         for line in _lines(path):
             assert isinstance(json.loads(line)["step"], int)
+
+
+# ------------------------------------------------------------------------------ hostile use
+
+
+@pytest.mark.parametrize("how", ["same-out", "html-input", "compare-out"])
+def test_cli_never_overwrites_an_input(tmp_path, capsys, how):
+    run = tmp_path / ("run.html" if how == "html-input" else "run.jsonl")
+    run.write_bytes(Path(TISHBY).read_bytes())
+    before = run.read_bytes()
+    argv = {
+        "same-out": ["report", str(run), "-o", str(run)],
+        "html-input": ["report", str(run)],
+        "compare-out": ["compare", str(run), SGD, "-o", str(tmp_path / "." / "run.jsonl")],
+    }[how]
+    if how == "compare-out":
+        argv[-1] = str(tmp_path / "x" / ".." / "run.html")
+        argv[1] = str(tmp_path / "run.html")
+        os.rename(run, tmp_path / "run.html")
+        run = tmp_path / "run.html"
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and "would be overwritten" in err and run.read_bytes() == before
+
+
+def test_summary_escapes_terminal_control_characters(tmp_path, capsys):
+    path = tmp_path / "evil.jsonl"
+    evil = "fc1\x1b[2J\x1b]0;owned\x07\x9b"
+    path.write_text(json.dumps({"step": 1, f"grad_snr/{evil}": 2.0, "phase": "drift"}) + "\n")
+    code, out, err = run_cli(capsys, "summary", str(path))
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "fc1\\x1b[2J" in out
+    code, out, _ = run_cli(capsys, "compare", str(path), str(path))
+    assert code == 0 and "\x1b" not in out
+
+
+def test_cli_runs_and_run_ids(tmp_path, capsys):
+    lines = _lines(TISHBY)
+    path = tmp_path / "ids.jsonl"
+    head = {"header": 1, "step": 70, "time": 0.0, "optimizer": "Adam", "model": "Sequential"}
+    with open(path, "w") as f:
+        for rid in ("run-a", "run-b"):
+            f.write(json.dumps({**head, "run": rid}) + "\n")
+            for line in lines:
+                f.write(json.dumps({**json.loads(line), "run": rid}) + "\n")
+    code, out, err = run_cli(capsys, "runs", str(path))
+    assert code == 0 and err == ""
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [r[:3] for r in rows] == [["0", "run-a", "30"], ["1", "run-b", "30"]]
+    assert rows[0][6:8] == ["Adam", "Sequential"]
+    code, out, err = run_cli(capsys, "summary", str(path), "--run", "run-a")
+    assert code == 0 and "showing run 0 (1 of 2" in err
+    code, _, err = run_cli(
+        capsys, "report", str(path), "--run", "run-c", "-o", str(tmp_path / "r.html")
+    )
+    assert code == 1 and "no run with id 'run-c'" in err
+    code, out, err = run_cli(capsys, "compare", str(path), str(path), "--run", "0", "run-b")
+    assert code == 0 and "showing run 0" in err and "showing run 1" in err

@@ -11,7 +11,10 @@ A sink is anything callable with one record (a flat ``dict``). It may also have 
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
@@ -52,11 +55,23 @@ class JSONLSink:
 
     The file is opened in append mode at the first record, so a resumed run continues the same
     file and nothing already written is lost (and a process that never writes, such as a
-    non-zero rank under torch.distributed, creates no file). Parent folders are created.
+    non-zero rank under torch.distributed, creates no file). Parent folders are created. Every
+    line carries the run id under ``"run"`` (the id of the monitor's header record, else one the
+    sink makes up), so runs appended to one file, or two monitors writing to it at once, are
+    told apart by :func:`sgdlens.load` and :func:`sgdlens.runs`. If the file ends in a torn
+    line (a crash mid-write), the first write starts a new line, so the torn record stays alone
+    on its line and is skipped on reading.
+
+    A record that cannot be written (disk full, file removed) is counted in ``dropped`` and
+    warned about at the 1st, 10th, 100th, ... failure and at ``close()``; training goes on.
 
     Args:
         path: the ``.jsonl`` file to append to.
         fsync: also ``os.fsync`` after each record (survives a machine crash, costs a disk sync).
+
+    Raises:
+        ValueError: ``path`` is empty or a folder.
+        PermissionError: the file or its folder is not writable.
 
     Example:
         >>> sink = JSONLSink("runs/exp1.jsonl")  # doctest: +SKIP
@@ -72,6 +87,11 @@ class JSONLSink:
         if not isinstance(fsync, bool):
             raise TypeError(f"JSONLSink(fsync=...) must be a bool, got {fsync!r}")
         self.path = os.fspath(path)
+        if not self.path.strip():
+            raise ValueError(
+                f"JSONLSink(path={self.path!r}) is empty; pass a file name such as "
+                f"'runs/exp1.jsonl'"
+            )
         if os.path.isdir(self.path):
             raise ValueError(
                 f"JSONLSink(path={self.path!r}) is a folder; pass a file name inside it, "
@@ -80,25 +100,74 @@ class JSONLSink:
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
+        try:  # fail here, not at the first record
+            if os.path.exists(self.path):
+                open(self.path, "a").close()
+            else:
+                fd, probe = tempfile.mkstemp(dir=folder or ".", suffix=".sgdlens")
+                os.close(fd)
+                os.remove(probe)
+        except OSError as e:
+            raise PermissionError(
+                f"JSONLSink(path={self.path!r}) is not writable ({e.strerror or e}); pass a "
+                f"path you can write to"
+            ) from None
         self.fsync = fsync
+        self.dropped = 0
+        self._run: str | None = None
         self._file: TextIO | None = None  # opened at the first record
         self._closed = False
 
     def __call__(self, record: Mapping[str, Value]) -> None:
         if self._closed:
             raise ValueError(f"JSONLSink({self.path!r}) is closed")
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - see close()
-        self._file.write(to_json_line(record))
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        if "header" in record and isinstance(record.get("run"), str):
+            self._run = str(record["run"])
+        elif self._run is None:
+            from sgdlens.header import new_run_id
+
+            self._run = new_run_id()
+        line = to_json_line(record)
+        if "run" not in record:
+            line = f'{line[:-2]},"run":"{self._run}"}}\n'
+        try:
+            if self._file is None:
+                self._file = self._open()
+            self._file.write(line)
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as e:
+            self.dropped += 1
+            if math.log10(self.dropped).is_integer():
+                warnings.warn(
+                    f"JSONLSink({self.path!r}) could not write a record ({e}); "
+                    f"{self.dropped} record(s) dropped so far",
+                    stacklevel=2,
+                )
+
+    def _open(self) -> TextIO:
+        f = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
+        try:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # end a torn last line before appending
+            f.flush()
+        finally:
+            f.close()
+        return open(self.path, "a", encoding="utf-8")
 
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
 
     def close(self) -> None:
+        if self.dropped and not self._closed:
+            warnings.warn(
+                f"JSONLSink({self.path!r}) dropped {self.dropped} record(s) it could not write",
+                stacklevel=2,
+            )
         self._closed = True
         if self._file is not None:
             self._file.close()
