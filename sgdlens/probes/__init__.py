@@ -16,6 +16,7 @@ probe                      cost (per batch of ``data``)
 :func:`landscape_1d`       ``steps`` forwards
 :func:`landscape_2d`       ``nx * ny`` forwards (vmapped in chunks)
 :func:`flatness`           ~15 forwards per direction
+:func:`align`              weights: a few linear assignments per group; activations: 2 forwards
 =========================  =========================================================
 
 Second-order probes need double backward; where a kernel lacks it (fused attention on CPU) they
@@ -23,6 +24,7 @@ retry under the math attention kernel and then fall back to finite differences, 
 """
 
 from sgdlens.probes._common import Batches
+from sgdlens.probes.align import align
 from sgdlens.probes.curvature import (
     HVPResult,
     SharpnessResult,
@@ -59,6 +61,7 @@ __all__ = [
     "Probe",
     "SharpnessResult",
     "TraceResult",
+    "align",
     "barrier_probe",
     "basin_test",
     "eos_ratio",

@@ -14,7 +14,8 @@ BatchNorm: ``bn="carry"`` interpolates the running statistics with the weights;
 ``bn="recompute"`` re-estimates them at every α on ``bn_data`` (default ``data``): the cumulative
 average of per-batch statistics, as ``momentum=None`` gives, computed without touching the module.
 Permutation symmetry: independently trained networks differ by hidden-unit permutations too, which
-raise the barrier; align them first when the question is whether two *basins* differ.
+raise the barrier; ``align=True`` permutes ``b``'s units to match ``a``'s first (see
+:func:`~sgdlens.probes.align`), the question then being whether two *basins* differ.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sgdlens.probes._common import (
     progress_iter,
     set_mode,
 )
+from sgdlens.probes.align import aligned_to, check_align
 from sgdlens.probes.restore import preserved
 
 __all__ = ["BasinVerdict", "InterpolationResult", "basin_test", "interpolate"]
@@ -206,6 +208,7 @@ def interpolate(
     model: nn.Module | None = None,
     mode: str = "eval",
     progress: bool = False,
+    align: bool | str = False,
 ) -> InterpolationResult:
     """Loss (and metric) along the straight line between two models, with both barriers.
 
@@ -231,6 +234,10 @@ def interpolate(
         model: the module that evaluates state dicts, needed when both endpoints are dicts.
         mode: ``"eval"`` (default) or ``"train"`` for the evaluations.
         progress: show a tqdm progress bar (needs tqdm).
+        align: ``True`` or ``"weights"``: permute ``b``'s hidden units to match ``a``'s first
+            (weight matching, :func:`~sgdlens.probes.align`), so the path measures the basin
+            rather than the permutation symmetry; ``"activations"``: match them by their
+            activations on ``data``. Needs scipy (``pip install "sgdlens[align]"``).
 
     Returns:
         :class:`InterpolationResult`.
@@ -264,7 +271,10 @@ def interpolate(
     check_int(steps, "steps", 2, "; e.g. steps=30 as in Frankle et al.")
     bn = _check_bn(bn)
     mode = check_mode(mode)
+    how = check_align(align)
     batches = as_batches(data)
+    if how is not None:
+        b = aligned_to(a, b, template, how, batches)
     bn_batches = batches if bn_data is None else as_batches(bn_data, "bn_data")
     mods = [m for m in (template, a, b) if isinstance(m, nn.Module)]
     with _preserved_all(mods):
@@ -367,6 +377,7 @@ def basin_test(
     bn_data: Any = None,
     model: nn.Module | None = None,
     mode: str = "eval",
+    align: bool | str = False,
 ) -> BasinVerdict:
     """Are ``a`` and ``b`` linearly connected (one basin) or separated by a barrier?
 
@@ -375,7 +386,8 @@ def basin_test(
     Entezari et al.'s loss barrier above the chord, with default threshold
     ``0.05 * mean(L_a, L_b) + 1e-3``: a bump of more than 5% of the endpoint loss. Both
     defaults are conventions; pass ``threshold`` for your scale. Hidden-unit permutations also
-    separate independently trained networks; align them first to ask about basins proper.
+    separate independently trained networks: pass ``align=True`` to permute ``b``'s units to
+    match ``a``'s first (Git Re-Basin weight matching), and so ask about basins proper.
 
     Cost: as :func:`interpolate`.
 
@@ -384,7 +396,7 @@ def basin_test(
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         data: one batch or an iterable of batches (held-out data for error barriers).
         threshold: the largest barrier still called "same basin".
-        steps, metric_fn, bn, bn_data, model, mode: as for :func:`interpolate`.
+        steps, metric_fn, bn, bn_data, model, mode, align: as for :func:`interpolate`.
 
     Returns:
         :class:`BasinVerdict`; ``str(verdict)`` reads e.g.
@@ -415,6 +427,7 @@ def basin_test(
         bn_data=bn_data,
         model=model,
         mode=mode,
+        align=align,
     )
     if metric_fn is not None:
         crit, value = "error barrier (Frankle)", res.error_barrier

@@ -42,6 +42,7 @@ from sgdlens.probes._common import (
     set_mode,
     trainable,
 )
+from sgdlens.probes.align import aligned_to, check_align
 from sgdlens.probes.interpolate import _check_bn, _preserved_all, _recompute_bn, _state_of
 from sgdlens.probes.restore import preserved
 
@@ -617,6 +618,7 @@ def landscape_plane(
     vmap: bool | None = None,
     chunk_size: int = 16,
     progress: bool = False,
+    align: bool | str = False,
 ) -> Landscape2D:
     """Loss on the plane through three models (Garipov et al. 2018).
 
@@ -636,6 +638,9 @@ def landscape_plane(
         margin: extra extent around the three points, as a fraction (>= 0).
         model: the module that evaluates state dicts (default: the first module given).
         bn, bn_data, mode, vmap, chunk_size, progress: as for :func:`landscape_1d`.
+        align: ``True``/``"weights"`` or ``"activations"``: permute ``b``'s and ``c``'s hidden
+            units to match ``a``'s first (see :func:`~sgdlens.probes.align`), so the plane
+            shows basins rather than copies of one basin under permutation.
 
     Returns:
         :class:`Landscape2D` with ``points`` ``{"a": (0, 0), "b": (|b-a|, 0), "c": (.., ..)}``.
@@ -666,8 +671,11 @@ def landscape_plane(
     nx, ny = _steps2(steps)
     margin = check_positive(margin, "margin", "; a fraction of the points' extent", allow_zero=True)
     bn, mode = _grid_args(steps, chunk_size, bn, mode)
+    how = check_align(align)
     batches = as_batches(data)
     bn_batches = batches if bn_data is None else as_batches(bn_data, "bn_data")
+    if how is not None:
+        b, c = (aligned_to(a, x, template, how, batches) for x in (b, c))
     mods = [m for m in (template, a, b, c) if isinstance(m, nn.Module)]
     with _preserved_all(mods):
         sa, sb, sc = (_state_of(x, template, n) for x, n in ((a, "a"), (b, "b"), (c, "c")))
