@@ -1,12 +1,16 @@
-"""Per-step overhead of the default PhaseMonitor against a bare training step.
+"""Per-step overhead of the PhaseMonitor against a bare training step, in one process.
 
-Two identical copies of each model train side by side in one process; their steps interleave
-(bare, monitored, bare, ...), so slow drifts of the machine hit both alike. Printed per row:
-the median over pairs of (monitored step time / bare step time), the ratio of the median
-times, and the monitor's memory in units of one copy of the parameters (persistent state, and
-the peak at a logged step, which also holds the pre-update weights for ``update_size``).
+Identical copies of each model train side by side: a bare one, one with the default monitor,
+one with ``PhaseMonitor(lenses=[])`` (the fixed per-step machinery alone) and one that takes
+Lightning's ``grad_norm`` every step (what a user pays for the simplest alternative). Their
+steps interleave in a rotating order, so slow drifts of the machine hit all alike. Printed per
+row: the median over rounds of (variant step time / bare step time) for each variant, the
+bare step time, the monitor's persistent memory in units of one copy of the parameters (and
+the peak at a logged step, which also holds the pre-update weights for ``update_size``), and
+the number of aten operations the monitor's hooks launch in a non-logging step.
 
 Usage: python benchmarks/overhead.py [--steps 300] [--log-every 50] [--device cpu] [--big]
+    [--only tiny,mlp]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sgdlens import PhaseMonitor
 
@@ -64,11 +69,20 @@ def data(kind: str, device: torch.device):
         x = torch.randint(0, 8000, (32, 256), generator=g)
         y = torch.randint(0, 8000, (32, 256), generator=g)
         return x.to(device), y.reshape(-1).to(device)
+    if kind == "tiny":
+        x = torch.randn(32, 32, generator=g)
+        return x.to(device), torch.randint(0, 10, (32,), generator=g).to(device)
     x = torch.randn(128, 1, 28, 28, generator=g)
     return x.to(device), torch.randint(0, 10, (128,), generator=g).to(device)
 
 
-MODELS = {"mlp 784-512-512-10, batch 128": ("mlp", mlp), "cnn 28x28, batch 128": ("cnn", cnn),
+def tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 10))  # fmt: skip
+
+
+MODELS = {"tiny mlp 32-64-64-10, batch 32 (launch-bound)": ("tiny", tiny),
+          "mlp 784-512-512-10, batch 128": ("mlp", mlp), "cnn 28x28, batch 128": ("cnn", cnn),
           "transformer 2x d128 seq64, batch 16": ("transformer", Transformer)}  # fmt: skip
 # --big (for a GPU): a step long enough that launch overheads no longer dominate it
 BIG = {"transformer 6x d512 seq256 vocab 8000, batch 32": (
@@ -89,41 +103,83 @@ def nbytes(obj) -> int:
     return 0
 
 
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def hook_ops(monitor: PhaseMonitor, opt) -> int:
+    """Aten operations of the monitor's hooks in one non-logging step (gradients in place)."""
+    step, monitor.step = monitor.step, 1  # a step that does not log (log_every > 2)
+    with _CountOps() as count, torch.no_grad():
+        monitor._pre_step(opt, (opt,), {})
+        monitor._post_step(opt, (opt,), {})
+    monitor.step = step
+    return count.n
+
+
+def lightning_grad_norm():
+    try:
+        from lightning.pytorch.utilities import grad_norm
+    except ImportError:
+        return None
+    return grad_norm
+
+
+VARIANTS = ("bare", "default", "lenses=[]", "lightning grad_norm")
+
+
 def bench(kind, build, make_opt, steps, log_every, device):
     torch.manual_seed(0)
-    bare = build().to(device)
-    watched = build().to(device)
-    watched.load_state_dict(bare.state_dict())
-    opts = [make_opt(bare.parameters()), make_opt(watched.parameters())]
-    monitor = PhaseMonitor(opts[1], model=watched, log_every=log_every)
+    models = [build().to(device) for _ in VARIANTS]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    opts = [make_opt(m.parameters()) for m in models]
+    monitors = {
+        1: PhaseMonitor(opts[1], model=models[1], log_every=log_every),
+        2: PhaseMonitor(opts[2], model=models[2], log_every=log_every, lenses=[]),
+    }
+    grad_norm = lightning_grad_norm()
     x, y = data(kind, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step(model, opt):
+    def step(j):
+        model, opt = models[j], opts[j]
         opt.zero_grad(set_to_none=True)
         out = model(x)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y)
         loss.backward()
-        monitor.observe(loss=loss) if model is watched else None
+        if j in monitors:
+            monitors[j].observe(loss=loss)
+        if j == 3 and grad_norm is not None:
+            grad_norm(model, norm_type=2)
         opt.step()
 
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in VARIANTS]
+    n = len(VARIANTS)
     for i in range(steps + 20):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for j in order:
+        for k in range(n):
+            j = (i + k) % n
             sync()
             t0 = time.perf_counter()
-            step((bare, watched)[j], opts[j])
+            step(j)
             sync()
             if i >= 20:
                 times[j].append(time.perf_counter() - t0)
-    pairs = [m / b for b, m in zip(*times)]
-    param_bytes = sum(p.numel() * p.element_size() for p in watched.parameters())
-    state = nbytes(monitor.states) / param_bytes
+    ratios = [statistics.median(t / b for b, t in zip(times[0], times[j])) for j in range(1, n)]
+    param_bytes = sum(p.numel() * p.element_size() for p in models[1].parameters())
+    state = nbytes(monitors[1].states) / param_bytes
     peak = state + 1.0  # WeightNorms holds the pre-update weights during a logged step
-    monitor.close()
-    return statistics.median(pairs), statistics.median(times[1]) / statistics.median(times[0]), \
-        statistics.median(times[0]) * 1e3, state, peak  # fmt: skip
+    models[1](x).sum().backward()  # gradients in place for counting the hooks' operations
+    ops = hook_ops(monitors[1], opts[1])
+    for mon in monitors.values():
+        mon.close()
+    return statistics.median(times[0]) * 1e3, ratios, state, peak, ops
 
 
 def main() -> None:
@@ -134,23 +190,28 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--big", action="store_true", help="also a 6-layer d512 transformer (GPU)")
+    ap.add_argument("--only", default="", help="comma-separated model kinds, e.g. tiny,mlp")
+    ap.add_argument("--optimizers", default="sgd-momentum,adam")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
-          f"{args.steps} interleaved steps, log_every={args.log_every}")  # fmt: skip
+          f"{args.steps} interleaved rounds, log_every={args.log_every}")  # fmt: skip
     print(
-        "| model | optimizer | bare step (ms) | median ratio | ratio of medians | state (param copies) | peak (param copies) |"
+        "| model | optimizer | bare step (ms) | default | `lenses=[]` | Lightning grad_norm "
+        "| state (param copies) | peak (param copies) | aten ops per step |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
+    only = set(filter(None, args.only.split(",")))
     for name, (kind, build) in {**MODELS, **(BIG if args.big else {})}.items():
-        for oname, make_opt in OPTIMIZERS.items():
-            r, rm, ms, state, peak = bench(
-                kind, build, make_opt, args.steps, args.log_every, device
+        if only and kind not in only:
+            continue
+        for oname in args.optimizers.split(","):
+            ms, ratios, state, peak, ops = bench(
+                kind, build, OPTIMIZERS[oname], args.steps, args.log_every, device
             )
-            print(
-                f"| {name} | {oname} | {ms:.2f} | {r:.3f} | {rm:.3f} | {state:.2f} | {peak:.2f} |",
-                flush=True,
-            )
+            cells = " | ".join(f"{r:.3f}" for r in ratios)
+            print(f"| {name} | {oname} | {ms:.2f} | {cells} | {state:.2f} | {peak:.2f} | {ops} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

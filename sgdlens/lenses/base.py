@@ -22,13 +22,14 @@ restores it in ``state_dict``. Lenses never copy to the host; the monitor does t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
 
@@ -65,6 +66,23 @@ class ParamView:
     sharded: bool = False
     ndims: tuple[int, ...] = ()
     _index: dict[tuple[int, ...], Tensor] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def plain(self) -> bool:
+        """Whether every parameter is an ordinary tensor of one device and dtype (no shards):
+        then ``.grad`` is read as it is and the squared norms take one fused kernel."""
+        first = self.params[0]
+        return not self.sharded and all(
+            type(p) in (Tensor, nn.Parameter) and p.device == first.device
+            and p.dtype == first.dtype
+            for p in self.params
+        )  # fmt: skip
+
+    @cached_property
+    def flags(self) -> tuple[Tensor, Tensor]:
+        """Constant 0-d ``False`` and ``True`` on the device (see :attr:`Step.ok`)."""
+        return (torch.zeros((), dtype=torch.bool, device=self.device),
+                torch.ones((), dtype=torch.bool, device=self.device))  # fmt: skip
 
     def ndim(self, i: int) -> int:
         """The number of dimensions of parameter ``i`` as the model defines it."""
@@ -162,9 +180,10 @@ class Step:
         self.view = view
         self.index = index
         self.logging = logging
-        self.grads: list[Tensor | None] = [
-            None if p.grad is None else _torch.local(p.grad) for p in view.params
-        ]
+        if view.plain:  # the hot path: one attribute read per parameter, nothing else
+            self.grads: list[Tensor | None] = [p.grad for p in view.params]
+        else:
+            self.grads = [None if p.grad is None else _torch.local(p.grad) for p in view.params]
 
     @cached_property
     def present(self) -> list[int]:
@@ -176,6 +195,12 @@ class Step:
         """Squared gradient norm per parameter (0 where there is none)."""
         view = self.view
         grads = [g for g in self.grads if g is not None]
+        if view.plain and len(grads) == len(self.grads):
+            try:  # one kernel for every norm, straight into the accumulation dtype
+                norms = torch._foreach_norm(grads, 2, dtype=view.dtype)
+                return torch.stack(norms).square_()
+            except (RuntimeError, TypeError, NotImplementedError):  # sparse gradients, old torch
+                pass
         sq = _torch.norms(grads, view.device, view.dtype).square()
         if len(grads) == len(self.grads):
             return sq
@@ -195,9 +220,13 @@ class Step:
         Under FSDP the ranks agree on it through one tiny all-reduce per step (every rank must
         skip the same steps, and a non-finite value sits on one rank's shard).
         """
+        view = self.view
+        if view.device.type in _torch.FREE_HOST_READ and not view.sharded:
+            # where a host read is free, one read instead of isfinite's four kernels
+            return view.flags[math.isfinite(self.grad_sq_total.item())]
         ok = torch.isfinite(self.grad_sq_total)
-        if self.view.sharded:
-            ok = self.view.reduce_sum((~ok).to(self.view.dtype)) == 0
+        if view.sharded:
+            ok = view.reduce_sum((~ok).to(view.dtype)) == 0
         return ok
 
 
