@@ -2,7 +2,9 @@
 
 A 64-64-32-10 tanh MLP trained with SGD-momentum (lr 0.01, batch 256). With one-epoch
 SNR windows, every layer starts in drift (SNR > 1) and falls into diffusion (SNR < 1), and the
-detector reports when. Run: ``python examples/digits_mlp.py`` (about a minute on a CPU).
+detector reports when. The run is short (600 steps), so the detector's time constants are set
+in epochs: a 5-epoch median window, a 2-epoch dwell, a 5-epoch warm-up and a 50-epoch loss
+window (its defaults, 250/100/250/2500 steps, suit runs of thousands of steps). Run: ``python examples/digits_mlp.py`` (about a minute on a CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgdlens import PhaseMonitor, lenses
+from sgdlens import PhaseDetector, PhaseMonitor, lenses
 
 
 def digits(seed: int = 0):
@@ -42,8 +44,10 @@ def train(epochs: int = 100, lr: float = 0.01, batch_size: int = 256, log_epochs
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     batches = math.ceil(len(xtr) / batch_size)
+    detector = PhaseDetector(window=5 * batches, dwell=2 * batches, warmup=5 * batches,
+                             spike_window=50 * batches)  # fmt: skip
     monitor = PhaseMonitor(opt, model=model, lenses=[lenses.GradSNR(window=batches), lenses.WeightNorms()],
-                           log_every=batches * log_epochs)  # fmt: skip
+                           log_every=batches * log_epochs, detector=detector)  # fmt: skip
     if verbose:
         monitor.on_phase_change(
             lambda e: print(f"  step {e.step:6d}: {e.layer or 'model':5s} {e.old} -> {e.new}")

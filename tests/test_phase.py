@@ -19,6 +19,11 @@ LOG_B = math.log(1.25)  # enter_drift
 LOG_C = 0.5 * (LOG_A + LOG_B)  # band centre (log 1.0)
 
 
+# The record-counting detector's defaults (5-record window, 3-record dwell, 5 warm-up records,
+# 50-record loss window) expressed in steps for streams with one record per step.
+PER_STEP = {"window": 5, "dwell": 2, "warmup": 4, "spike_window": 50}
+
+
 def feed(det: PhaseDetector, records: list[dict]) -> list[PhaseEvent]:
     out: list[PhaseEvent] = []
     for r in records:
@@ -43,19 +48,30 @@ def key(events: list[PhaseEvent]) -> list[tuple[int, str, str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
+def expected_delay(window: int, dwell: int, k: int) -> int:
+    """Steps from the first record beyond a threshold to the switch, records every k steps."""
+    n = -(-window // k)  # records in a window
+    return (n - 1) // 2 * k + -(-dwell // k) * k
+
+
+@pytest.mark.parametrize(("k", "steps"), [(1, 224), (10, 220), (25, 200), (50, 200), (100, 200)])
+def test_default_delay_in_steps_is_about_the_same_at_every_cadence(k: int, steps: int) -> None:
+    assert expected_delay(250, 100, k) == steps
+
+
 @given(
     seed=st.integers(0, 2**32 - 1),
     sigma=st.floats(0.0, 0.25),
     up=st.booleans(),
     pre_far=st.floats(0.0, 4.0),
     post_far=st.floats(0.0, 4.0),
-    n_pre=st.integers(5, 200),
-    n_post=st.integers(5, 100),
+    n_pre=st.integers(27, 200),
+    n_post=st.integers(25, 100),
 )
 def test_change_point_reported_after_documented_delay(
     seed: int, sigma: float, up: bool, pre_far: float, post_far: float, n_pre: int, n_post: int
 ) -> None:
-    """Log-normal noise around a level on one side, then the other: switch 4 records later."""
+    """Log-normal noise around a level on one side, then the other: switch 220 steps later."""
     rng = random.Random(seed)
     margin = 4 * sigma + 1e-3
     if not up:  # drift (above the band) → diffusion (below it)
@@ -71,39 +87,42 @@ def test_change_point_reported_after_documented_delay(
         assume(max(pre) < 1.0 and min(post) > 1.25)
     events = feed(PhaseDetector(), snr_records(pre + post))
     first, second = ("drift", "diffusion") if not up else ("diffusion", "drift")
-    delay = (5 - 1) // 2 + 3 - 1  # (window - 1) // 2 + dwell - 1 at the defaults
-    assert delay == 4
+    # warm-up: drift at the first record above enter_drift, else the median at step 250
+    entry = next((10 * i for i, v in enumerate(pre) if v > 1.25 and 10 * i < 250), 250)
     assert transitions(events, "fc1") == [
-        (10 * 4, "warmup", first),  # warmup=5 records
-        (10 * (n_pre + delay), first, second),
+        (entry, "warmup", first),
+        (10 * n_pre + 220, first, second),
     ]
 
 
 @given(
     seed=st.integers(0, 2**32 - 1),
-    window=st.sampled_from([1, 3, 5, 7, 9]),
-    dwell=st.integers(1, 6),
-    warmup=st.integers(1, 10),
-    extra_pre=st.integers(0, 30),
+    window=st.integers(1, 300),
+    dwell=st.integers(0, 200),
+    warmup=st.integers(0, 300),
+    k=st.sampled_from([1, 7, 10, 25, 50, 100]),
+    extra_pre=st.integers(0, 10),
     up=st.booleans(),
 )
 def test_delay_formula_for_every_setting(
-    seed: int, window: int, dwell: int, warmup: int, extra_pre: int, up: bool
+    seed: int, window: int, dwell: int, warmup: int, k: int, extra_pre: int, up: bool
 ) -> None:
-    """Delay is exactly (window - 1) // 2 + dwell - 1 records for clean level changes."""
+    """Clean level changes: the switch comes expected_delay(window, dwell, k) steps later."""
     rng = random.Random(seed)
-    n_pre = max(window, warmup) + extra_pre
+    n_pre = -(-(max(window, warmup) + k) // k) + 1 + extra_pre
+    n_post = -(-(window + dwell) // k) + 3
     hi = [rng.uniform(1.0, 50.0) for _ in range(n_pre)]
-    lo = [rng.uniform(0.001, 0.79) for _ in range(window + dwell + 5)]
+    lo = [rng.uniform(0.001, 0.79) for _ in range(n_post)]
     if up:
         hi, lo = [v / 50.0 * 0.99 for v in hi], [1.26 + v * 10 for v in lo]
         # pre: values in (0, 0.99) (below the centre), post: values in (1.26, 9.2)
     det = PhaseDetector(window=window, dwell=dwell, warmup=warmup)
-    events = feed(det, snr_records(hi + lo, every=1))
+    events = feed(det, snr_records(hi + lo, every=k))
     got = transitions(events, "fc1")
     assert len(got) == 2
-    assert got[0][0] == warmup - 1
-    assert got[1][0] == n_pre + (window - 1) // 2 + dwell - 1
+    entry = next(k * i for i, v in enumerate(hi) if v > 1.25 or k * i >= warmup)
+    assert got[0][0] == entry
+    assert got[1][0] == k * n_pre + expected_delay(window, dwell, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +151,7 @@ def test_stationary_stream_outside_band_gives_only_the_entry(
     values = [math.exp(level + rng.gauss(0, sigma)) for _ in range(10_000)]
     events = feed(det, snr_records(values))
     expected = "drift" if above else "diffusion"
-    assert transitions(events, "fc1") == [(40, "warmup", expected)]
+    assert [(o, n) for _, o, n in transitions(events, "fc1")] == [("warmup", expected)]
     assert det.phases == {"fc1": expected}
 
 
@@ -155,7 +174,7 @@ def test_no_switch_after_entry_with_noise_up_to_quarter_of_distance(
     far = LOG_A if above else LOG_B
     sigma = frac * abs(level - far) / 4
     det = PhaseDetector()
-    values = [math.exp(level)] * 5 + [math.exp(level + rng.gauss(0, sigma)) for _ in range(10_000)]
+    values = [math.exp(level)] * 26 + [math.exp(level + rng.gauss(0, sigma)) for _ in range(10_000)]
     events = feed(det, snr_records(values))
     assert len(transitions(events, "fc1")) == 1
 
@@ -185,7 +204,7 @@ def random_stream(rng: random.Random, segments: list[tuple[float, float, int]]) 
     segments=st.lists(segment, min_size=1, max_size=8),
     k=st.integers(-30, 30),
     j=st.integers(-30, 30),
-    dwell=st.integers(1, 4),
+    dwell=st.integers(0, 40),
 )
 def test_scaling_signal_and_thresholds_together_changes_nothing(
     seed: int, segments: list[tuple[float, float, int]], k: int, j: int, dwell: int
@@ -214,29 +233,29 @@ def test_scaling_signal_and_thresholds_together_changes_nothing(
 @given(
     seed=st.integers(0, 2**32 - 1),
     segments=st.lists(segment, min_size=1, max_size=10),
-    window=st.sampled_from([1, 3, 5]),
-    dwell=st.integers(1, 5),
+    window=st.integers(1, 60),
+    dwell=st.integers(0, 30),
+    k=st.integers(1, 20),
     holes=st.floats(0.0, 0.5),
 )
 def test_events_alternate_and_respect_dwell(
-    seed: int, segments: list[tuple[float, float, int]], window: int, dwell: int, holes: float
+    seed: int,
+    segments: list[tuple[float, float, int]],
+    window: int,
+    dwell: int,
+    k: int,
+    holes: float,
 ) -> None:
-    """Per layer: warmup → X → Y → X …, never two equal transitions, >= dwell SNR records apart."""
+    """Per layer: warmup → X → Y → X …, never two equal transitions, switches >= dwell steps apart."""
     rng = random.Random(seed)
     values = random_stream(rng, segments)
-    det = PhaseDetector(window=window, dwell=dwell)
-    snr_index: dict[str, list[int]] = {"l1": [], "l2": []}  # record index -> SNR-record count
-    counts = {"l1": 0, "l2": 0}
-    per_layer: dict[str, list[int]] = {"l1": [], "l2": []}
+    det = PhaseDetector(window=window, dwell=dwell, warmup=window)
     for i, v in enumerate(values):
-        rec: dict = {"step": i}
+        rec: dict = {"step": k * (i + 1)}
         for name, val in (("l1", v), ("l2", 1.0 / v if v > 0 else v)):
             if rng.random() >= holes:
                 rec[f"grad_snr/{name}"] = val
-                counts[name] += 1
-            snr_index[name].append(counts[name])
-        for e in det.update(rec):
-            per_layer[e.layer].append(i)
+        det.update(rec)
     for name in ("l1", "l2"):
         trs = [(e.old, e.new) for e in det.events if e.layer == name]
         for (o1, n1), (o2, n2) in itertools.pairwise(trs):
@@ -244,9 +263,9 @@ def test_events_alternate_and_respect_dwell(
         if trs:
             assert trs[0][0] == "warmup"
             assert all(o != "warmup" for o, _ in trs[1:])
-        seen_at = [snr_index[name][i] for i in per_layer[name]]
-        for a, b in itertools.pairwise(seen_at):
-            assert b - a >= dwell
+        steps = [e.step for e in det.events if e.layer == name]
+        for a, b in itertools.pairwise(steps):
+            assert b - a >= max(dwell, k)
         assert det.phases.get(name, "warmup") == (trs[-1][1] if trs else "warmup")
 
 
@@ -285,7 +304,7 @@ def test_one_loss_jump_is_reported_once_at_its_step(
     tail_level = top if sustained else loss[-1]
     loss.append(top)
     loss += [tail_level + noise * rng.gauss(0, 1) for _ in range(n_post)]
-    det = PhaseDetector()
+    det = PhaseDetector(spike_window=350)  # 50 records; tested from the 26th on
     events = feed(det, [{"step": 7 * i, "loss": x} for i, x in enumerate(loss)])
     spikes = [e for e in events if e.new == "spike"]
     assert [(e.step, e.layer, e.old) for e in spikes] == [(7 * n_pre, "", "warmup")]
@@ -304,7 +323,7 @@ def diffused(det: PhaseDetector, n: int = 30) -> int:
 @pytest.mark.parametrize("kick", ["global", "all", "none"])
 def test_spike_kicks_back_to_drift(kick: str) -> None:
     """Smith & Topin: a loss spike in diffusion is a spike event, then diffusion → drift."""
-    det = PhaseDetector(spike_kick=kick)
+    det = PhaseDetector(spike_kick=kick, **PER_STEP)
     s = diffused(det)
     events = det.update({"step": s, "grad_snr/fc1": 0.3, "grad_snr": 0.3, "loss": 30.0})
     expected = [(s, "", "diffusion", "spike")]
@@ -321,7 +340,7 @@ def test_spike_kicks_back_to_drift(kick: str) -> None:
 
 
 def test_spike_in_drift_resets_the_count_towards_diffusion() -> None:
-    det = PhaseDetector()
+    det = PhaseDetector(**PER_STEP)
     feed(det, [{"step": i, "grad_snr": 3.0, "loss": 1.0 + 0.01 * (i % 3)} for i in range(30)])
     feed(det, [{"step": 30 + i, "grad_snr": 0.1} for i in range(4)])  # median low on 2 records
     ev = det.update({"step": 34, "grad_snr": 0.1, "loss": 50.0})  # would be the 3rd
@@ -431,7 +450,7 @@ def test_load_state_dict_rejects_garbage() -> None:
     with pytest.raises(ValueError, match="malformed"):
         det.load_state_dict(bad)
     bad = det.state_dict()
-    bad["config"]["dwell"] = 0
+    bad["config"]["dwell"] = -1
     with pytest.raises(ValueError, match="dwell"):
         det.load_state_dict(bad)
     assert det.state_dict() == PhaseDetector().state_dict()  # unchanged by failed loads
@@ -475,7 +494,7 @@ def test_motion_exponent_evidence(exponent: float) -> None:
     ev = next(e for e in det.events if e.new == "diffusion").evidence
     assert ev["motion_exponent"] == pytest.approx(exponent, abs=1e-9)
     assert ev["snr"] == 0.2 and ev["snr_median"] == 0.2 and ev["threshold"] == 0.8
-    assert ev["records"] == 3
+    assert ev["steps"] == 100  # the dwell
     assert "net_to_path" not in ev  # no update_size in these records
 
 
@@ -533,15 +552,14 @@ INVALID = [
     ("enter_drift", 0.8, ValueError),  # equal to enter_diffusion: no band
     ("window", 5.0, TypeError),
     ("window", 0, ValueError),
-    ("window", 4, ValueError),  # even
     ("dwell", 2.5, TypeError),
-    ("dwell", 0, ValueError),
+    ("dwell", -1, ValueError),
     ("warmup", "5", TypeError),
     ("warmup", -3, ValueError),
     ("spike_threshold", [10], TypeError),
     ("spike_threshold", 0, ValueError),
     ("spike_window", False, TypeError),
-    ("spike_window", 4, ValueError),
+    ("spike_window", 0, ValueError),
     ("spike_kick", 1, TypeError),
     ("spike_kick", "layers", ValueError),
     ("motion_window", 8.0, TypeError),
@@ -579,7 +597,7 @@ def test_other_signal_key() -> None:
 
 
 def test_noise_scale_is_carried_as_evidence_and_survives_a_round_trip() -> None:
-    det = PhaseDetector()
+    det = PhaseDetector(window=50, dwell=20)
     for i in range(12):
         snr = 3.0 if i < 6 else 0.2
         det.update({"step": 10 * i, "grad_snr/fc1": snr, "grad_snr": snr,
