@@ -637,6 +637,19 @@ class PhaseMonitor:
         """Every phase event and loss spike so far, in order."""
         return self.detector.events if self.detector is not None else []
 
+    def log_event(self, event: PhaseEvent) -> None:
+        """Log an event decided outside the detector (e.g. ``PhaseLR``'s ``"lr_decay"``).
+
+        It is sent to every sink as an event record (``history.events``) and, with a detector,
+        joins :attr:`events` and the detector's checkpoint. It changes no phase and calls no
+        :meth:`on_phase_change` callback.
+        """
+        if not isinstance(event, PhaseEvent):
+            raise TypeError(f"log_event(event=...) must be a PhaseEvent, got {event!r}")
+        if self.detector is not None:
+            self.detector.log_event(event)
+        self._emit(_event_record(event, {}))
+
     def on_phase_change(self, callback: Callable[[PhaseEvent], Any]) -> Callable[[PhaseEvent], Any]:
         """Call ``callback(event)`` at every phase event or loss spike; usable as a decorator.
 
