@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from sgdlens import probes
-from sgdlens.probes.curvature import _lanczos, _Operator, _power, _random_unit
+from sgdlens.probes.hvp import Operator
+from sgdlens.probes.lanczos import lanczos, power_iteration, random_unit
 
 
 def mlp_case() -> tuple[str, nn.Module, Any, Callable[..., torch.Tensor]]:
@@ -107,11 +108,11 @@ def timeit(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 def hvps_to_one_percent(model: nn.Module, loss_fn: Any, batch: Any) -> dict[str, Any]:
     with probes.preserved(model):
-        op = _Operator(model, loss_fn, batch, "eval")
+        op = Operator(model, loss_fn, batch, "eval")
         g = torch.Generator().manual_seed(0)
-        v0 = _random_unit(op.n, op.theta_flat, g)
+        v0 = random_unit(op.n, op.theta_flat, g)
         ritz: list[float] = []
-        _lanczos(op.matvec, v0, 1, 80, 1e-10, "LA", g, lambda j, ev: ritz.append(float(ev[0])))
+        lanczos(op.matvec, v0, 1, 80, 1e-10, "LA", g, lambda j, ev: ritz.append(float(ev[0])))
         ref = ritz[-1]
         lanczos_1pct = next(i + 1 for i, r in enumerate(ritz) if abs(r - ref) <= 0.01 * abs(ref))
         rq: list[float] = []
@@ -121,12 +122,12 @@ def hvps_to_one_percent(model: nn.Module, loss_fn: Any, batch: Any) -> dict[str,
             rq.append(float(torch.dot(hv, v) / torch.dot(v, v)))
             return hv
 
-        _power(recording, v0, 1, 200, 0.0, g)
+        power_iteration(recording, v0, 1, 200, 0.0, g)
         power_1pct = next(
             (i + 1 for i, r in enumerate(rq) if abs(r - ref) <= 0.01 * abs(ref)), None
         )
-        op2 = _Operator(model, loss_fn, batch, "eval")
-        pv, _, _, p_hvps, _ = _power(op2.matvec, v0, 1, 100, 1e-3, g)
+        op2 = Operator(model, loss_fn, batch, "eval")
+        pv, _, _, p_hvps, _ = power_iteration(op2.matvec, v0, 1, 100, 1e-3, g)
     default = probes.sharpness(model, loss_fn, batch, generator=torch.Generator().manual_seed(1))
     return {
         "ref": ref,

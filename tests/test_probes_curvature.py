@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sgdlens import probes
-from sgdlens.probes.curvature import adam_preconditioner
+from sgdlens.probes.sharpness import adam_preconditioner
 
 D = torch.float64
 

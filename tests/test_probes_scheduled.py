@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sgdlens import PhaseMonitor, probes
+from sgdlens import PhaseDetector, PhaseMonitor, probes
 from sgdlens.probes.scheduled import Probe
 from tests._train import batches, make_model
 
@@ -18,10 +18,11 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(x), y)
 
 
-def train(probe_list, steps=40, budget=1.0, model=None):
+def train(probe_list, steps=40, budget=1.0, model=None, detector=True):
     model = model or make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mon = PhaseMonitor(opt, model=model, log_every=5, probes=probe_list, probe_budget=budget)
+    mon = PhaseMonitor(opt, model=model, log_every=5, probes=probe_list, probe_budget=budget,
+                       detector=detector)  # fmt: skip
     torch.manual_seed(1)
     for x, y in batches(steps):
         opt.zero_grad()
@@ -86,7 +87,9 @@ def test_budget_postpones_probes_and_holds_the_fraction(monkeypatch):
 
 
 def test_probe_runs_when_the_detector_fires():
-    _, mon = train([Probe(lambda m, o: {"x": 1.0}, name="x", on_event=True)], steps=60)
+    quick = PhaseDetector(window=10, dwell=5, warmup=10)  # events within 60 steps
+    _, mon = train([Probe(lambda m, o: {"x": 1.0}, name="x", on_event=True)], steps=60,
+                   detector=quick)  # fmt: skip
     ran = [r["step"] for r in mon.history.records if "x" in r]
     assert ran and ran == sorted({e.step for e in mon.events})
 

@@ -25,30 +25,17 @@ retry under the math attention kernel and then fall back to finite differences, 
 
 from sgdlens.probes._common import Batches
 from sgdlens.probes.align import align
-from sgdlens.probes.curvature import (
-    HVPResult,
-    SharpnessResult,
-    TraceResult,
-    eos_ratio,
-    eos_threshold,
-    hessian_trace,
-    hvp,
-    sharpness,
-)
+from sgdlens.probes.directions import random_direction
+from sgdlens.probes.eos import eos_ratio, eos_threshold
+from sgdlens.probes.flatness import FlatnessResult, flatness
+from sgdlens.probes.hvp import HVPResult, hvp
 from sgdlens.probes.interpolate import BasinVerdict, InterpolationResult, basin_test, interpolate
-from sgdlens.probes.landscape import (
-    FlatnessResult,
-    Landscape1D,
-    Landscape2D,
-    flatness,
-    landscape_1d,
-    landscape_2d,
-    landscape_plane,
-    landscape_trajectory,
-    random_direction,
-)
+from sgdlens.probes.planes import landscape_plane, landscape_trajectory
 from sgdlens.probes.restore import preserved
 from sgdlens.probes.scheduled import Probe, barrier_probe, sharpness_probe, trace_probe
+from sgdlens.probes.sharpness import SharpnessResult, sharpness
+from sgdlens.probes.slices import Landscape1D, Landscape2D, landscape_1d, landscape_2d
+from sgdlens.probes.trace import TraceResult, hessian_trace
 
 __all__ = [
     "BasinVerdict",

@@ -13,94 +13,27 @@ concatenation, a grouped convolution, an unknown module) stops the walk with an 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["Axis", "Group", "Unsupported", "permutation_groups"]
+from sgdlens.probes._unit_rules import MODULES
+from sgdlens.probes._units import (
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    FIXED,
+    JOINING,
+    JOINING_METHODS,
+    LAST,
+    Axis,
+    Group,
+    Unsupported,
+    Val,
+)
 
-
-class Unsupported(ValueError):
-    """The model holds an operation whose hidden units cannot be permuted safely."""
-
-
-@dataclass(frozen=True)
-class Axis:
-    """Axis ``dim`` of tensor ``name``, of length ``outer * size * block``, viewed as
-    ``(outer, size, block)``; the permutation acts on the middle (e.g. ``outer=3`` for the
-    stacked q, k, v projections, ``block=head_dim`` for attention heads)."""
-
-    name: str
-    dim: int
-    outer: int = 1
-    block: int = 1
-
-
-@dataclass
-class Group:
-    """One permutation: its size, the axes it acts on, and the values that carry it.
-
-    ``taps`` are ``(node name, feature dim)`` of traced values whose feature axis is this group
-    (for activation matching); ``origin`` names the module that created the group.
-    """
-
-    size: int
-    origin: str
-    axes: list[Axis] = field(default_factory=list)
-    taps: list[tuple[str, int]] = field(default_factory=list)
-
-
-FIXED = 0  # the group of the inputs and outputs
-LAST = -1
-
-
-@dataclass(frozen=True)
-class _Val:
-    """The feature axis of a traced value: its group, its dim counted from the end (``-1``
-    for a ``Linear``'s features, ``-3`` for a 2-D conv's channels), the number of dims when
-    known, and the unit block size (``None`` after a flatten, until a ``Linear`` reveals it)."""
-
-    group: int
-    dim: int = LAST
-    block: int | None = 1
-    ndim: int | None = None
-
-    def at(self, pos: int) -> int | None:
-        """A dim given as ``pos`` (negative from the end or positive), from the end; ``None``
-        where a positive dim cannot be placed without the number of dims."""
-        if pos < 0:
-            return pos
-        return None if self.ndim is None else pos - self.ndim
-
-
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU,
-    nn.SELU, nn.CELU, nn.Softplus, nn.Hardswish, nn.Hardtanh, nn.Hardsigmoid, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.softplus,
-    F.hardswish, F.hardtanh, F.hardsigmoid, F.dropout, F.max_pool1d, F.max_pool2d,
-    F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, torch.relu,
-    torch.tanh, torch.sigmoid, torch.exp, torch.abs, torch.square, torch.clone, operator.neg,
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {
-    "relu", "tanh", "sigmoid", "exp", "abs", "square", "clone", "contiguous", "float",
-    "double", "half", "bfloat16", "to", "type_as", "detach", "neg",
-}  # fmt: skip
-_JOINING = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul,
-            torch.add, torch.sub, torch.mul}  # fmt: skip
-_JOINING_METHODS = {"add", "add_", "sub", "mul", "mul_"}
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
-          nn.InstanceNorm2d, nn.InstanceNorm3d)  # fmt: skip
+__all__ = ["Axis", "Group", "Unsupported", "permutation_groups", "trace"]
 
 
 class _Tracer(fx.Tracer):
@@ -180,10 +113,10 @@ class _Walk:
         for node in self.gm.graph.nodes:
             v = self.visit(node)
             meta = node.meta.get("tensor_meta")
-            if isinstance(v, _Val) and hasattr(meta, "shape"):
-                v = _Val(v.group, v.dim, v.block, len(meta.shape))
+            if isinstance(v, Val) and hasattr(meta, "shape"):
+                v = Val(v.group, v.dim, v.block, len(meta.shape))
             self.env[node.name] = v
-            if isinstance(v, _Val) and node.op != "placeholder" and v.block == 1:
+            if isinstance(v, Val) and node.op != "placeholder" and v.block == 1:
                 self.groups[self.find(v.group)].taps.append((node.name, v.dim))
         out = []
         for g, grp in self.groups.items():
@@ -196,7 +129,7 @@ class _Walk:
 
     def visit(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
-            return _Val(FIXED)
+            return Val(FIXED)
         if node.op == "get_attr":
             return ("attr", str(node.target))
         if node.op == "output":
@@ -222,20 +155,20 @@ class _Walk:
             "residual additions, Embedding, MultiheadAttention and TransformerEncoderLayer"
         )
 
-    def inputs(self, node: fx.Node) -> list[_Val]:
+    def inputs(self, node: fx.Node) -> list[Val]:
         return _flat_vals([self.val(a) for a in _flat_args(node.args, node.kwargs)])
 
     def module(self, node: fx.Node, path: str, mod: nn.Module) -> Any:
         ins = self.inputs(node)
-        x = ins[0] if ins else _Val(FIXED)
-        handler = _MODULES.get(type(mod))
+        x = ins[0] if ins else Val(FIXED)
+        handler = MODULES.get(type(mod))
         if handler is None:
-            handler = next((h for t, h in _MODULES.items() if isinstance(mod, t)), None)
+            handler = next((h for t, h in MODULES.items() if isinstance(mod, t)), None)
         if handler is None:
             if not any(True for _ in mod.parameters()) and all(
                 self.find(v.group) == FIXED for v in ins
             ):
-                return _Val(FIXED)  # a parameter-free module on unpermuted values
+                return Val(FIXED)  # a parameter-free module on unpermuted values
             raise self.unsupported(node, "is not one whose units sgdlens knows how to permute")
         if path in self.memo:  # a module called again: same units in, same units out
             g_in, out = self.memo[path]
@@ -254,21 +187,21 @@ class _Walk:
             base = self.val(args[0])
             if isinstance(base, tuple) and base and base[0] == "tuple":
                 return base[1][args[1]] if isinstance(args[1], int) else None
-            return self.index(node, base, args[1]) if isinstance(base, _Val) else None
+            return self.index(node, base, args[1]) if isinstance(base, Val) else None
         if name == "size" or t in (getattr, len):
             return None
         if not ins and not any(isinstance(self.val(a), tuple) for a in _flat_args(args)):
             return None  # shapes, constants
         x = ins[0]
         free = self.find(x.group) != FIXED
-        if t in _ELEMENTWISE_FUNCTIONS or name in _ELEMENTWISE_METHODS:
+        if t in ELEMENTWISE_FUNCTIONS or name in ELEMENTWISE_METHODS:
             return x
         if t in (F.softmax, torch.softmax, F.log_softmax) or name in ("softmax", "log_softmax"):
             return x  # equivariant whichever dim it normalises
-        if t in _JOINING or name in _JOINING_METHODS:
+        if t in JOINING or name in JOINING_METHODS:
             return self.joining(node)
         if not free and all(self.find(v.group) == FIXED for v in ins):
-            return _Val(FIXED)
+            return Val(FIXED)
         if t is torch.flatten or name in ("flatten", "view", "reshape"):
             return self.flatten(node, x)
         if t in (torch.mean, torch.sum, torch.amax) or name in ("mean", "sum", "amax"):
@@ -283,10 +216,10 @@ class _Walk:
     def _stop(self, node: fx.Node, why: str) -> Any:
         raise self.unsupported(node, why)
 
-    def index(self, node: fx.Node, x: _Val, index: Any) -> _Val:
+    def index(self, node: fx.Node, x: Val, index: Any) -> Val:
         """``x[...]`` with ints, full slices and an ellipsis, away from the feature axis."""
         if self.find(x.group) == FIXED:
-            return _Val(FIXED)
+            return Val(FIXED)
         items = list(index) if isinstance(index, tuple) else [index]
         if any(not (isinstance(i, int) or i == slice(None) or i is Ellipsis) for i in items):
             return self._stop(node, "slices or gathers along an axis of permuted units")
@@ -299,20 +232,20 @@ class _Walk:
             dropped_after = sum(1 for d in touched if d > x.dim)
             lead_ints = sum(isinstance(i, int) for i in lead)
             ndim = None if x.ndim is None else x.ndim - lead_ints - len(touched)
-            return _Val(x.group, x.dim + dropped_after, x.block, ndim)
+            return Val(x.group, x.dim + dropped_after, x.block, ndim)
         if x.ndim is None:
             return self._stop(node, _shape_hint(x, "indexes a value whose dims are unknown"))
         pos = x.ndim + x.dim
         if pos < len(items) and isinstance(items[pos], int):
             return self._stop(node, "indexes the feature axis")
         n_ints = sum(isinstance(i, int) for i in items)
-        return _Val(x.group, x.dim, x.block, x.ndim - n_ints)
+        return Val(x.group, x.dim, x.block, x.ndim - n_ints)
 
     def joining(self, node: fx.Node) -> Any:
         vals, attrs = [], []
         for a in list(node.args) + list(node.kwargs.values()):
             v = self.val(a)
-            if isinstance(v, _Val):
+            if isinstance(v, Val):
                 vals.append(v)
             elif isinstance(v, tuple) and v and v[0] == "attr":
                 attrs.append(v[1])
@@ -334,9 +267,9 @@ class _Walk:
             else:
                 raise self.unsupported(node, f"combines the units with the tensor {attr!r}")
         ndim = max((v.ndim for v in vals if v.ndim is not None), default=None)
-        return _Val(g, vals[0].dim, vals[0].block, ndim)
+        return Val(g, vals[0].dim, vals[0].block, ndim)
 
-    def flatten(self, node: fx.Node, x: _Val) -> _Val:
+    def flatten(self, node: fx.Node, x: Val) -> Val:
         """``flatten(x, 1)``, ``x.view(n, -1)``: the units become blocks of the features (the
         feature axis taken to be the first after the batch)."""
         args = list(node.args[1:])
@@ -351,9 +284,9 @@ class _Walk:
             return self._stop(node, "reshapes the feature axis (use torch.flatten(x, 1))")
         if x.ndim is not None and x.ndim + x.dim != 1:
             return self._stop(node, "flattens a feature axis that is not dim 1")
-        return _Val(x.group, LAST, None if x.dim != LAST else x.block, 2)
+        return Val(x.group, LAST, None if x.dim != LAST else x.block, 2)
 
-    def reduce(self, node: fx.Node, x: _Val) -> _Val:
+    def reduce(self, node: fx.Node, x: Val) -> Val:
         dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
         if dims is None:
@@ -367,10 +300,10 @@ class _Walk:
             return x
         shift = sum(1 for d in at if d is not None and d > x.dim)
         ndim = None if x.ndim is None else x.ndim - len(at)
-        return _Val(x.group, x.dim + shift, x.block, ndim)
+        return Val(x.group, x.dim + shift, x.block, ndim)
 
 
-def _shape_hint(x: _Val, why: str) -> str:
+def _shape_hint(x: Val, why: str) -> str:
     if x.ndim is None:
         return f"{why}; pass data= (a batch) so the shapes can be read"
     return why
@@ -386,10 +319,10 @@ def _flat_args(args: Any, kwargs: Any = None) -> list[Any]:
     return out
 
 
-def _flat_vals(vals: list[Any]) -> list[_Val]:
-    out: list[_Val] = []
+def _flat_vals(vals: list[Any]) -> list[Val]:
+    out: list[Val] = []
     for v in vals:
-        if isinstance(v, _Val):
+        if isinstance(v, Val):
             out.append(v)
         elif isinstance(v, tuple) and v and v[0] == "tuple":
             out += _flat_vals(list(v[1]))
@@ -398,157 +331,6 @@ def _flat_vals(vals: list[Any]) -> list[_Val]:
 
 def _has_input_axis(mod: nn.Module) -> bool:
     return not isinstance(mod, nn.Embedding)
-
-
-# ----------------------------------------------------------------------------- module rules
-
-
-def _linear(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> _Val:
-    assert isinstance(mod, nn.Linear)
-    free = w.find(x.group) != FIXED
-    if free and x.dim != LAST:
-        raise w.unsupported(node, "reads a conv feature map without a flatten")
-    n_in = w.groups[w.find(x.group)].size
-    block = x.block
-    if free:
-        if block is None:
-            if mod.in_features % n_in:
-                raise w.unsupported(node, f"reads {mod.in_features} features from {n_in} units")
-            block = mod.in_features // n_in
-        w.axis(x.group, path, "weight", 1, block=block)
-    g = w.new(mod.out_features, f"{path!r} (Linear)")
-    w.axis(g, path, "weight", 0)
-    if mod.bias is not None:
-        w.axis(g, path, "bias", 0)
-    return _Val(g, LAST, 1, x.ndim)
-
-
-def _conv(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> _Val:
-    assert isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    k = len(mod.kernel_size)
-    if w.find(x.group) != FIXED and (x.dim != -(k + 1) or x.block != 1):
-        raise w.unsupported(node, f"reads an input whose channels are not at dim {-(k + 1)}")
-    if mod.groups == 1:
-        w.axis(x.group, path, "weight", 1)
-        g = w.new(mod.out_channels, f"{path!r} ({type(mod).__name__})")
-    elif mod.groups == mod.in_channels == mod.out_channels:  # depthwise: one filter per unit
-        g = x.group
-    else:
-        raise w.unsupported(node, f"is a grouped convolution (groups={mod.groups})")
-    w.axis(g, path, "weight", 0)
-    if mod.bias is not None:
-        w.axis(g, path, "bias", 0)
-    return _Val(g, -(k + 1), 1, k + 2)
-
-
-def _channelwise(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> _Val:
-    """BatchNorm, InstanceNorm, LayerNorm (1-D shape), GroupNorm (1 group or 1 per channel),
-    PReLU: one parameter (and running statistic) per unit."""
-    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
-        raise w.unsupported(node, f"normalises over {tuple(mod.normalized_shape)}, not one axis")
-    if isinstance(mod, nn.GroupNorm) and mod.num_groups not in (1, mod.num_channels):
-        raise w.unsupported(node, f"normalises {mod.num_groups} groups of channels")
-    if w.find(x.group) == FIXED:
-        return x
-    for name, t in list(mod.named_parameters(recurse=False)) + list(
-        mod.named_buffers(recurse=False)
-    ):
-        if t is not None and t.dim() == 1 and t.numel() > 1:
-            w.axis(x.group, path, name, 0)
-    return x
-
-
-def _passthrough(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> _Val:
-    return x
-
-
-def _flatten(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> _Val:
-    assert isinstance(mod, nn.Flatten)
-    if w.find(x.group) == FIXED:
-        return x
-    if mod.start_dim == 1 and mod.end_dim == -1 and (x.ndim is None or x.ndim + x.dim == 1):
-        return _Val(x.group, LAST, None if x.dim != LAST else x.block, 2)
-    raise w.unsupported(node, f"flattens dims {mod.start_dim}..{mod.end_dim}")
-
-
-def _embedding(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> _Val:
-    assert isinstance(mod, nn.Embedding)
-    g = w.new(mod.embedding_dim, f"{path!r} (Embedding)")
-    w.axis(g, path, "weight", 1)
-    return _Val(g, LAST, 1)
-
-
-def _attention(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> Any:
-    """Self- or cross-attention: the input/output features share the stream's group; heads are
-    permuted as blocks of ``head_dim`` rows of q, k and v and columns of the output projection."""
-    assert isinstance(mod, nn.MultiheadAttention)
-    if not mod._qkv_same_embed_dim or mod.bias_k is not None:
-        raise w.unsupported(node, "has separate k/v dims or bias_k/bias_v")
-    g = x.group
-    for v in ins[1:3]:
-        g = w.join(g, v.group, w.where(node))
-    if w.find(g) != FIXED:
-        w.axis(g, path, "in_proj_weight", 1)
-        w.axis(g, path + ".out_proj", "weight", 0)
-        if mod.out_proj.bias is not None:
-            w.axis(g, path + ".out_proj", "bias", 0)
-    h, hd = mod.num_heads, mod.head_dim
-    heads = w.new(h, f"{path!r} (attention heads)")
-    w.axis(heads, path, "in_proj_weight", 0, outer=3, block=hd)
-    if mod.in_proj_bias is not None:
-        w.axis(heads, path, "in_proj_bias", 0, outer=3, block=hd)
-    w.axis(heads, path + ".out_proj", "weight", 1, block=hd)
-    return ("tuple", (_Val(g, LAST, 1, x.ndim), None))
-
-
-def _encoder_layer(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> Any:
-    assert isinstance(mod, nn.TransformerEncoderLayer)
-    act = mod.activation
-    if not (act in (F.relu, F.gelu) or isinstance(act, _ELEMENTWISE_MODULES)):
-        raise w.unsupported(node, f"uses the activation {act!r}")
-    _attention(w, node, path + ".self_attn", mod.self_attn, x, [x])
-    g = x.group
-    for norm in ("norm1", "norm2"):
-        _channelwise(w, node, f"{path}.{norm}", getattr(mod, norm), x, [x])
-    if w.find(g) != FIXED:
-        w.axis(g, path + ".linear1", "weight", 1)
-    hidden = _linear(w, node, path + ".linear1", mod.linear1, _Val(FIXED), [])
-    w.axis(hidden.group, path + ".linear2", "weight", 1)
-    if w.find(g) != FIXED:
-        w.axis(g, path + ".linear2", "weight", 0)
-        if mod.linear2.bias is not None:
-            w.axis(g, path + ".linear2", "bias", 0)
-    return _Val(g, LAST, 1, x.ndim)
-
-
-def _encoder(w: _Walk, node: fx.Node, path: str, mod: nn.Module, x: _Val, ins: Any) -> Any:
-    assert isinstance(mod, nn.TransformerEncoder)
-    for i, layer in enumerate(mod.layers):
-        x = _encoder_layer(w, node, f"{path}.layers.{i}", layer, x, [x])
-    if mod.norm is not None:
-        x = _channelwise(w, node, path + ".norm", mod.norm, x, [x])
-    return x
-
-
-Rule = Callable[[_Walk, fx.Node, str, Any, _Val, Any], Any]
-_MODULES: dict[type, Rule] = {
-    nn.Linear: _linear,
-    nn.Conv1d: _conv,
-    nn.Conv2d: _conv,
-    nn.Conv3d: _conv,
-    nn.LayerNorm: _channelwise,
-    nn.GroupNorm: _channelwise,
-    nn.PReLU: _channelwise,
-    nn.Flatten: _flatten,
-    nn.Embedding: _embedding,
-    nn.MultiheadAttention: _attention,
-    nn.TransformerEncoderLayer: _encoder_layer,
-    nn.TransformerEncoder: _encoder,
-    **dict.fromkeys(_NORMS, _channelwise),
-    **dict.fromkeys(_ELEMENTWISE_MODULES, _passthrough),
-    nn.Softmax: _passthrough,
-    nn.LogSoftmax: _passthrough,
-}
 
 
 def permutation_groups(

@@ -30,9 +30,11 @@ from torch import nn
 from sgdlens import _dist, _torch
 from sgdlens._optim import unwrap_optimizer
 from sgdlens.probes._common import check_fn, check_int, check_positive, fixed_data
-from sgdlens.probes.curvature import eos_ratio, hessian_trace, sharpness
+from sgdlens.probes.eos import eos_ratio
 from sgdlens.probes.interpolate import interpolate
 from sgdlens.probes.restore import preserved
+from sgdlens.probes.sharpness import sharpness
+from sgdlens.probes.trace import hessian_trace
 
 __all__ = ["Probe", "ProbeScheduler", "barrier_probe", "sharpness_probe", "trace_probe"]
 
