@@ -607,3 +607,12 @@ def test_noise_scale_is_carried_as_evidence_and_survives_a_round_trip() -> None:
     clone = PhaseDetector()
     clone.load_state_dict(json.loads(json.dumps(det.state_dict())))
     assert clone.state_dict() == det.state_dict()
+
+
+def test_a_record_counting_checkpoint_is_refused_with_an_explanation() -> None:
+    """Version 1 states (window/dwell/warmup in records) cannot be converted: say so."""
+    old = {"version": 1, "config": {"window": 5, "dwell": 3, "warmup": 5}, "layers": {}}
+    det = PhaseDetector()
+    with pytest.raises(ValueError, match=r"version 1.*counted records.*optimizer steps"):
+        det.load_state_dict(old)
+    assert det.state_dict() == PhaseDetector().state_dict()

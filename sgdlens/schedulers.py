@@ -1,0 +1,192 @@
+"""Learning-rate schedules that act on the phase detector.
+
+:class:`PhaseLR` decays the learning rate when the whole model enters the diffusion phase,
+instead of at hand-picked milestones: the idea of statistical stationarity tests for SGD
+(Pflug 1983; Yaida 2018; Lang, Xiao & Zhang, *Using Statistics to Automate Stochastic
+Optimization*, NeurIPS 2019), with sgdlens's drift/diffusion detector as the test.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+from torch.optim.lr_scheduler import LRScheduler
+
+from sgdlens._optim import unwrap_optimizer
+from sgdlens.monitor import PhaseMonitor
+from sgdlens.phase import PhaseEvent
+
+__all__ = ["PhaseLR"]
+
+LR_DECAY = "lr_decay"
+
+
+def _steps(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"PhaseLR({name}={value!r}): {name} must be an int (optimizer steps), got "
+            f"{type(value).__name__}; pass e.g. {name}=0"
+        )
+    if value < 0:
+        raise ValueError(f"PhaseLR({name}={value!r}): {name} must be >= 0; pass e.g. {name}=0")
+    return int(value)
+
+
+class PhaseLR(LRScheduler):
+    """Multiply every group's learning rate by ``factor`` when the whole model enters diffusion.
+
+    Call ``scheduler.step()`` after ``optimizer.step()``, every step or every epoch, as with
+    any torch scheduler. At each call it reads ``monitor.phase`` (the whole-model phase of the
+    monitor's :class:`~sgdlens.phase.PhaseDetector`) and ``monitor.step``. The rate is
+    decayed once per *diffusion episode*: when the model has been in diffusion for at least
+    ``patience_steps`` steps (counted from the first call that saw it there), and at least
+    ``cooldown_steps`` steps have passed since the last decay. A later episode (after the
+    model went back to drift, e.g. after a loss spike) decays again; an episode that starts
+    within the cooldown decays once the cooldown is over, if the model is still diffusing.
+    Rates never go below ``min_lr``.
+
+    It is chainable: it multiplies the rate in ``group["lr"]`` as it finds it, so it composes
+    with warm-up (``LinearLR``) or any other chainable scheduler stepped beside it, or inside
+    ``ChainedScheduler``. :meth:`state_dict` / :meth:`load_state_dict` hold everything but
+    the optimizer and the monitor (save the monitor's own ``state_dict`` beside it).
+
+    Every decay is logged as an event in the monitor's records (``monitor.events``, every
+    sink, ``history.events``): ``PhaseEvent(step, "", "diffusion", "lr_decay", evidence)``
+    with evidence ``lr`` (the first group's new rate), ``old_lr`` and ``factor``.
+
+    Args:
+        optimizer: the optimizer (or a wrapper holding it in ``.optimizer``) that ``monitor``
+            watches.
+        monitor: a :class:`~sgdlens.PhaseMonitor` with a detector, attached to ``optimizer``.
+        factor: multiplier in (0, 1) applied at each decay. 0.1, as in step decay.
+        min_lr: a lower bound on the rate, one number or one per parameter group. 0.
+        patience_steps: steps the model must stay in diffusion before the decay. 0: the
+            detector's dwell already confirms the phase.
+        cooldown_steps: steps after a decay during which no other decay happens. 0.
+        last_epoch: as for every torch scheduler (-1: start afresh).
+
+    Raises:
+        TypeError: ``monitor`` is not a PhaseMonitor, or an argument has the wrong type.
+        ValueError: the monitor has no detector or watches another optimizer, ``factor``
+            is outside (0, 1), or a step count or ``min_lr`` is negative.
+
+    Example:
+        >>> import torch
+        >>> from sgdlens import PhaseMonitor
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> monitor = PhaseMonitor(opt, model=model, log_every=10)
+        >>> sched = PhaseLR(opt, monitor, factor=0.1)
+        >>> sched.get_last_lr()
+        [0.1]
+        >>> monitor.close()
+    """
+
+    monitor: PhaseMonitor
+    factor: float
+    min_lrs: list[float]
+    patience_steps: int
+    cooldown_steps: int
+    diffusing_since: int | None
+    decayed: bool
+    last_decay: int | None
+    decays: int
+
+    def __init__(
+        self,
+        optimizer: Any,
+        monitor: PhaseMonitor,
+        factor: float = 0.1,
+        min_lr: float | Sequence[float] = 0.0,
+        patience_steps: int = 0,
+        cooldown_steps: int = 0,
+        last_epoch: int = -1,
+    ) -> None:
+        opt = unwrap_optimizer(optimizer, "PhaseLR(optimizer=...)")
+        if not isinstance(monitor, PhaseMonitor):
+            raise TypeError(
+                f"PhaseLR(monitor={monitor!r}): monitor must be a sgdlens.PhaseMonitor; "
+                "pass the monitor attached to this optimizer, e.g. PhaseMonitor(opt, model=model)"
+            )
+        if monitor.detector is None:
+            raise ValueError(
+                "PhaseLR(monitor=...): the monitor has no phase detector (it was built with "
+                "detector=False); build it with detector=True or detector=PhaseDetector(...)"
+            )
+        if monitor.optimizer is not opt:
+            raise ValueError(
+                f"PhaseLR(monitor=...): the monitor watches another optimizer "
+                f"({type(monitor.optimizer).__name__} at {id(monitor.optimizer):#x}), not this "
+                f"{type(opt).__name__} at {id(opt):#x}; pass the monitor attached to this "
+                "optimizer, e.g. PhaseMonitor.of(optimizer)"
+            )
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+            raise TypeError(f"PhaseLR(factor={factor!r}): factor must be a float; e.g. 0.1")
+        if not 0.0 < float(factor) < 1.0:
+            raise ValueError(
+                f"PhaseLR(factor={factor!r}): factor must lie in (0, 1) (it multiplies the "
+                "rate at each decay); pass e.g. factor=0.1"
+            )
+        n = len(opt.param_groups)
+        mins = list(min_lr) if isinstance(min_lr, Sequence) else [min_lr] * n
+        if len(mins) != n or not all(
+            isinstance(m, numbers.Real) and not isinstance(m, bool) and m >= 0 for m in mins
+        ):
+            raise ValueError(
+                f"PhaseLR(min_lr={min_lr!r}): min_lr must be a number >= 0 or one per "
+                f"parameter group ({n}); pass e.g. min_lr=0.0"
+            )
+        self.monitor = monitor
+        self.factor = float(factor)
+        self.min_lrs = [float(m) for m in mins]
+        self.patience_steps = _steps("patience_steps", patience_steps)
+        self.cooldown_steps = _steps("cooldown_steps", cooldown_steps)
+        self.diffusing_since = None  # monitor step of the first call in diffusion
+        self.decayed = False  # this diffusion episode has had its decay
+        self.last_decay = None  # monitor step of the last decay
+        self.decays = 0
+        super().__init__(opt, last_epoch)
+
+    def _due(self) -> bool:
+        """Whether this call should decay (updates the episode bookkeeping)."""
+        t = self.monitor.step
+        if self.monitor.phase != "diffusion":
+            self.diffusing_since, self.decayed = None, False
+            return False
+        if self.diffusing_since is None:
+            self.diffusing_since = t
+        cooled = self.last_decay is None or t - self.last_decay >= self.cooldown_steps
+        return not self.decayed and cooled and t - self.diffusing_since >= self.patience_steps
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        """The rates for this step: the current ones, times ``factor`` at a decay."""
+        groups = self.optimizer.param_groups
+        current = [float(g["lr"]) for g in groups]
+        if getattr(self, "_is_initial", self.last_epoch == 0) or not self._due():
+            return current
+        new = [max(lr * self.factor, m) for lr, m in zip(current, self.min_lrs)]
+        self.decayed, self.last_decay = True, self.monitor.step
+        self.decays += 1
+        if new != current:
+            evidence = {"lr": new[0], "old_lr": current[0], "factor": self.factor}
+            self.monitor.log_event(
+                PhaseEvent(self.monitor.step, "", "diffusion", LR_DECAY, evidence)
+            )
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the optimizer and the monitor (plain Python types)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "monitor")}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (the monitor and optimizer stay this one's)."""
+        state = {k: v for k, v in state_dict.items() if k not in ("optimizer", "monitor")}
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"PhaseLR(factor={self.factor}, decays={self.decays}, "
+            f"lr={[g['lr'] for g in self.optimizer.param_groups]})"
+        )
