@@ -118,12 +118,11 @@ def _notes(notes: Sequence[str]) -> None:
 
 
 def safe_text(text: str) -> str:
-    """``text`` with control characters (terminal escapes) shown as ``\\x1b``; newlines and
-    tabs kept.
+    r"""``text`` with control characters (terminal escapes) spelled out; newlines and tabs kept.
 
     Example:
-        >>> safe_text("fc1\x1b[2J")
-        'fc1\\x1b[2J'
+        >>> print(safe_text("fc1\x1b[2J"))
+        fc1\x1b[2J
     """
     return "".join(
         c if c in "\n\t" or (c.isprintable() and not 0x7F <= ord(c) <= 0x9F) else repr(c)[1:-1]
@@ -157,10 +156,11 @@ class _Refused(Exception):
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from sgdlens import report
+    from sgdlens import reading
+    from sgdlens import summary as text
     from sgdlens.records import runs
 
-    report.read_run(args.run)  # the user-facing checks
+    reading.read_run(args.run)  # the user-facing checks
     rows = [["index", "run", "records", "steps", "optimizer", "model", "started"]]
     for r in runs(args.run):
         h = r["header"] or {}
@@ -176,16 +176,16 @@ def _runs(args: argparse.Namespace) -> int:
                 str(started or "-"),
             ]
         )
-    print(safe_text(report._table(rows)))
+    print(safe_text(text._table(rows)))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     import os
 
-    from sgdlens import report
+    from sgdlens import reading, report
 
-    history, notes = report.read_run(args.run, run=args.index)
+    history, notes = reading.read_run(args.run, run=args.index)
     _notes(notes)
     out = args.out or os.path.splitext(args.run)[0] + ".html"
     _check_out("report", out, [args.run])
@@ -201,18 +201,20 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from sgdlens import report
+    from sgdlens import reading
+    from sgdlens import summary as text
 
-    history, notes = report.read_run(args.run, run=args.index)
+    history, notes = reading.read_run(args.run, run=args.index)
     _notes(notes)
-    print(safe_text(report.summary(history, name=args.run)))
+    print(safe_text(text.summary(history, name=args.run)))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     import os
 
-    from sgdlens import report
+    from sgdlens import reading, report
+    from sgdlens import summary as text
 
     labels = args.labels or [os.path.basename(args.a), os.path.basename(args.b)]
     if labels[0] == labels[1]:
@@ -220,11 +222,11 @@ def _compare(args: argparse.Namespace) -> int:
     if len(args.index) > 2:
         return _error("compare", f"--run takes one or two values, got {len(args.index)}")
     run_a, run_b = (args.index * 2)[:2]
-    a, notes_a = report.read_run(args.a, run=run_a)
-    b, notes_b = report.read_run(args.b, run=run_b)
+    a, notes_a = reading.read_run(args.a, run=run_a)
+    b, notes_b = reading.read_run(args.b, run=run_b)
     _notes([*notes_a, *notes_b])
     if args.out is None:
-        print(safe_text(report.compare_text(a, b, labels=labels)))
+        print(safe_text(text.compare_text(a, b, labels=labels)))
         return 0
     _check_out("compare", args.out, [args.a, args.b])
     suffix = os.path.splitext(args.out)[1].lower()
@@ -266,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if suffix not in (*_FIGURE_SUFFIXES, ".html"):
             ap.error(f"compare -o {args.out}: use a .png, .svg, .pdf or .html file")
     commands = {"runs": _runs, "report": _report, "summary": _summary, "compare": _compare}
-    from sgdlens.report import RunError
+    from sgdlens.reading import RunError
 
     try:
         return commands[args.command](args)
