@@ -79,7 +79,7 @@ def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], *, seed: in
     return model, (time.perf_counter() - t0) / steps
 
 
-def barriers(a: nn.Module, b: nn.Module, train_b, test_b) -> tuple[float, float]:  # noqa: ANN001
+def barriers(a: nn.Module, b: nn.Module, train_b, test_b) -> tuple[float, float]:
     """(Entezari loss barrier on the training data, Frankle error barrier on held-out data)."""
     loss = probes.interpolate(a, b, loss_fn, train_b, steps=30).barrier
     err = probes.interpolate(a, b, loss_fn, test_b, steps=30, metric_fn=error_fn).error_barrier
