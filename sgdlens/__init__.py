@@ -4,12 +4,14 @@
 """
 
 from sgdlens import datasets, lenses, probes, sinks
+from sgdlens.layers import Layers
 from sgdlens.monitor import PhaseMonitor
 from sgdlens.phase import PhaseDetector, PhaseEvent
 from sgdlens.records import History, Record, load, runs
 
 __all__ = [
     "History",
+    "Layers",
     "PhaseDetector",
     "PhaseEvent",
     "PhaseMonitor",

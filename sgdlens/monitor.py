@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from sgdlens import _dist, _torch
 from sgdlens._optim import unwrap_optimizer
 from sgdlens.header import header_once
+from sgdlens.layers import LayersArg, check_layers, group_names
 from sgdlens.lenses import default as default_lenses
 from sgdlens.lenses.base import Lens, ParamView, State, Step
 from sgdlens.phase import PhaseDetector, PhaseEvent
@@ -38,40 +39,35 @@ RESERVED = frozenset(
 _STATE_VERSION = 1
 
 
-def _layer_names(opt: Optimizer, params: Sequence[Tensor], model: nn.Module | None) -> list[str]:
-    """A layer name per parameter: its owning module's name, else ``group<i>.<j>``."""
-    owner: dict[int, str] = {}
-    if model is not None:
-        for mname, module in model.named_modules():
-            for p in module.parameters(recurse=False):
-                owner.setdefault(id(p), _torch.clean_name(mname) or "model")
-    names = []
-    for gi, group in enumerate(opt.param_groups):
-        for pj, p in enumerate(group["params"]):
-            names.append(owner.get(id(p), f"group{gi}.{pj}"))
-    return names
-
-
-def build_view(opt: Optimizer, model: nn.Module | None, log_every: int) -> ParamView:
-    """The :class:`ParamView` of an optimizer's parameters, grouped into layers."""
+def build_view(
+    opt: Optimizer, model: nn.Module | None, log_every: int, layers: LayersArg = "auto"
+) -> ParamView:
+    """The :class:`ParamView` of an optimizer's parameters, grouped as ``layers`` says
+    (see :mod:`sgdlens.layers`); parameters of no group go to a hidden last group ``""``."""
     params = [p for group in opt.param_groups for p in group["params"]]
     if not params:
         raise ValueError("PhaseMonitor(optimizer=...) holds no parameters; nothing to monitor")
-    names = _layer_names(opt, params, model)
-    if model is not None:  # layers in module order, strays after
-        order = {
-            _torch.clean_name(m) or "model": i for i, (m, _) in enumerate(model.named_modules())
-        }
-        layers = sorted(dict.fromkeys(names), key=lambda n: (order.get(n, len(order)), n))
+    fallback = [f"group{gi}.{pj}" for gi, g in enumerate(opt.param_groups)
+                for pj in range(len(g["params"]))]  # fmt: skip
+    names = group_names(model, params, layers, fallback)
+    if model is not None:  # groups in the order of their first parameter in the model
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        first: dict[str, int] = {}
+        for p, n in zip(params, names):
+            if n is not None:
+                first[n] = min(first.get(n, len(order)), order.get(id(p), len(order)))
+        groups = sorted(first, key=lambda n: (first[n], n))
     else:
-        layers = list(dict.fromkeys(names))
-    index = {n: i for i, n in enumerate(layers)}
+        groups = list(dict.fromkeys(n for n in names if n is not None))
+    if None in names:
+        groups.append("")
+    index = {n: i for i, n in enumerate(groups)}
     device = params[0].device
     shapes = _torch.fsdp1_shapes(model) if model is not None else {}
     return ParamView(
         params=tuple(params),
-        layer_of=tuple(index[n] for n in names),
-        layers=tuple(layers),
+        layer_of=tuple(index[n if n is not None else ""] for n in names),
+        layers=tuple(groups),
         device=device,
         dtype=_torch.acc_dtype(device),
         log_every=log_every,
@@ -131,6 +127,12 @@ class PhaseMonitor:
         optimizer: a ``torch.optim.Optimizer``, or a wrapper holding one in ``.optimizer``.
         model: the model, to name layers after its modules (a module's own parameters form
             one layer); without it layers are named ``group<i>.<j>`` per parameter.
+        layers: how parameters group into the layers of the per-layer keys: ``"auto"`` (by
+            module up to 16 modules with parameters, else by repeated block such as
+            ``transformer.h.3``), ``"modules"``, ``"blocks"``, ``"params"`` (per tensor), a
+            function from parameter name to group name (``None``: whole-model keys only), or
+            :class:`sgdlens.Layers` with ``include``/``exclude`` name patterns; see
+            :mod:`sgdlens.layers`.
         lenses: the lenses to run (copied; see :mod:`sgdlens.lenses`); ``None`` for the
             default ``[GradSNR(), WeightNorms(), GradNorm()]``.
         sinks: where records go besides ``monitor.history``: callables taking a record, such
@@ -211,6 +213,7 @@ class PhaseMonitor:
         lenses: Iterable[Lens] | None = None,
         sinks: Iterable[Callable[[Record], Any]] = (),
         log_every: int = 50,
+        layers: LayersArg = "auto",
         detector: PhaseDetector | bool = True,
         trace_steps: int | None = None,
         probes: Sequence[Probe] = (),
@@ -263,6 +266,7 @@ class PhaseMonitor:
                 f"PhaseMonitor(probe_budget={probe_budget!r}) must be a fraction in (0, 1]; "
                 f"e.g. 0.05 for at most 5 % of the wall time"
             )
+        check_layers(layers)
         lens_list = self._check_lenses(lenses)
         sink_list = check_sinks(sinks, "PhaseMonitor")
         if getattr(opt, _ATTR, None) is not None:
@@ -273,7 +277,7 @@ class PhaseMonitor:
         self.optimizer = opt
         self.model = model
         self.log_every = int(log_every)
-        self.view = build_view(opt, model, self.log_every)
+        self.view = build_view(opt, model, self.log_every, layers)
         fsdp = any(_torch.is_distributed_param(p) for p in self.view.params)
         if probe_list and fsdp and probe_model is None:
             raise ValueError(

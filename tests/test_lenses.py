@@ -23,7 +23,9 @@ def close(a, b, rel=1e-5, abs_=1e-9):
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 def test_default_lenses_match_reference(opt_name):
-    _, _, mon, tr = train(opt_name, STEPS, {"log_every": K}, record=True)
+    # the default lenses, and the distance from init that WeightNorms() adds to them
+    three = [lenses.GradSNR(), lenses.WeightNorms(), lenses.GradNorm()]
+    _, _, mon, tr = train(opt_name, STEPS, {"log_every": K, "lenses": three}, record=True)
     records = mon.history.records
     assert [r["step"] for r in records] == list(range(K, STEPS + 1, K))
     for rec in records:
@@ -129,3 +131,23 @@ def test_bfloat16_gradients_are_measured_in_float32():
     dist = math.sqrt(sum(float((p.double() - w).square().sum())
                          for p, w in zip(model[0].parameters(), w0[:2])))  # fmt: skip
     assert math.isclose(rec["weight_dist/0"], dist, rel_tol=1e-5)
+
+
+def test_default_lenses_keep_no_copy_of_the_initial_weights():
+    _, _, mon, _ = train("sgd", K, {"log_every": K})
+    assert [repr(x) for x in mon.lenses] == [repr(x) for x in lenses.default()]
+    assert not any(k.startswith("weight_dist") for k in mon.history.records[-1])
+    assert "weight_norm/fc1" in mon.history.records[-1]
+    copies = sum(t.numel() for st in mon.states for t in _tensors(st))
+    assert copies <= sum(p.numel() for p in mon.view.params) + 100  # GradSNR's window sum
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)

@@ -1,6 +1,9 @@
 """Per-step, on-device statistics. A lens list is composable: ``lenses=[GradSNR(), GradNorm()]``.
 
-``default()`` is the set a monitor uses when given ``lenses=None``.
+Presets are plain lists, cheap to expensive: ``default()`` is the set a monitor uses when
+given ``lenses=None`` (at most one copy of the parameters on the device: ``GradSNR``'s window
+sum); ``full()`` adds the distance from the attach-time weights, the gradient noise scale and
+the within-batch SNR (per-sample hooks on logged steps).
 """
 
 from sgdlens.lenses.base import Lens, ParamView, Step
@@ -20,9 +23,19 @@ __all__ = [
     "Step",
     "WeightNorms",
     "default",
+    "full",
 ]
 
 
 def default() -> list[Lens]:
-    """A new default lens list: ``[GradSNR(), WeightNorms(), GradNorm()]``."""
-    return [GradSNR(), WeightNorms(), GradNorm()]
+    """A new default lens list: ``[GradSNR(), WeightNorms(distance=False), GradNorm()]``."""
+    return [GradSNR(), WeightNorms(distance=False), GradNorm()]
+
+
+def full() -> list[Lens]:
+    """Every lens: ``[GradSNR(), WeightNorms(), GradNorm(), NoiseScale(), BatchSNR()]``.
+
+    ``NoiseScale`` and ``BatchSNR`` need the model (``PhaseMonitor(model=...)``); the per-sample
+    estimators cost most on the steps they read.
+    """
+    return [GradSNR(), WeightNorms(), GradNorm(), NoiseScale(), BatchSNR()]

@@ -231,8 +231,9 @@ class Step:
 
 
 def per_layer_keys(metric: str, layers: Sequence[str], values: Tensor) -> dict[str, Tensor]:
-    """``{"metric/<layer>": values[i]}`` for a per-layer tensor."""
-    return {f"{metric}/{name}": v for name, v in zip(layers, values.unbind())}
+    """``{"metric/<layer>": values[i]}`` for a per-layer tensor (the hidden group ``""`` of
+    parameters kept out of the per-layer keys gets none)."""
+    return {f"{metric}/{name}": v for name, v in zip(layers, values.unbind()) if name}
 
 
 class Lens:

@@ -3,7 +3,9 @@
 Per layer ``l`` at a log step ``t`` (after the update):
 
 * ``weight_norm/<l>``  = ‖w_t‖;
-* ``weight_dist/<l>``  = ‖w_t − w_0‖, with ``w_0`` the weights when the monitor attached;
+* ``weight_dist/<l>``  = ‖w_t − w_0‖, with ``w_0`` the weights when the monitor attached
+  (with ``WeightNorms(distance=True)``, the class's default; the monitor's default lenses
+  leave it out, since ``w_0`` is one more copy of the weights on the device);
 * ``update_size/<l>``  = ‖w_t − w_{t−1}‖, the size of this step's update;
 * ``update_ratio/<l>`` = update_size / weight_norm;
 
@@ -24,13 +26,16 @@ __all__ = ["WeightNorms"]
 class WeightNorms(Lens):
     """Weight norm, distance from the attach-time weights, and the size of the logged update.
 
-    Nothing runs between log points. Memory: one copy of the weights taken at attach time
-    (for ``weight_dist``) and, for the duration of each logged step only, a second copy of
-    the weights before the update (for ``update_size``).
+    Nothing runs between log points. Memory: with ``distance=True`` one copy of the weights
+    taken at attach time (for ``weight_dist``); for the duration of each logged step only, a
+    copy of the weights before the update (for ``update_size``).
 
-    Logged keys: ``weight_norm/<l>``, ``weight_dist/<l>``, ``update_size/<l>``,
-    ``update_ratio/<l>`` for every layer, and ``weight_norm``, ``weight_dist``,
-    ``update_size``, ``update_ratio`` for the whole model.
+    Logged keys: ``weight_norm/<l>``, ``update_size/<l>``, ``update_ratio/<l>`` (and with
+    ``distance=True`` ``weight_dist/<l>``) for every layer, and ``weight_norm``,
+    ``update_size``, ``update_ratio`` (``weight_dist``) for the whole model.
+
+    Args:
+        distance: keep the attach-time weights and log the distance from them.
 
     Example:
         >>> import torch
@@ -42,25 +47,32 @@ class WeightNorms(Lens):
     name = "weights"
     metrics = ("weight_norm", "weight_dist", "update_size", "update_ratio")
 
+    def __init__(self, *, distance: bool = True) -> None:
+        if not isinstance(distance, bool):
+            raise TypeError(f"WeightNorms(distance=...) must be a bool, got {distance!r}")
+        self.distance = distance
+
     def __repr__(self) -> str:
-        return "WeightNorms()"
+        return "WeightNorms()" if self.distance else "WeightNorms(distance=False)"
 
     def init(self, view: ParamView) -> State:
-        self._view = view
         with torch.no_grad():
-            return {"init": [p.clone() for p in view.local_params], "prev": None}
+            init = [p.clone() for p in view.local_params] if self.distance else None
+            return {"init": init, "prev": None}
 
     def prepare(self, state: State, step: Step) -> State:
-        state["prev"] = [p.clone() for p in self._view.local_params]
+        state["prev"] = [p.clone() for p in step.view.local_params]
         return state
 
     def compute(self, state: State, step: Step) -> dict[str, Tensor]:
-        view = self._view
+        view = step.view
         params = view.local_params
         everything = range(len(params))
         norm_sq = view.per_layer(_torch.norms(params, view.device, view.dtype).square(), everything)
-        dist = _torch.distances(params, state["init"], view.device, view.dtype)
-        dist_sq = view.per_layer(dist.square(), everything)
+        dist_sq = torch.zeros_like(norm_sq)
+        if state["init"] is not None:
+            dist = _torch.distances(params, state["init"], view.device, view.dtype)
+            dist_sq = view.per_layer(dist.square(), everything)
         upd_sq = torch.zeros_like(norm_sq)
         if state["prev"] is not None:
             upd = _torch.distances(params, state["prev"], view.device, view.dtype)
@@ -68,10 +80,11 @@ class WeightNorms(Lens):
         norm_sq, dist_sq, upd_sq = view.reduce_sum(torch.stack([norm_sq, dist_sq, upd_sq]))
         out = {
             **per_layer_keys("weight_norm", view.layers, norm_sq.sqrt()),
-            **per_layer_keys("weight_dist", view.layers, dist_sq.sqrt()),
             "weight_norm": norm_sq.sum().sqrt(),
-            "weight_dist": dist_sq.sum().sqrt(),
         }
+        if state["init"] is not None:
+            out.update(per_layer_keys("weight_dist", view.layers, dist_sq.sqrt()))
+            out["weight_dist"] = dist_sq.sum().sqrt()
         if state["prev"] is not None:
             state["prev"] = None
             out.update(per_layer_keys("update_size", view.layers, upd_sq.sqrt()))
