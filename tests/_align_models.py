@@ -123,7 +123,29 @@ class Depthwise(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class Tied(nn.Module):
+    """A square weight used twice (tied), a frozen per-unit scale, BatchNorm1d, dropout, a sum
+    over the units at the end, and an unused layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(4, 6, bias=False)
+        self.bn = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(0.3)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4, bias=False)  # never called
+        self.dec = nn.Linear(6, 6)
+        self.dec.weight = self.mid.weight
+        self.frozen = nn.Parameter(torch.rand(6) + 0.5, requires_grad=False)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.bn(self.emb(x))))
+        h = torch.tanh(self.mid(h)) * self.frozen
+        return self.dec(h).sum(-1)
+
+
 ARCHS = {
+    "tied": (Tied, lambda g: torch.randn(10, 4, generator=g, dtype=D)),
     "mlp": (mlp, lambda g: torch.randn(10, 4, generator=g, dtype=D)),
     "cnn_bn": (CNN, lambda g: torch.randn(6, 3, 16, 16, generator=g, dtype=D)),
     "depthwise": (Depthwise, lambda g: torch.randn(6, 3, 8, 8, generator=g, dtype=D)),

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sgdlens import probes
+from sgdlens.probes._matching import apply_perms as _apply
+from sgdlens.probes._matching import record_shapes as _shapes
 from sgdlens.probes._perm import permutation_groups, trace
-from sgdlens.probes.align import _apply, _shapes
 from sgdlens.probes.restore import same_bits
 from tests._align_models import ARCHS, D, mlp
 

@@ -7,6 +7,7 @@ without a generator must leave the global RNG alone.
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -123,6 +124,26 @@ def test_checkpoint_carries_the_lanczos_warm_start():
     resumed = train(resume_at=15)
     assert len(whole) == 6
     assert resumed[-3:] == whole[-3:]
+
+
+def test_checkpoint_carries_the_barrier_reference():
+    """A barrier probe rebuilt on resume from the resumed weights (the natural code) keeps the
+    reference of the original run: the checkpoint carries it."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = copy.deepcopy(model.state_dict())
+    probe = probes.barrier_probe(loss_fn, DATA, start, every=1, steps=3)
+    sched = ProbeScheduler([probe], budget=1.0)
+    for _ in range(3):
+        step_once(model, opt)
+    state = sched.state_dict()
+    rebuilt = probes.barrier_probe(loss_fn, DATA, model.state_dict(), every=1, steps=3)
+    resumed = ProbeScheduler([rebuilt], budget=1.0)
+    resumed.load_state_dict(state)
+    want = probes.interpolate(start, model, loss_fn, DATA, steps=3, model=model).error_barrier
+    assert sched.run(4, False, model, opt)["error_barrier/init"] == pytest.approx(want)
+    assert resumed.run(4, False, model, opt)["error_barrier/init"] == pytest.approx(want)
+    assert want > 1e-3  # a reference equal to the model would give 0
 
 
 def test_scheduler_state_holds_probe_state():

@@ -119,6 +119,14 @@ def raising_on(call):
     return fn
 
 
+def other(net, seed=1):
+    """Another net of the same architecture: alignment permutes it (tied weights included).
+    Built under fork_rng: the global RNG the checks compare is the probe's to keep."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Net().double().eval()
+
+
 PROBES = {
     "hvp": lambda net, fn, data: probes.hvp(
         net,
@@ -143,6 +151,15 @@ PROBES = {
     ),
     "interpolate": lambda net, fn, data: probes.interpolate(
         net, {k: v + 0.1 for k, v in net.state_dict().items()}, fn, data, steps=5, bn="recompute"
+    ),
+    "interpolate_align": lambda net, fn, data: probes.interpolate(
+        net, other(net), fn, data, steps=3, align=True
+    ),
+    "interpolate_align_activations": lambda net, fn, data: probes.interpolate(
+        net, other(net), fn, data, steps=3, align="activations"
+    ),
+    "plane_align": lambda net, fn, data: probes.landscape_plane(
+        net, other(net), other(net, 2), fn, data, steps=2, align=True
     ),
     "landscape_1d": lambda net, fn, data: probes.landscape_1d(net, fn, data, steps=5),
     "landscape_1d_train": lambda net, fn, data: probes.landscape_1d(

@@ -68,6 +68,7 @@ class _Walk:
         self.parent = [FIXED]
         self.groups: dict[int, Group] = {FIXED: Group(0, "inputs and outputs")}
         self.memo: dict[str, tuple[Any, ...]] = {}  # module path -> (input group, output value)
+        self.owner: dict[tuple[str, int], tuple[int, Axis]] = {}  # (tensor, dim) -> its group
         self.env: dict[str, Any] = {}
 
     # --- union-find over groups; FIXED absorbs whatever joins it
@@ -104,6 +105,15 @@ class _Walk:
     ) -> None:
         t = getattr(self.model.get_submodule(module), tensor)
         ax = Axis(self.names[id(t)], dim, outer, block)
+        seen = self.owner.get((ax.name, dim))
+        if seen is not None:  # a tied tensor: its axis is one set of units, wherever it is used
+            if seen[1] != ax:
+                raise Unsupported(
+                    f"cannot align: the tied tensor {ax.name!r} is used with two different "
+                    f"unit layouts along dim {dim} (in {module!r})"
+                )
+            g = self.join(seen[0], g, f"the tied tensor {ax.name!r}")
+        self.owner[(ax.name, dim)] = (g, ax)
         root = self.find(g)
         if ax not in self.groups[root].axes:
             self.groups[root].axes.append(ax)
@@ -290,12 +300,12 @@ class _Walk:
         dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
         if dims is None:
-            return self._stop(node, "reduces over every axis, the units included")
+            return Val(FIXED)  # a sum, mean or max over all units does not depend on their order
         at = [x.at(d) for d in ([dims] if isinstance(dims, int) else dims)]
         if None in at:
             return self._stop(node, _shape_hint(x, "reduces dims it cannot place"))
         if x.dim in at:
-            return self._stop(node, "reduces over the feature axis")
+            return Val(FIXED)  # over the units themselves: the order no longer matters
         if keep:
             return x
         shift = sum(1 for d in at if d is not None and d > x.dim)

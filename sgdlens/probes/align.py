@@ -7,8 +7,9 @@ moves it far across weight space. :func:`align` returns a copy of ``b`` permuted
 close to ``a`` as it can:
 
 * ``method="weights"`` (weight matching): coordinate descent over the permutation groups;
-  each step solves one linear assignment that maximises ``Σ <W_a, P W_b>`` over every tensor
-  the group indexes, the other groups held fixed, until no group improves.
+  each step solves one linear assignment that maximises ``Σ <W_a, P W_b>`` over the parameters
+  the group indexes, the other groups held fixed, until no group improves; a step is kept only
+  if that sum rises, so the aligned copy is never farther from ``a`` than ``b`` was.
 * ``method="activations"`` (activation matching): each group's units are matched by the
   correlation of their activations on ``data`` (summed over every traced value that carries
   the group); groups with no observable activation (attention heads) are then weight-matched.
@@ -28,183 +29,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from sgdlens.probes._common import as_batches, check_int, check_model, check_unsharded
-from sgdlens.probes._perm import Axis, Group, permutation_groups, trace
+from sgdlens.probes._matching import (
+    activation_matching,
+    apply_perms,
+    assignment_solver,
+    record_shapes,
+    weight_matching,
+)
+from sgdlens.probes._perm import permutation_groups, trace
 from sgdlens.probes.restore import preserved
 
 __all__ = ["align"]
 
 _METHODS = ("weights", "activations")
-_HINT = 'pip install "sgdlens[align]"'
-
-
-def _assignment() -> Any:
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError as e:
-        raise ImportError(
-            f"align needs scipy (scipy.optimize.linear_sum_assignment), which is not "
-            f"installed; run {_HINT}"
-        ) from e
-    return linear_sum_assignment
-
-
-def _units(t: Tensor, ax: Axis, size: int) -> Tensor:
-    """``t`` with ``ax`` as rows of units: shape ``(size, -1)``."""
-    moved = t.movedim(ax.dim, 0)
-    rest = moved.shape[1:]
-    return moved.reshape(ax.outer, size, ax.block, *rest).transpose(0, 1).reshape(size, -1)
-
-
-def _permute(t: Tensor, ax: Axis, perm: Tensor) -> Tensor:
-    """``t`` with the units of ``ax`` reordered: unit ``i`` of the result is unit ``perm[i]``."""
-    size = perm.numel()
-    moved = t.movedim(ax.dim, 0)
-    rest = moved.shape[1:]
-    view = moved.reshape(ax.outer, size, ax.block, *rest)
-    out = view.index_select(1, perm.to(t.device)).reshape(moved.shape)
-    return out.movedim(0, ax.dim)
-
-
-def _apply(state: dict[str, Tensor], groups: list[Group], perms: list[Tensor],
-           skip: tuple[int, Axis] | None = None) -> dict[str, Tensor]:  # fmt: skip
-    out = dict(state)
-    for i, (grp, perm) in enumerate(zip(groups, perms)):
-        for ax in grp.axes:
-            if ax.name in out and (skip is None or (i, ax) != skip):
-                out[ax.name] = _permute(out[ax.name], ax, perm)
-    return out
-
-
-def _weight_matching(
-    groups: list[Group],
-    sa: dict[str, Tensor],
-    sb: dict[str, Tensor],
-    perms: list[Tensor],
-    todo: list[int],
-    max_iter: int,
-    generator: torch.Generator,
-) -> tuple[list[Tensor], int]:
-    """Coordinate descent over ``todo`` groups; returns the permutations and sweeps made.
-
-    A first pass visits the groups in the order the forward pass creates them, each matched
-    on the tensors whose other axes are already settled (a layer's rows once its inputs are
-    matched): for an exact permuted copy of a feed-forward net this alone recovers the
-    permutation. Then sweeps in random order until no group improves.
-    """
-    lsa = _assignment()
-    perms = list(perms)
-    owners: dict[str, set[int]] = {}
-    for g, grp in enumerate(groups):
-        for ax in grp.axes:
-            owners.setdefault(ax.name, set()).add(g)
-
-    def cost_of(g: int, axes: list[Axis]) -> Tensor:
-        grp = groups[g]
-        cost = torch.zeros(grp.size, grp.size, dtype=torch.float64)
-        for ax in axes:
-            # b with every other axis already permuted; this axis left in b's order
-            others = _apply({ax.name: sb[ax.name]}, groups, perms, skip=(g, ax))
-            wa = _units(sa[ax.name].to(torch.float64), ax, grp.size)
-            wb = _units(others[ax.name].to(torch.float64), ax, grp.size)
-            cost += (wa @ wb.T).cpu()
-        return cost
-
-    settled = {g for g in range(len(groups)) if g not in todo}
-    for g in sorted(todo):
-        ready = [ax for ax in groups[g].axes if owners[ax.name] <= settled | {g}]
-        cost = cost_of(g, ready or groups[g].axes)
-        perms[g] = torch.as_tensor(lsa(cost.numpy(), maximize=True)[1], dtype=torch.long)
-        settled.add(g)
-    sweeps = 0
-    while sweeps < max_iter:
-        sweeps += 1
-        improved = False
-        for i in torch.randperm(len(todo), generator=generator).tolist():
-            g = todo[i]
-            cost = cost_of(g, groups[g].axes)
-            new = torch.as_tensor(lsa(cost.numpy(), maximize=True)[1], dtype=torch.long)
-            rows = torch.arange(groups[g].size)
-            gain = float(cost[rows, new].sum() - cost[rows, perms[g]].sum())
-            if gain > 1e-12 * max(float(cost.abs().sum()), 1.0):
-                perms[g] = new
-                improved = True
-        if not improved:
-            break
-    return perms, sweeps
-
-
-class _Recorder(fx.Interpreter):
-    """Runs a traced model and keeps, per group, the sums needed for correlations."""
-
-    def __init__(self, gm: fx.GraphModule, taps: dict[str, tuple[int, int]]) -> None:
-        super().__init__(gm)
-        self.taps = taps
-        self.values: dict[str, Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.taps and isinstance(out, Tensor):
-            _, dim = self.taps[n.name]
-            self.values[n.name] = out.detach().movedim(dim, -1).reshape(-1, out.shape[dim])
-        return out
-
-
-def _inputs(gm: fx.GraphModule, batch: Any) -> list[Any]:
-    """The positional inputs of the traced forward for one batch: ``batch[0]`` of a tuple or
-    list, the tensor itself, or a dict's entries by argument name."""
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    if isinstance(batch, Mapping):
-        return [batch[str(k).lstrip("*")] for k in names if str(k).lstrip("*") in batch]
-    if isinstance(batch, (tuple, list)):
-        return [batch[0]]
-    return [batch]
-
-
-def _activation_matching(
-    groups: list[Group],
-    gms: tuple[fx.GraphModule, fx.GraphModule],
-    batches: list[Any],
-) -> tuple[list[Tensor], list[int]]:
-    """Per group, units matched by the correlation of their activations; the groups that no
-    traced value carries are returned as still to do."""
-    lsa = _assignment()
-    taps = {name: (g, dim) for g, grp in enumerate(groups) for name, dim in grp.taps}
-    sums: list[list[Tensor]] = [[] for _ in groups]
-    stats: dict[tuple[int, str], list[Tensor]] = {}
-    for batch in batches:
-        outs = []
-        for gm in gms:
-            rec = _Recorder(gm, taps)
-            with torch.no_grad():
-                rec.run(*_inputs(gm, batch))
-            outs.append(rec.values)
-        for name, (g, _) in taps.items():
-            if name not in outs[0]:
-                continue
-            xa, xb = (o[name].to(torch.float64) for o in outs)
-            n = torch.tensor(float(xa.shape[0]))
-            new = [xa.sum(0), xb.sum(0), xa.T @ xb, xa.square().sum(0), xb.square().sum(0), n]
-            old = stats.get((g, name))
-            stats[(g, name)] = [v.cpu() if old is None else o + v.cpu() for o, v in
-                                zip(old or new, new)]  # fmt: skip
-    for (g, _), (sa, sb, sab, saa, sbb, n) in stats.items():
-        ma, mb = sa / n, sb / n
-        cov = sab / n - torch.outer(ma, mb)
-        sd_a = (saa / n - ma * ma).clamp_min(0).sqrt() + 1e-12
-        sd_b = (sbb / n - mb * mb).clamp_min(0).sqrt() + 1e-12
-        sums[g].append(cov / torch.outer(sd_a, sd_b))
-    perms, todo = [], []
-    for g, grp in enumerate(groups):
-        if sums[g]:
-            _, cols = lsa(torch.stack(sums[g]).sum(0).numpy(), maximize=True)
-            perms.append(torch.as_tensor(cols, dtype=torch.long))
-        else:
-            perms.append(torch.arange(grp.size))
-            todo.append(g)
-    return perms, todo
 
 
 def _check_same_architecture(a: nn.Module, b: nn.Module) -> None:
@@ -223,14 +63,6 @@ def _check_same_architecture(a: nn.Module, b: nn.Module) -> None:
                 f"align needs two models of one architecture: {n!r} is {sa} in a and {sb} in "
                 "b; align models built by the same code with the same sizes"
             )
-
-
-def _shapes(gm: fx.GraphModule, batch: Any) -> None:
-    """Record every traced value's shape (``node.meta['tensor_meta']``) from one batch."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*_inputs(gm, batch))
 
 
 def align(
@@ -306,13 +138,13 @@ def align(
     if method == "activations" and batches is None:
         raise ValueError("method='activations' needs data=: batches to run both models on")
     _check_same_architecture(a, b)
-    _assignment()  # fail early without scipy
+    assignment_solver()  # fail early without scipy
     with preserved(a), preserved(b):
         a.eval()
         b.eval()
         gm_b = trace(b)
         if batches is not None:
-            _shapes(gm_b, batches[0])
+            record_shapes(gm_b, batches[0])
         groups, _ = permutation_groups(b, gm_b)
         sa = {n: t.detach() for n, t in _tensors(a).items()}
         sb = {n: t.detach() for n, t in _tensors(b).items()}
@@ -320,11 +152,12 @@ def align(
         todo = list(range(len(groups)))
         if method == "activations":
             assert batches is not None
-            perms, todo = _activation_matching(groups, (trace(a), gm_b), batches)
+            perms, todo = activation_matching(groups, (trace(a), gm_b), batches)
         gen = torch.Generator().manual_seed(seed)
         if todo:
-            perms, _ = _weight_matching(groups, sa, sb, perms, todo, max_iter, gen)
-        aligned = _apply(sb, groups, perms)
+            weights = {n for n, _ in b.named_parameters()}
+            perms, _ = weight_matching(groups, sa, sb, perms, todo, max_iter, gen, weights)
+        aligned = apply_perms(sb, groups, perms)
     out = copy.deepcopy(b)
     with torch.no_grad():
         for name, t in _tensors(out).items():

@@ -322,7 +322,9 @@ def barrier_probe(
     """The loss barrier on the straight line from ``reference`` to the model.
 
     ``reference`` is a state dict (``model.state_dict()``) or a module; either is copied at
-    construction, so later changes to it do not move the reference.
+    construction, so later changes to it do not move the reference. The monitor's checkpoint
+    carries the copy: a probe rebuilt on resume (say from the resumed model's weights) keeps
+    measuring from the reference the run started with.
 
     Keys: ``barrier/<name>`` (Entezari: the largest excess of the loss over the chord; ≤ 0
     within a convex basin) and ``error_barrier/<name>`` (Frankle: the loss's supremum minus
@@ -345,17 +347,17 @@ def barrier_probe(
     check_int(steps, "steps", 2, "; the number of points on the line, e.g. 11")
     if not isinstance(name, str) or not name:
         raise ValueError(f"barrier_probe(name={name!r}) must be a non-empty string, e.g. 'init'")
-    ref = _snapshot(reference)
+    state = {"reference": _snapshot(reference)}
 
     def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
-        res = interpolate(ref, model, loss_fn, data, steps=steps, model=model)
+        res = interpolate(state["reference"], model, loss_fn, data, steps=steps, model=model)
         return {
             f"barrier/{name}": float(res.barrier),
             f"error_barrier/{name}": float(res.error_barrier),
         }
 
     return Probe(fn, name=f"barrier/{name}".replace("/", "-"), every=every, per_decade=per_decade,
-                 on_event=on_event)  # fmt: skip
+                 on_event=on_event, state=state)  # fmt: skip
 
 
 def _snapshot(reference: Any) -> dict[str, torch.Tensor]:
