@@ -500,10 +500,15 @@ class PhaseMonitor:
                     lens.prepare(state, step)
             # A step pre-hook gets (optimizer, args, kwargs) with args[0] the optimizer itself.
             # The gradients are final before step() unless it gets a closure (LBFGS), which
-            # computes them inside; read them now, before the optimizer (or a later hook) can
-            # rewrite .grad in place, and while backward() has left them in cache.
+            # computes them inside, or a GradScaler left the unscaling to a fused optimizer
+            # (it sets optimizer.grad_scale for the step; the kernel unscales .grad in place).
+            # Otherwise read them now, before the optimizer (or a later hook) can rewrite
+            # .grad in place, and while backward() has left them in cache.
             closure = args[1] if len(args) > 1 else kwargs.get("closure")
-            self._step = None if closure is not None else self._update(step)
+            later = closure is not None or isinstance(
+                getattr(optimizer, "grad_scale", None), Tensor
+            )
+            self._step = None if later else self._update(step)
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self._nested:

@@ -354,3 +354,26 @@ def test_a_lens_class_instead_of_an_instance():
 def test_trace_steps_is_bounded(trace_steps):
     with pytest.raises(ValueError, match="trace_steps"):
         PhaseMonitor(torch.optim.SGD(_mlp().parameters(), lr=0.1), trace_steps=trace_steps)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_gradients_are_read_unscaled(fused):
+    """A GradScaler unscales .grad before step(), or, for a fused optimizer, hands the scale to
+    the optimizer (``optimizer.grad_scale``), which unscales inside step(): the monitor must
+    read the unscaled gradient either way."""
+
+    def run(scale):
+        model = _mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        monitor = PhaseMonitor(opt, model=model, lenses=[GradNorm()], log_every=1)
+        x, y = _batch()
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+        monitor.close()
+        return monitor.history.records[-1]["grad_norm"]
+
+    assert run(1024.0) == pytest.approx(run(1.0), rel=1e-5)

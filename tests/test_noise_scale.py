@@ -1,7 +1,7 @@
 """NoiseScale and the per-sample machinery against independent float64 references.
 
 The reference per-example gradients come from ``torch.func`` (vmap over grad of each example's
-own loss), written independently of :mod:`sgdlens.lenses._per_sample`.
+own loss), written independently of :mod:`sgdlens.lenses.per_sample`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from sgdlens import PhaseMonitor, lenses
-from sgdlens.lenses._per_sample import PerSampleEngine
 from sgdlens.lenses.noise_scale import NoiseScale, two_batch_estimates
+from sgdlens.lenses.per_sample import PerSampleEngine
 
 REL = 1e-6
 
@@ -329,9 +329,9 @@ def test_hooks_mode_leaves_unruled_modules_out():
     att = nn.MultiheadAttention(8, 2, add_zero_attn=True)
     assert not any(PerSampleEngine(att, list(att.parameters()), mode="hooks").covered)
     auto = PerSampleEngine(att, list(att.parameters()))
-    assert all(auto.covered) and auto.units[0].rule.__name__ == "_func_rule"
+    assert all(auto.covered) and auto.units[0].rule.__name__ == "func_rule"
     units = PerSampleEngine(model, params).units
-    assert next(u for u in units if u.module is model.att).rule.__name__ == "_mha"
+    assert next(u for u in units if u.module is model.att).rule.__name__ == "attention"
 
 
 # -- NoiseScale against the within-batch reference -------------------------------------------

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from sgdlens import _torch
-from sgdlens.lenses._per_sample import MODES, PerSampleEngine
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
+from sgdlens.lenses.per_sample import MODES, PerSampleEngine
 
 __all__ = ["BatchSNR", "batch_snr_from_sums"]
 
@@ -58,7 +58,7 @@ class BatchSNR(Lens):
     """Per-layer signal-to-noise of the per-example gradients within a batch.
 
     With ``source="per_sample"`` (default), module hooks (see
-    :mod:`sgdlens.lenses._per_sample`) compute Σ_i ‖g_i‖² and, per element, Σ_i g_ik² for the
+    :mod:`sgdlens.lenses.per_sample`) compute Σ_i ‖g_i‖² and, per element, Σ_i g_ik² for the
     batch of each *logged* step; the hooks are registered only for the backward passes of
     those steps and removed after them, so other steps cost nothing. Per-element sums come
     from ``(g²)ᵀ(a²)`` for ``nn.Linear`` on flat inputs, from per-(sample, token) sums for

@@ -20,7 +20,7 @@ batches come from one of three estimators:
   after, without a copy), so it costs one norm per parameter per micro-batch. Exactly
   unbiased: all micro-batches see the same weights.
 * ``"per_sample"``: per-example gradient norms from module hooks (see
-  :mod:`sgdlens.lenses._per_sample`): ``B_small = 1``, ``B_big = B``; this reproduces the
+  :mod:`sgdlens.lenses.per_sample`): ``B_small = 1``, ``B_big = B``; this reproduces the
   within-batch estimates ``tr Σ̂ = Σ_k Var_i(g_ik)`` (ddof 1) and
   ``|G|² = ‖ḡ‖² − tr Σ̂ / B`` exactly.
 * ``"ranks"``: under DDP, each rank's local gradient (``B_small`` = the local batch) against
@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
-from sgdlens.lenses._per_sample import MODES, PerSampleEngine, index_sums
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
+from sgdlens.lenses.per_sample import MODES, PerSampleEngine, index_sums
 
 __all__ = ["NoiseScale", "two_batch_estimates"]
 

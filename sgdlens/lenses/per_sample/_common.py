@@ -1,0 +1,112 @@
+"""What the per-sample rules share: a module use, result shapes and small tensor helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sgdlens._torch import pytree
+
+MODES = ("auto", "hooks", "func")
+
+# A rule's answer for one parameter: ("norm", sq (B,), elem or None) or ("full", (B, *shape)).
+Result = tuple[str, Tensor, Tensor | None]
+
+
+class Use:
+    """One forward call of a module: its inputs, its outputs' shapes and their gradients.
+
+    The outputs themselves are not kept: a hook on an output lives on its ``grad_fn``, so a
+    reference from the hook back to the output would be a cycle through the autograd graph,
+    which Python's garbage collector cannot see (every step's graph would leak).
+    """
+
+    __slots__ = ("args", "got", "grads", "kwargs", "output")
+
+    def __init__(self, args: Any, kwargs: Any, output: list[Tensor]) -> None:
+        self.args, self.kwargs = args, kwargs
+        self.output = [Like(t) for t in output]
+        self.grads: list[Tensor | None] = [None] * len(output)
+        self.got: list[bool] = []  # which outputs received a gradient (set before processing)
+
+
+class Like:
+    """The shape, dtype and device of a tensor, without the tensor."""
+
+    __slots__ = ("device", "dtype", "shape")
+
+    def __init__(self, t: Tensor) -> None:
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+def tensors(output: Any) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+
+
+def seq(t: Tensor) -> Tensor:
+    """``(B, …, d)`` as ``(B, T, d)``."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def from_full(full: Tensor, need_elem: bool) -> Result:
+    sq = full.reshape(full.shape[0], -1).square().sum(1)
+    return ("norm", sq, full.square().sum(0) if need_elem else None)
+
+
+# -- rules: (module, uses, want) -> {param name: Result}; want[name] is "norm" or "full" -----
+
+
+def cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat``, except that one tensor is returned as it is (no copy of a strided view)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def gram_cheaper(t: int, d_in: int, d_out: int) -> bool:
+    """Whether norms by the Gram trick (``T²(in+out)`` per sample) beat materialising
+    (``T·in·out``)."""
+    return t * (d_in + d_out) <= d_in * d_out
+
+
+def gram_sq(a: Tensor, g: Tensor) -> Tensor:
+    """‖Σ_t g_t a_tᵀ‖² per sample from a (B,T,in), g (B,T,out): Σ_{t,u} (a_t·a_u)(g_t·g_u)."""
+    return (a @ a.transpose(1, 2)).mul_(g @ g.transpose(1, 2)).sum((1, 2))
+
+
+def weight_bias(
+    w: Callable[[], Tensor], gsum: Callable[[], Tensor], want: dict[str, str], need: bool,
+    w_sq: Callable[[], Tensor] | None = None,
+) -> dict[str, Result]:  # fmt: skip
+    """Results for ``weight`` (full per-sample gradients ``w()``, or their squared norms
+    ``w_sq()`` when cheaper and enough) and ``bias`` (per-sample gradients ``gsum()``)."""
+    out: dict[str, Result] = {}
+    if "weight" in want:
+        if w_sq is not None and want["weight"] == "norm" and not need:
+            out["weight"] = ("norm", w_sq(), None)
+        else:
+            full = w()
+            out["weight"] = (
+                ("full", full, None) if want["weight"] == "full" else from_full(full, need)
+            )
+    if "bias" in want:
+        b = gsum()
+        out["bias"] = ("full", b, None) if want["bias"] == "full" else from_full(b, need)
+    return out
+
+
+Rule = Callable[[nn.Module, list[Use], dict[str, str], bool], dict[str, Result]]
+
+
+def wide(t: Any) -> Any:
+    """A floating tensor narrower than float32 as float32 (anything else as it is)."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.element_size() < 4:
+        return t.float()
+    return t

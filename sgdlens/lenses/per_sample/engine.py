@@ -1,0 +1,293 @@
+"""The per-sample engine: module and parameter hooks, the rule table, the accumulated sums."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sgdlens._quiet import probing_now
+from sgdlens._torch import pytree
+from sgdlens.lenses.per_sample._common import Result, Rule, Use, from_full, tensors, wide
+from sgdlens.lenses.per_sample.attention import attention, attention_ok
+from sgdlens.lenses.per_sample.conv import conv
+from sgdlens.lenses.per_sample.embedding import embedding, embedding_ok
+from sgdlens.lenses.per_sample.func import func_rule
+from sgdlens.lenses.per_sample.linear import is_hf_conv1d, linear
+from sgdlens.lenses.per_sample.norm import norm_layer
+
+RULES: dict[type, tuple[Rule, Callable[[nn.Module], bool]]] = {
+    nn.Linear: (linear, lambda m: True),
+    nn.Conv1d: (conv, lambda m: True),
+    nn.Conv2d: (conv, lambda m: True),
+    nn.Conv3d: (conv, lambda m: True),
+    nn.Embedding: (embedding, embedding_ok),
+    nn.LayerNorm: (norm_layer, lambda m: True),
+}
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    RULES[nn.RMSNorm] = (norm_layer, lambda m: True)
+
+
+def index_sums(
+    parts: list[list[Tensor]], dtype: torch.dtype, device: torch.device,
+    cache: dict[tuple[tuple[int, int], ...], Tensor], square: bool = False,
+) -> Tensor:  # fmt: skip
+    """``out[i]`` = the sum of every entry of ``parts[i]`` (0-d or 1-D tensors; of their
+    squares with ``square``) in ``dtype`` on ``device``: one concatenation and one
+    ``index_add_``, the index tensor of each layout kept in ``cache``."""
+    flat = [t.reshape(-1).to(device) for ts in parts for t in ts]
+    out = torch.zeros(len(parts), dtype=dtype, device=device)
+    if not flat:
+        return out
+    layout = tuple((i, t.numel()) for i, ts in enumerate(parts) for t in ts)
+    if layout not in cache:
+        cache[layout] = torch.tensor(
+            [i for i, n in layout for _ in range(n)], dtype=torch.long, device=device
+        )
+    values = torch.cat(flat).to(dtype)
+    return out.index_add_(0, cache[layout], values.square() if square else values)
+
+
+class _Unit:
+    """A module whose forward calls give the per-sample gradients of ``names``."""
+
+    def __init__(self, module: nn.Module, rule: Rule, names: dict[str, int]) -> None:
+        self.module, self.rule, self.names = module, rule, names  # names: param name -> index
+        self.uses: list[Use] = []
+        self.result: dict[str, Result] | None = None
+        self.want: dict[str, str] = {}
+        self.excluded = False  # its output does not carry the batch (see _exclude)
+
+
+class PerSampleEngine:
+    """Hooks computing per-sample gradient statistics of ``params`` inside ``model``.
+
+    Args:
+        model: the module whose forward and backward produce the gradients.
+        params: the parameters to cover (others are left alone).
+        mode: ``"auto"`` (rules where they exist, ``torch.func`` elsewhere), ``"hooks"``
+            (rules only; other parameters uncovered) or ``"func"`` (``torch.func`` for all).
+        need_elem: also accumulate Σ_s c_s² elementwise.
+        keep_last: keep the per-sample squared norms of the last backward in ``last_sq``.
+        dtype: dtype of the accumulated ``sq`` scalars.
+
+    Attributes:
+        covered: per parameter, whether some hook computes its per-sample statistics (set to
+            ``False``, with a warning, for a module whose output turns out not to carry the
+            model's batch along its batch dimension).
+        elem, count: per parameter, Σ_s c_s² and the number of samples since the last
+            :meth:`reset` (``None``/0 before any backward); :meth:`sums` gives Σ_s ‖c_s‖².
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        *,
+        mode: str = "auto",
+        need_elem: bool = False,
+        keep_last: bool = False,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.model, self.params, self.mode = model, list(params), mode
+        self.batch: int | None = None
+        self.need_elem, self.keep_last, self.dtype = need_elem, keep_last, dtype
+        self._busy = False
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.units: list[_Unit] = []
+        self._visit(model, index)
+        self.units_of: list[list[tuple[_Unit, str]]] = [[] for _ in self.params]
+        for u in self.units:
+            for name, i in u.names.items():
+                self.units_of[i].append((u, name))
+        for u in self.units:  # a parameter in several units is materialised by each
+            u.want = {n: "full" if len(self.units_of[i]) > 1 else "norm"
+                      for n, i in u.names.items()}  # fmt: skip
+        # a frozen parameter (requires_grad=False) gets no gradient and takes no hook
+        self.covered = [bool(us) and p.requires_grad for us, p in zip(self.units_of, self.params)]
+        n = len(self.params)
+        self._parts: list[list[Tensor]] = [[] for _ in range(n)]  # per-sample ‖c_s‖² vectors
+        self._index: dict[tuple[tuple[int, int], ...], Tensor] = {}
+        self.elem: list[Tensor | None] = [None] * n
+        self.count = [0] * n
+        self.last_sq: list[Tensor | None] = [None] * n
+
+    def _visit(self, module: nn.Module, index: dict[int, int]) -> None:
+        rule = RULES.get(type(module), (linear, is_hf_conv1d))
+        if self.mode != "func" and rule[1](module):
+            names = {n: index[id(p)] for n, p in module.named_parameters(recurse=False)
+                     if id(p) in index}  # fmt: skip
+            if names:
+                self.units.append(_Unit(module, rule[0], names))
+            return
+        if isinstance(module, nn.MultiheadAttention):  # reads out_proj's weights directly
+            # it re-runs the attention, so, like torch.func, not in "hooks" (hooks only)
+            if self.mode != "hooks":
+                names = {n: index[id(p)] for n, p in module.named_parameters() if id(p) in index}
+                how = attention if self.mode == "auto" and attention_ok(module) else func_rule
+                if names:
+                    self.units.append(_Unit(module, how, names))
+            return
+        for child in module.children():
+            self._visit(child, index)
+        if self.mode != "hooks":
+            names = {n: index[id(p)] for n, p in module.named_parameters(recurse=False)
+                     if id(p) in index}  # fmt: skip
+            if names:
+                self.units.append(_Unit(module, func_rule, names))
+
+    def attach(self) -> list[Any]:
+        """Register the hooks; returns their handles."""
+        handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
+        try:
+            for u in self.units:
+                handles.append(
+                    u.module.register_forward_hook(partial(self._on_forward, u), with_kwargs=True)
+                )
+            for i, p in enumerate(self.params):
+                if self.covered[i] and p.requires_grad:
+                    handles.append(p.register_hook(partial(self._on_param, i)))
+        except BaseException:  # never leave half the hooks behind
+            for h in handles:
+                h.remove()
+            raise
+        return handles
+
+    def _on_model(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """The batch size: dimension 0 of the model's first tensor input."""
+        if not self._busy and torch.is_grad_enabled() and not _transformed() and not probing_now():
+            leaf = next((t for t in pytree.tree_leaves((args, kwargs))
+                         if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
+            self.batch = None if leaf is None else int(leaf.shape[0])
+
+    def _exclude(self, unit: _Unit, why: str) -> None:
+        """Leave a unit out of the per-sample statistics, with a warning saying why."""
+        unit.uses, unit.result, unit.excluded = [], {}, True
+        for i in unit.names.values():
+            self.covered[i] = False
+        warnings.warn(
+            f"per-sample gradients of {type(unit.module).__name__} parameters "
+            f"{sorted(unit.names)} cannot be read from module hooks: {why}; they are left out "
+            f"of the per-sample statistics",
+            stacklevel=3,
+        )
+
+    def reset(self) -> None:
+        """Forget the statistics and any pending forward calls (after an optimizer step)."""
+        n = len(self.params)
+        self._parts, self.elem, self.count = [[] for _ in range(n)], [None] * n, [0] * n
+        for u in self.units:
+            u.uses, u.result = [], None
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def _on_forward(self, unit: _Unit, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        if self._busy or not torch.is_grad_enabled() or _transformed() or probing_now():
+            return
+        if unit.excluded:
+            return
+        if unit.result is not None:  # the previous backward is over
+            unit.uses, unit.result = [], None
+        outs = tensors(out)
+        seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
+        if seq_first and unit.rule is func_rule:
+            self._exclude(
+                unit,
+                "the torch.func rule splits dimension 0, and this attention "
+                "is sequence-first (batch_first=False)",
+            )
+            return
+        first = next((t for t in outs if t.dim() > 0), None)  # a loss may come first
+        if first is not None and self.batch is not None:
+            size = first.shape[1 if seq_first and first.dim() > 1 else 0]
+            if size != self.batch:
+                self._exclude(
+                    unit,
+                    f"its output has {size} along the batch dimension where the "
+                    f"model's input has {self.batch} (an output shared by the whole "
+                    f"batch, such as position embeddings, or a flattened batch)",
+                )
+                return
+        use = Use(args, kwargs, outs)
+        for j, t in enumerate(outs):
+            if t.requires_grad:
+                t.register_hook(partial(_store, use, j))
+        unit.uses.append(use)
+
+    def _on_param(self, i: int, grad: Tensor) -> None:
+        if self._busy or not self.covered[i] or probing_now():
+            return
+        p = self.params[i]
+        if p.grad is None:  # a new accumulation cycle (zero_grad(set_to_none=True))
+            self._parts[i], self.elem[i], self.count[i] = [], None, 0
+        results = []
+        for u, name in self.units_of[i]:
+            if u.result is None:
+                self._busy = True
+                try:
+                    u.result = self._process(u)
+                except Exception as err:  # a statistic must never stop training
+                    self._exclude(u, repr(err))
+                finally:
+                    self._busy = False
+            if u.result is not None and name in u.result:
+                results.append(u.result[name])
+        if not results or not self.covered[i]:  # a unit of a shared parameter was dropped
+            return
+        if len(results) == 1 and results[0][0] == "norm":
+            _, sq, elem = results[0]
+        else:
+            full = results[0][1]
+            for r in results[1:]:
+                full = full + r[1]
+            _, sq, elem = from_full(full, self.need_elem)
+        self._parts[i].append(sq)
+        if self.need_elem and elem is not None:
+            e = elem.to(torch.promote_types(p.dtype, torch.float32))
+            self.elem[i] = e if self.elem[i] is None else self.elem[i] + e  # type: ignore[operator]
+        self.count[i] += int(sq.shape[0])
+        if self.keep_last:
+            self.last_sq[i] = sq.detach()
+
+    def sums(self, device: torch.device) -> Tensor:
+        """Σ_s ‖c_s‖² per parameter since the last :meth:`reset` (0 where none), in ``dtype``.
+
+        The hooks keep each backward's per-sample vector; one concatenation and one
+        ``index_add_`` per step sum them.
+        """
+        return index_sums(self._parts, self.dtype, device, self._index)
+
+    def _process(self, unit: _Unit) -> dict[str, Result]:
+        uses = [u for u in unit.uses if any(g is not None for g in u.grads)]
+        if not uses:
+            return {}
+        rule = unit.rule
+        if rule is attention and any(g is not None for u in uses for g in u.grads[1:]):
+            rule = func_rule  # the attention weights reach the loss: the rule ignores them
+        with torch.no_grad():
+            for u in uses:  # outputs that got no gradient contribute zero
+                u.got = [g is not None for g in u.grads]
+                u.grads = [o.zeros() if g is None else g
+                           for o, g in zip(u.output, u.grads)]  # fmt: skip
+                if rule is not func_rule:  # half-precision products and squares lose
+                    # the small differences the estimators take: the rules work in float32
+                    u.args = tuple(wide(a) for a in u.args)
+                    u.grads = [wide(g) for g in u.grads]
+            res = rule(unit.module, uses, unit.want, self.need_elem)
+        for u in uses:
+            u.args = u.kwargs = None
+            u.grads = []
+        return res
+
+
+def _store(use: Use, j: int, grad: Tensor) -> None:
+    use.grads[j] = grad
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform is running (its forward passes are not training)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
