@@ -13,6 +13,7 @@ Prints, for an MLP (784-512-512-10), a small CNN and a 2-layer transformer (d=12
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -187,9 +188,17 @@ def run_case(
             model, loss_fn, batch, directions=4, generator=gen()
         ),
     }
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(other)
+    cases["align weights"] = lambda: probes.align(model, twin, data=batch)
+    cases["align activations"] = lambda: probes.align(model, twin, method="activations", data=batch)
     print(f"  one training step: {1000 * step:.1f} ms")
     for label, fn in cases.items():
-        t = timeit(fn, 1)
+        try:
+            t = timeit(fn, 1)
+        except ValueError as e:  # a model alignment cannot follow: say which module
+            print(f"  {label:<18} not run: {str(e)[:110]}")
+            continue
         print(f"  {label:<18} {t:7.3f} s = {t / step:7.1f} training steps")
 
     def plain() -> None:
