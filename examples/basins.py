@@ -4,7 +4,8 @@ Poggio & Liao: averaging two models inside one basin gives a loss at most the av
 between basins it is higher. Frankle et al.: children trained from one starting point with
 different data orders are linearly connected ("stable"). Im, Tao & Branson: different optimizers
 can end in different minima. This script trains small MLPs on scikit-learn's bundled digits
-(or a synthetic task if scikit-learn is absent) and prints the barrier table:
+(or a synthetic task if scikit-learn is absent) and prints the barrier table, with the pairs
+separated by a permutation also measured after ``probes.align`` (needs scipy):
 
     pair                         loss barrier  error barrier  verdict
 
@@ -108,7 +109,9 @@ def main() -> None:
         ("spawned at epoch 5, two orders", late_a, late_b),
         ("SGD vs Adam, same init", child_a, adam),
         ("two different inits", child_a, other_init),
+        ("  the same, aligned", child_a, probes.align(child_a, other_init)),
         ("model vs its permutation", child_a, permuted),
+        ("  the same, aligned", child_a, probes.align(child_a, permuted)),
     ]
     for name, m in [("child A", child_a), ("other init", other_init), ("Adam", adam)]:
         with torch.no_grad():
@@ -126,7 +129,8 @@ def main() -> None:
         "\nloss barrier: Entezari et al., max over alpha of train loss above the chord (nats);"
         "\nerror barrier: Frankle et al., sup test error minus the endpoints' mean; same basin"
         "\nwhen <= 0.02. A hidden-unit permutation is the same function, yet sits behind a"
-        "\nbarrier: compare basins only after aligning permutations."
+        "\nbarrier: compare basins only after aligning permutations (probes.align, the"
+        "\n'aligned' rows; examples/align.py measures this across widths and seeds)."
     )
     print(f"\n({time.perf_counter() - t0:.1f} s)")
 
