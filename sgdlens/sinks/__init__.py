@@ -5,8 +5,15 @@ A sink is anything callable with one record (a flat ``dict``). It may also have 
 
 * :class:`sgdlens.records.History` – in memory (every monitor keeps one as ``monitor.history``);
 * :class:`JSONLSink` – one JSON object per line, appended and flushed per record;
-* :class:`TensorBoardSink` – TensorBoard event files (extra ``sgdlens[tensorboard]``; imported
-  only when first used, so ``import sgdlens.sinks`` never imports tensorboard).
+* :class:`TensorBoardSink` – TensorBoard event files (extra ``sgdlens[tensorboard]``);
+* :class:`WandbSink` – a Weights & Biases run (extra ``sgdlens[wandb]``);
+* :class:`MLflowSink` – an MLflow run (extra ``sgdlens[mlflow]``).
+
+The tracker sinks live in their own modules, imported on first use, so ``import sgdlens.sinks``
+imports none of tensorboard, wandb or mlflow. Each takes the three kinds of record the monitor
+emits: the run's header (see :mod:`sgdlens.header`) as the tracker's configuration or
+parameters, metric records as scalars at the record's ``step``, and event records (phase
+changes, loss spikes) as the tracker's alerts, tags or text.
 """
 
 from __future__ import annotations
@@ -20,10 +27,17 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
 from sgdlens.records import History, Value, to_json_line
 
-if TYPE_CHECKING:  # at run time __getattr__ below imports it on first use
+if TYPE_CHECKING:  # at run time __getattr__ below imports them on first use
+    from sgdlens.sinks.mlflow import MLflowSink
     from sgdlens.sinks.tensorboard import TensorBoardSink
+    from sgdlens.sinks.wandb import WandbSink
 
-__all__ = ["History", "JSONLSink", "Sink", "TensorBoardSink"]
+__all__ = ["History", "JSONLSink", "MLflowSink", "Sink", "TensorBoardSink", "WandbSink"]
+_LAZY = {
+    "TensorBoardSink": "sgdlens.sinks.tensorboard",
+    "WandbSink": "sgdlens.sinks.wandb",
+    "MLflowSink": "sgdlens.sinks.mlflow",
+}
 
 
 @runtime_checkable
@@ -176,14 +190,52 @@ class JSONLSink:
         return f"JSONLSink({self.path!r})"
 
 
-def __getattr__(name: str) -> Any:
-    # TensorBoardSink lives in its own module so that tensorboard is imported only on use
-    if name == "TensorBoardSink":
-        from sgdlens.sinks.tensorboard import TensorBoardSink
+def numeric(record: Mapping[str, Value], prefix: str = "") -> dict[str, float]:
+    """A metric record's numbers under ``prefix`` (``step``, ``time``, text and lists dropped)."""
+    return {
+        prefix + k: float(v)
+        for k, v in record.items()
+        if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
-        return TensorBoardSink
+
+def flat_header(header: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A header record as flat ``{key: scalar}`` (``param_groups.0.lr``), for trackers' configs.
+
+    Example:
+        >>> flat_header({"run": "r1", "param_groups": [{"lr": 0.1, "betas": [0.9, 0.99]}]})
+        {'run': 'r1', 'param_groups.0.lr': 0.1, 'param_groups.0.betas': '[0.9, 0.99]'}
+    """
+    out: dict[str, Any] = {}
+    for k, v in header.items():
+        if isinstance(v, Mapping):
+            out.update(flat_header(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
+            for i, x in enumerate(v):
+                out.update(flat_header(x, f"{prefix}{k}.{i}."))
+        elif isinstance(v, list):
+            out[prefix + k] = str(v) if len(str(v)) <= 250 else f"[{len(v)} values]"
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def event_text(record: Mapping[str, Value]) -> str:
+    """One line for an event record, e.g. ``step 120: fc2 drift -> diffusion``."""
+    layer = record.get("layer") or "model"
+    if record.get("event") == "spike":
+        return f"step {record.get('step')}: loss spike ({layer})"
+    return f"step {record.get('step')}: {layer} {record.get('old')} -> {record.get('event')}"
+
+
+def __getattr__(name: str) -> Any:
+    # the tracker sinks live in their own modules so that a tracker is imported only on use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "TensorBoardSink"])
+    return sorted([*globals(), *_LAZY])

@@ -25,7 +25,8 @@ class TensorBoardSink:
     ``grad_snr`` in the ``grad_snr`` section. The phase strings (``phase``,
     ``phase/<layer>``) are not scalars and are skipped in metric records; instead each event
     record (phase change or loss spike) becomes one line of text under the tag ``events``,
-    e.g. ``step 120: fc2 drift -> diffusion``. The writer is flushed after every record.
+    e.g. ``step 120: fc2 drift -> diffusion``, and the run's header a table of text under the
+    tag ``run``. The writer is flushed after every record.
 
     Args:
         log_dir: the run folder (created), as for ``SummaryWriter(log_dir=...)``; point
@@ -77,7 +78,10 @@ class TensorBoardSink:
         step = int(record["step"])  # type: ignore[arg-type]
         wall = record.get("time")
         walltime = float(wall) if isinstance(wall, (int, float)) else None
-        if "event" in record:
+        if "header" in record:
+            if self.events:
+                self.writer.add_text(self.prefix + "run", _header_text(record), step)
+        elif "event" in record:
             if self.events:
                 self.writer.add_text(
                     self.prefix + "events", _event_text(record), step, walltime=walltime
@@ -101,6 +105,12 @@ class TensorBoardSink:
 
     def __repr__(self) -> str:
         return f"TensorBoardSink({self.log_dir!r})"
+
+
+def _header_text(record: Mapping[str, Value]) -> str:
+    from sgdlens.sinks import flat_header
+
+    return "\n".join(f"    {k}: {v}" for k, v in flat_header(record).items())
 
 
 def _event_text(record: Mapping[str, Value]) -> str:
