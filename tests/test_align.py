@@ -218,6 +218,15 @@ def test_models_of_different_shapes_are_refused():
         probes.align(mlp(), nn.Linear(4, 3))
 
 
+def test_parametrized_weights_are_refused():
+    from torch.nn.utils import parametrizations
+
+    a = mlp()
+    parametrizations.weight_norm(a[0])
+    with pytest.raises(ValueError, match=r"0\.weight is computed, not stored"):
+        probes.align(a, copy.deepcopy(a))
+
+
 def test_bad_arguments():
     a, b = mlp(), mlp()
     with pytest.raises(ValueError, match="method must be"):

@@ -104,6 +104,11 @@ class _Walk:
         self, g: int, module: str, tensor: str, dim: int, outer: int = 1, block: int = 1
     ) -> None:
         t = getattr(self.model.get_submodule(module), tensor)
+        if id(t) not in self.names:
+            raise Unsupported(
+                f"cannot align: {module}.{tensor} is computed, not stored (a parametrization "
+                "such as weight_norm?); remove the parametrization before aligning"
+            )
         ax = Axis(self.names[id(t)], dim, outer, block)
         seen = self.owner.get((ax.name, dim))
         if seen is not None:  # a tied tensor: its axis is one set of units, wherever it is used

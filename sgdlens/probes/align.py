@@ -53,6 +53,12 @@ def _check_same_architecture(a: nn.Module, b: nn.Module) -> None:
             f"align needs two models of one architecture, got {type(a).__name__} and "
             f"{type(b).__name__}"
         )
+    devices = {t.device for m in (a, b) for t in list(m.parameters()) + list(m.buffers())}
+    if len(devices) > 1:
+        raise ValueError(
+            f"align needs both models on one device, got tensors on {sorted(map(str, devices))}; "
+            "move them with .to(device) first"
+        )
     ta = {n: t.shape for n, t in list(a.named_parameters()) + list(a.named_buffers())}
     tb = {n: t.shape for n, t in list(b.named_parameters()) + list(b.named_buffers())}
     for n in sorted(set(ta) | set(tb)):
