@@ -1,7 +1,7 @@
 """Small data sets generated in code (nothing is downloaded).
 
 :func:`tishby12` is the 12-bit task of Shwartz-Ziv & Tishby (2017), rebuilt exactly from the
-closed form in SCIENCE.md §A1.3: the 12 inputs stand for the vertices of a regular icosahedron
+closed form in docs/science.md: the 12 inputs stand for the vertices of a regular icosahedron
 and ``y = [Σx_k + ‖Σ x_k v_k‖ > 7.632]``.
 """
 

@@ -65,7 +65,7 @@ class GradSNR(Lens):
       ``(1 − β) β^age``; roughly a window of ``2/(1 − β) − 1`` steps.
 
     The gradient read is the one each ``step()`` uses, taken at the moving weights of the
-    training run itself (the cheap choice of SCIENCE.md §A1.5; the authors' code and Saxe et
+    training run itself (the cheap choice, see docs/science.md; the authors' code and Saxe et
     al.'s compute extra gradients for the statistic). A parameter without a gradient at a
     step counts as a zero gradient. Steps with non-finite gradients are skipped: they do not
     count towards ``K`` samples of the window nor move the moving averages.

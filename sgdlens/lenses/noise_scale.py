@@ -174,7 +174,7 @@ class NoiseScale(Lens):
     * ``grad_noise_tr/<l>``, ``grad_noise_tr``: ``EMA(tr Σ)``, the per-example noise;
     * ``grad_sq_norm/<l>``, ``grad_sq_norm``: ``EMA(|G|²)``, the true gradient's norm²;
     * ``batch_over_noise_scale/<l>``, ``batch_over_noise_scale``: ``B / B_simple``, about
-      the square of the minibatch gradient SNR (SCIENCE §A2).
+      the square of the minibatch gradient SNR (see docs/science.md).
 
     Keys are absent until a step could be estimated (the accumulation estimator needs at
     least two micro-batches, the per-sample one at least two examples).
