@@ -397,9 +397,9 @@ class PhaseMonitor:
     def close(self) -> None:
         """Remove every hook, close the sinks and let go of the model and optimizer.
 
-        Idempotent. ``history``, ``events``, ``phase`` and the lenses' settings stay readable;
-        the lenses' state (and with it :meth:`state_dict`) is released, so a closed monitor
-        kept for its history holds no reference to the model, optimizer or parameters.
+        Idempotent. ``history``, ``events``, ``phase``, the lenses' settings and
+        :meth:`state_dict` stay readable (a framework may checkpoint after the run ends); a
+        closed monitor kept for them holds no reference to the model, optimizer or parameters.
         """
         for h in self._handles + self._lens_handles:
             h.remove()
@@ -415,8 +415,9 @@ class PhaseMonitor:
                 if callable(getattr(lens, "release", None)):
                     lens.release()
             self.optimizer = self.model = None
-            self.view = dataclasses.replace(self.view, params=(), optimizer=None, _index={})
-            self.states, self.probes = [], None
+            self.view = dataclasses.replace(
+                self.view, params=(), optimizer=None, _index={}, shared={}
+            )
 
     def flush(self) -> None:
         """Flush every sink that can be flushed."""
@@ -527,8 +528,13 @@ class PhaseMonitor:
 
     def _update(self, step: Step) -> Step:
         """Every lens's per-step update, the finite-step count and the per-step trace."""
-        for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
-            self.states[i] = lens.update(state, step)
+        try:
+            for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
+                self.states[i] = lens.update(state, step)
+        finally:
+            engine = self.view.shared.get("per_sample")
+            if engine is not None:  # one per-sample pass, read by every lens that needs it
+                engine.reset()
         self._finite.add_(step.ok)
         if len(self._trace):  # (loss, squared gradient norm) of this step
             row = self._trace[(step.index - 1) % len(self._trace)]
@@ -681,11 +687,6 @@ class PhaseMonitor:
         records the uninterrupted run would have. Loadable with ``torch.load(weights_only=True)``.
         Like ``nn.Module.state_dict`` it holds references to live tensors, not copies.
         """
-        if self._closed:
-            raise RuntimeError(
-                "state_dict(): this PhaseMonitor is closed and has released its lenses' state; "
-                "take the state_dict before close()"
-            )
         return {
             "version": _STATE_VERSION,
             "step": self.step,

@@ -377,3 +377,40 @@ def test_grad_scaler_gradients_are_read_unscaled(fused):
         return monitor.history.records[-1]["grad_norm"]
 
     assert run(1024.0) == pytest.approx(run(1.0), rel=1e-5)
+
+
+# -- core v2: one per-sample engine for every lens ------------------------------------------------
+
+
+def test_noise_scale_and_batch_snr_share_one_per_sample_pass(monkeypatch):
+    from sgdlens.lenses.per_sample import PerSampleEngine
+
+    calls = []
+    process = PerSampleEngine._process
+    monkeypatch.setattr(PerSampleEngine, "_process",
+                        lambda self, unit: calls.append(unit) or process(self, unit))  # fmt: skip
+
+    def run(make):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        monitor = PhaseMonitor(opt, model=model, lenses=make(), log_every=4)
+        calls.clear()
+        _train(model, opt, 8)
+        monitor.close()
+        return monitor, len(calls), monitor.history.records[-1]
+
+    both, n_both, rec = run(lambda: [NoiseScale("per_sample"), BatchSNR()])
+    _, n_ns, rec_ns = run(lambda: [NoiseScale("per_sample")])
+    _, n_bs, rec_bs = run(lambda: [BatchSNR()])
+    assert n_both == n_ns == 8 * 2  # two Linear layers per step, once each
+    assert n_bs == 2 * 2  # BatchSNR alone: hooks on the two logged steps only
+    for key, value in {**rec_ns, **rec_bs}.items():
+        if key != "time":
+            assert rec[key] == value, key
+
+
+def test_lenses_asking_for_different_per_sample_modes_are_refused():
+    model = _mlp()
+    with pytest.raises(ValueError, match="same per_sample="):
+        PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                     lenses=[NoiseScale("per_sample", per_sample="func"), BatchSNR()])  # fmt: skip

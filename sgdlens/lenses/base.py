@@ -66,6 +66,8 @@ class ParamView:
     sharded: bool = False
     ndims: tuple[int, ...] = ()
     _index: dict[tuple[int, ...], Tensor] = field(default_factory=dict, repr=False)
+    #: what the monitor's lenses share, built once: the per-sample engine under "per_sample"
+    shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @cached_property
     def plain(self) -> bool:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sgdlens import _torch
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
-from sgdlens.lenses.per_sample import MODES, PerSampleEngine
+from sgdlens.lenses.per_sample import MODES, Disarm, PerSampleEngine, shared_engine
 
 __all__ = ["BatchSNR", "batch_snr_from_sums"]
 
@@ -42,16 +42,6 @@ def batch_snr_from_sums(
     """
     var = (sum_sq - n * mean_sq) / (n - 1)
     return mean_sq / var, var
-
-
-class _Detach:
-    """The handle the monitor removes on close: whatever hooks the lens holds then."""
-
-    def __init__(self, lens: BatchSNR) -> None:
-        self.lens = lens
-
-    def remove(self) -> None:
-        self.lens._arm(False)
 
 
 class BatchSNR(Lens):
@@ -168,33 +158,27 @@ class BatchSNR(Lens):
                 "BatchSNR(source='per_sample') needs the model for its module hooks: pass "
                 "PhaseMonitor(opt, model=model, lenses=[...]) or BatchSNR(source='optimizer')"
             )
-        self._engine = PerSampleEngine(
-            model, list(view.params), mode=self.per_sample, need_elem=True, dtype=view.dtype
-        )
+        self._engine = shared_engine(view, model, self.per_sample, "BatchSNR")
         self._covered = self._engine.covered  # the engine may drop a module at its first use
-        self._hooks: list[Any] = []
+        self._armed = False
         self._arm(view.log_every == 1)
-        return [_Detach(self)]
+        return [Disarm(self._engine, "BatchSNR")]
 
     def _arm(self, on: bool) -> None:
-        """Hooks only for the backward passes of a logged step: none at all between them."""
+        """Hooks only for the backward passes of a logged step (the engine is shared: another
+        lens may keep them on between log points, without the elementwise sums)."""
         assert self._engine is not None
-        if on and not self._hooks:
-            self._hooks = self._engine.attach()
-        elif not on:
-            for h in self._hooks:
-                h.remove()
-            self._hooks = []
+        self._engine.arm("BatchSNR", on, elem=on)
+        self._armed = on
 
     def update(self, state: State, step: Step) -> State:
         engine = self._engine
         if engine is None:
             return state
         try:
-            if step.logging and self._hooks:
+            if step.logging and self._armed:
                 self._measure(state, step, engine)
-        finally:
-            engine.reset()
+        finally:  # the monitor resets the shared engine after every lens has read it
             self._arm((step.index + 1) % step.view.log_every == 0)
         return state
 

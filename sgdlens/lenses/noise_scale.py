@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
-from sgdlens.lenses.per_sample import MODES, PerSampleEngine, index_sums
+from sgdlens.lenses.per_sample import MODES, Disarm, PerSampleEngine, index_sums, shared_engine
 
 __all__ = ["NoiseScale", "two_batch_estimates"]
 
@@ -331,10 +331,9 @@ class NoiseScale(Lens):
                 self._micro = _MicroBatches(params, view.dtype, view.device)
                 self._handles["accumulation"] = self._micro.attach()
         if self.estimator in ("auto", "per_sample") and model is not None:
-            self._engine = PerSampleEngine(
-                model, [p for p in params], mode=self.per_sample, dtype=view.dtype
-            )
-            self._handles["per_sample"] = self._engine.attach()
+            self._engine = shared_engine(view, model, self.per_sample, "NoiseScale")
+            self._engine.arm("NoiseScale", True)
+            self._handles["per_sample"] = [Disarm(self._engine, "NoiseScale")]
         elif self.estimator == "per_sample":
             raise ValueError(
                 "NoiseScale(estimator='per_sample') needs the model for its module hooks: "
@@ -429,9 +428,7 @@ class NoiseScale(Lens):
         finally:
             if self._micro is not None:
                 self._micro.reset()
-            if self._engine is not None:
-                self._engine.reset()
-        return state
+        return state  # the monitor resets the shared per-sample engine after every lens
 
     def _unscale(self, sq: Tensor) -> Tensor:
         """Squared norms of gradients seen during backward, without the GradScaler's S²."""

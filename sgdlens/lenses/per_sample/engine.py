@@ -96,6 +96,9 @@ class PerSampleEngine:
         self.model, self.params, self.mode = model, list(params), mode
         self.batch: int | None = None
         self.need_elem, self.keep_last, self.dtype = need_elem, keep_last, dtype
+        self.first = ""  # the lens that built a shared engine (see shared_engine)
+        self._owners: dict[str, bool] = {}  # lens -> wants elementwise sums (see arm)
+        self._handles: list[Any] = []
         self._busy = False
         index = {id(p): i for i, p in enumerate(self.params)}
         self.units: list[_Unit] = []
@@ -140,8 +143,27 @@ class PerSampleEngine:
             if names:
                 self.units.append(_Unit(module, func_rule, names))
 
+    def arm(self, owner: str, on: bool, *, elem: bool = False) -> None:
+        """Let ``owner`` (a lens) switch the hooks on for the next backward passes, or off.
+
+        The engine is shared by every lens of a monitor: its hooks are registered while any
+        owner wants them, and the elementwise sums are taken while any owner asks for them.
+        """
+        armed = self._owners
+        if on:
+            armed[owner] = elem
+        else:
+            armed.pop(owner, None)
+        self.need_elem = any(armed.values())
+        if armed and not self._handles:
+            self._handles = self.attach()
+        elif not armed and self._handles:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+
     def attach(self) -> list[Any]:
-        """Register the hooks; returns their handles."""
+        """Register the hooks; returns their handles (:meth:`arm` manages them for lenses)."""
         handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
         try:
             for u in self.units:
@@ -291,3 +313,29 @@ def _store(use: Use, j: int, grad: Tensor) -> None:
 def _transformed() -> bool:
     """Whether a ``torch.func`` transform is running (its forward passes are not training)."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+class Disarm:
+    """The handle a lens gives the monitor: on close, the lens no longer wants the hooks."""
+
+    def __init__(self, engine: PerSampleEngine, owner: str) -> None:
+        self.engine, self.owner = engine, owner
+
+    def remove(self) -> None:
+        self.engine.arm(self.owner, False)
+
+
+def shared_engine(view: Any, model: nn.Module, mode: str, owner: str) -> PerSampleEngine:
+    """The one per-sample engine of a monitor (kept on its :class:`ParamView`), built by the
+    first lens that asks; a lens asking for another ``per_sample`` mode is refused."""
+    engine = view.shared.get("per_sample")
+    if engine is None:
+        engine = PerSampleEngine(model, list(view.params), mode=mode, dtype=view.dtype)
+        view.shared["per_sample"] = engine
+        engine.first = owner
+    elif engine.mode != mode:
+        raise ValueError(
+            f"{owner}(per_sample={mode!r}) and {engine.first}(per_sample={engine.mode!r}) share "
+            f"the monitor's one per-sample engine; give both the same per_sample="
+        )
+    return engine
