@@ -67,9 +67,9 @@ class PhaseDetector:
     the change on lies beyond the far threshold, the switch comes
     ``((n − 1) // 2) · k + ceil(dwell / k) · k`` steps after the first record beyond,
     ``n = ceil(window / k)`` being the records in a window: **200 steps at the defaults for
-    k = 25, 50 or 100 and 220 for k = 10**. At ``log_every=50`` the defaults give exactly the
-    switches of the earlier record-counting detector (5-record window, 3-record dwell, 5
-    warm-up records).
+    k = 25, 50 or 100 and 220 for k = 10**. At ``log_every=50`` the defaults are the constants of
+    the earlier record-counting detector (5-record window, 3-record dwell, 5 warm-up
+    records); only the early drift entry at warm-up is new.
 
     **Evidence.** Phase events carry ``snr`` (this record's value), ``snr_median`` (the median
     compared), ``threshold`` (the one crossed) and ``steps`` (how long the median stayed
