@@ -45,7 +45,6 @@ class Channel:
         self.phase = WARMUP
         self.snr: deque[tuple[float, float]] = deque()  # (step, SNR) of the last window steps
         self.first: float | None = None  # step of the first SNR value
-        self.high = 0  # SNR values above enter_drift seen in warm-up
         self.since: float | None = None  # step since which the median lies beyond the exit
         self.last_snr: float | None = None
         self.motion: deque[tuple[float, float]] = deque(maxlen=motion_window)
@@ -70,9 +69,8 @@ class Channel:
         if frozen:
             return None
         if self.phase == WARMUP:
-            self.high += snr > rule.enter_drift
             seen = step - self.first
-            if self.high >= 1:  # the SNR showed drift: report it, however short
+            if snr > rule.enter_drift:  # the SNR shows drift: report it, however short
                 return Switch(DRIFT, values[(len(values) - 1) // 2], rule.enter_drift, seen)
             if step >= rule.warmup:
                 m = values[(len(values) - 1) // 2]
@@ -104,7 +102,6 @@ class Channel:
             "phase": self.phase,
             "snr": [[t, v] for t, v in self.snr],
             "first": self.first,
-            "high": self.high,
             "since": self.since,
             "last_snr": self.last_snr,
             "motion": [[t, d] for t, d in self.motion],
@@ -122,7 +119,6 @@ class Channel:
         ch.phase = str(d["phase"])
         ch.snr.extend((float(t), float(v)) for t, v in d["snr"])
         ch.first = _opt_float(d["first"])
-        ch.high = int(d["high"])
         ch.since = _opt_float(d["since"])
         ch.last_snr = _opt_float(d["last_snr"])
         ch.motion.extend((float(t), float(v)) for t, v in d["motion"])

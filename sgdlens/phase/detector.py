@@ -40,7 +40,7 @@ class PhaseDetector:
     layer, on every record at step ``s`` that carries a usable SNR value, the *window* holds
     the SNR values of the records with step in ``(s − window, s]``:
 
-    1. ``warmup``: once the SNR has exceeded ``enter_drift`` on two records, enter ``drift``
+    1. ``warmup``: as soon as the SNR exceeds ``enter_drift`` on a record, enter ``drift``
        (a drift the SNR shows is never hidden by the warm-up). Otherwise, at the first record
        with ``s >= warmup``, enter ``drift`` if the window's lower median is at least
        ``sqrt(enter_diffusion · enter_drift)`` (the band's geometric centre, 1.0 at the
@@ -92,8 +92,9 @@ class PhaseDetector:
             the monitor's default ``log_every=50``, robust to outliers in fewer than half.
         dwell: optimizer steps the median must stay beyond a threshold before a switch (0:
             switch on the first record beyond). 100.
-        warmup: the step from which a layer may enter its first phase by the median (the
-            two-record drift rule applies before). 250: one full window.
+        warmup: the step from which a layer may enter its first phase by the median (it
+            enters drift sooner if a record shows SNR above ``enter_drift``). 250: one full
+            window.
         spike_threshold: robust standard deviations that make a loss jump a spike. 10: a
             Smith & Topin kick multiplies the loss by 10–40.
         spike_window: optimizer steps of losses whose median and MAD define the recent level.
@@ -118,7 +119,7 @@ class PhaseDetector:
         ...     snr = level * math.exp(rng.gauss(0.0, 0.1))
         ...     events = det.update({"step": 10 * i, "grad_snr/fc1": snr, "grad_snr": snr})
         >>> [(e.step, e.layer, e.old, e.new) for e in det.events]  # doctest: +NORMALIZE_WHITESPACE
-        [(20, 'fc1', 'warmup', 'drift'), (20, '', 'warmup', 'drift'),
+        [(10, 'fc1', 'warmup', 'drift'), (10, '', 'warmup', 'drift'),
          (530, 'fc1', 'drift', 'diffusion'), (530, '', 'drift', 'diffusion')]
         >>> det.phase, det.phases
         ('diffusion', {'fc1': 'diffusion'})
