@@ -616,3 +616,22 @@ def test_a_record_counting_checkpoint_is_refused_with_an_explanation() -> None:
     with pytest.raises(ValueError, match=r"version 1.*counted records.*optimizer steps"):
         det.load_state_dict(old)
     assert det.state_dict() == PhaseDetector().state_dict()
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    segments=st.lists(segment, min_size=1, max_size=6),
+    k=st.sampled_from([1, 10, 25, 50, 100]),
+)
+def test_warm_up_never_hides_a_drift_the_snr_shows(
+    seed: int, segments: list[tuple[float, float, int]], k: int
+) -> None:
+    """SNR above 1.5 on two records before a layer's first diffusion: drift is reported first."""
+    values = random_stream(random.Random(seed), segments)
+    det = PhaseDetector()
+    events = feed(det, snr_records(values, every=k))
+    trs = transitions(events, "fc1")
+    first_diffusion = next((s for s, _, new in trs if new == "diffusion"), math.inf)
+    shown = sum(v > 1.5 for i, v in enumerate(values) if k * i < first_diffusion)
+    if shown >= 2:
+        assert trs[0][1:] == ("warmup", "drift"), trs
