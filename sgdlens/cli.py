@@ -54,7 +54,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--log-epochs", type=_positive_int, default=10, help="epochs per record")
     demo.add_argument("--print-every", type=_positive_int, default=4, help="records per line")
-    demo.add_argument("--out", default="runs/demo.jsonl", help="JSONL file to append the run to")
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="JSONL file for the run (default: runs/demo-<run id>.jsonl, a new file)",
+    )
 
     run_help = "which run of the file: index (0-based, negative from the end) or run id; default -1"
     runs = sub.add_parser("runs", help="list the runs in a file with their headers")

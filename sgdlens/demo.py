@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sgdlens.datasets import tishby12
+from sgdlens.header import new_run_id
 from sgdlens.lenses import GradNorm, GradSNR, WeightNorms
 from sgdlens.monitor import PhaseMonitor
 from sgdlens.sinks import JSONLSink
@@ -53,8 +57,12 @@ def run(
     log_epochs: int = 10,
     out: str | None = None,
     on_record: Callable[[dict], None] | None = None,
+    run_id: str | None = None,
 ) -> PhaseMonitor:
-    """Train the network and return its (closed) monitor; records are in ``monitor.history``."""
+    """Train the network and return its (closed) monitor; records are in ``monitor.history``.
+
+    ``out`` also writes them to a JSONL file; ``run_id`` names the run (default: a fresh id).
+    """
     torch.manual_seed(seed)
     x, y = tishby12()
     perm = torch.randperm(len(x))
@@ -78,6 +86,8 @@ def run(
         sinks=sinks,
         log_every=batches * log_epochs,
     )
+    if run_id is not None:
+        setattr(monitor, "run_id", run_id)  # the header takes it (sgdlens.header.header_once)
     with monitor:
         for _ in range(epochs):
             order = torch.randperm(n_train)
@@ -91,6 +101,15 @@ def run(
     return monitor
 
 
+def _progress(epochs: int) -> Any:
+    """A tqdm bar over epochs on stderr where tqdm is installed, else ``None``."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=epochs, unit="epoch", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
 def main(
     *,
     epochs: int,
@@ -100,34 +119,74 @@ def main(
     seed: int,
     log_epochs: int,
     print_every: int,
-    out: str,
+    out: str | None,
 ) -> int:
-    """Run the demo and print per-layer SNR as it trains (the CLI's ``demo`` command)."""
+    """Run the demo and print per-layer SNR as it trains (the CLI's ``demo`` command).
+
+    The run goes to a new file named after its run id (``runs/demo-<run id>.jsonl``) unless
+    ``out`` names one; a run appended to an existing file keeps its own run id, so
+    :func:`sgdlens.load` reads it apart from the runs before it.
+    """
+    run_id = new_run_id()
+    out = out or os.path.join("runs", f"demo-{run_id}.jsonl")
     layers = [f"fc{i}" for i in range(1, len(WIDTHS))]
-    print(f"{'step':>7} {'loss':>7} " + " ".join(f"{n:>6}" for n in layers) + f" {'model':>6}")
-    per_record = math.ceil(0.8 * 4096 / batch_size) * log_epochs
+    per_epoch = math.ceil(0.8 * 4096 / batch_size)
+    per_record = per_epoch * log_epochs
+    print(
+        f"Training Shwartz-Ziv & Tishby's 12-10-7-5-4-3-2 tanh network on their 12-bit task\n"
+        f"({epochs} epochs of {per_epoch} {optimizer} steps, lr {lr:g}, batch {batch_size}).\n"
+        f"Columns fc1..fc{len(layers)} and 'model' are the gradient signal-to-noise ratio of each\n"
+        f"layer and of the whole network: |mean| / std of the minibatch gradients over one epoch.\n"
+        f"Above 1 the gradients agree and the weights drift; below 1 noise dominates and they\n"
+        f"diffuse (the boundary is SNR = 1; the detector switches below 0.8 and above 1.25).\n"
+        f"One line every {log_epochs * print_every} epochs; writing run {run_id} to {out}\n"
+    )
+    print(
+        f"{'epoch':>6} {'loss':>7} " + " ".join(f"{n:>6}" for n in layers) + f" {'model':>6}  phase"
+    )
     nan = float("nan")
+    bar = _progress(epochs)
+    say = bar.write if bar is not None else print
+    t0 = time.perf_counter()
 
     def show(r: dict) -> None:
-        if "event" in r or (r["step"] // per_record - 1) % print_every:
+        if "event" in r or "header" in r:
+            return
+        epoch = r["step"] // per_epoch
+        if bar is not None:
+            bar.update(epoch - bar.n)
+        if (r["step"] // per_record - 1) % print_every:
             return
         snr = " ".join(f"{r.get(f'grad_snr/{n}', nan):6.2f}" for n in layers)
-        print(f"{r['step']:>7} {r.get('loss', nan):7.4f} {snr} {r.get('grad_snr', nan):6.2f}")
+        line = f"{epoch:>6} {r.get('loss', nan):7.4f} {snr} {r.get('grad_snr', nan):6.2f}"
+        line += f"  {r.get('phase', '-')}"
+        if bar is None:  # no tqdm: say how long is left
+            left = (time.perf_counter() - t0) * (epochs - epoch) / max(epoch, 1)
+            line += f"  (about {left:.0f} s left)"
+        say(line)
 
-    t0 = time.perf_counter()
-    mon = run(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        seed=seed,
-        log_epochs=log_epochs,
-        out=out,
-        on_record=show,
-    )
-    print(f"{mon.step} steps in {time.perf_counter() - t0:.1f} s; run appended to {out}")
+    try:
+        mon = run(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            seed=seed,
+            log_epochs=log_epochs,
+            out=out,
+            on_record=show,
+            run_id=run_id,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"\n{mon.step} steps in {time.perf_counter() - t0:.1f} s.")
     for event in mon.events:
         if event.new == "diffusion" and event.layer:
             print(f"  {event.layer}: {event.old} -> diffusion at step {event.step}")
     print(f"final phases: {mon.phases}")
+    print(
+        f'\nDraw the report (needs matplotlib: pip install "sgdlens[plot]"):\n'
+        f"  sgdlens report {out}"
+    )
     return 0
