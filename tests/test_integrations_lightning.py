@@ -84,7 +84,9 @@ def test_csv_logger_gets_the_records_and_losses_are_the_batches_before_each_step
     module = Net()
     _trainer(tmp_path, logger=logger, callbacks=[cb]).fit(module, _data())
     rows = [r for r in _csv_rows(logger) if r.get("sgdlens/grad_snr")]
-    assert [int(r["step"]) for r in rows] == [4, 8, 12, 16]  # trainer.global_step
+    # the step index of the module's own self.log for the same batch (global_step - 1)
+    own = [int(r["step"]) for r in _csv_rows(logger) if r.get("train_loss")]
+    assert [int(r["step"]) for r in rows] == [3, 7, 11, 15] == own
     for key in ("sgdlens/grad_snr/net.0", "sgdlens/grad_snr/net.2", "sgdlens/weight_norm",
                 "sgdlens/loss", "sgdlens/nonfinite_steps"):  # fmt: skip
         assert key in rows[0], key
@@ -109,7 +111,8 @@ def test_tensorboard_logger_event_file_read_back_with_tensorboards_reader(tmp_pa
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"sgdlens/grad_snr", "sgdlens/grad_snr/net.0", "sgdlens/loss"} <= set(tags)
-    assert [e.step for e in acc.Scalars("sgdlens/grad_snr")] == [4, 8, 12, 16]
+    steps = [e.step for e in acc.Scalars("sgdlens/grad_snr")]
+    assert steps == [3, 7, 11, 15] == [e.step for e in acc.Scalars("train_loss")]
 
 
 def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path):
@@ -280,7 +283,9 @@ def test_events_printed_once_and_user_sinks_fed(tmp_path, capsys):
     assert len(cb.monitor.events) >= 1
     assert len(lines) == len(cb.monitor.events) == len(set(lines))
     assert lines[0].startswith("sgdlens: step 4: ")
-    assert len([r for r in seen if "event" not in r]) == 2  # both records reached the sink
+    metric = [r for r in seen if "event" not in r and "header" not in r]
+    assert len(metric) == 2  # both records reached the sink, after the run's header
+    assert seen[0]["header"] == 1 and seen[0]["run"] == cb.monitor.run_id
 
 
 def test_rank_zero_only_logs_and_prints(tmp_path, capsys, monkeypatch):

@@ -165,7 +165,22 @@ def test_events_printed_once(tmp_path, capsys):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("sgdlens:")]
     assert len(lines) == len(cb.monitor.events) == len(set(lines))
-    assert len([r for r in seen if "event" not in r]) == 2
+    assert len([r for r in seen if "event" not in r and "header" not in r]) == 2
+    assert seen[0]["header"] == 1 and seen[0]["run"] == cb.monitor.run_id  # the run's header
+
+
+def test_console_lines_stay_the_trainers_own(tmp_path, capsys):
+    """The Trainer prints every key of its logs; the sgdlens keys reach report_to and
+    log_history but not the console."""
+    trainer = _trainer(tmp_path, report_to=["tensorboard"])
+    attach(trainer)
+    trainer.train()
+    out = capsys.readouterr().out
+    printed = [line for line in out.splitlines() if "'loss'" in line]
+    assert len(printed) == 3 and all(len(line) < 300 for line in printed)
+    assert "sgdlens/" not in out
+    assert all("sgdlens/grad_snr" in e for e in _train_logs(trainer))
+    assert "train/sgdlens/grad_snr" in _tb_scalars(tmp_path)
 
 
 def test_an_optimizer_with_a_monitor_is_adopted(tmp_path):

@@ -84,8 +84,10 @@ class PhaseMonitorCallback(_Base):
       the gradient-accumulation division and the 16-mixed loss scale), handed to the monitor of
       the optimizer that steps next in ``on_before_optimizer_step`` — before the step, so a record
       averages exactly the losses of the batches that drove its steps;
-    * logs each record through ``trainer.loggers`` (``log_metrics`` at ``trainer.global_step``,
-      numeric keys only, under ``prefix``) from rank 0 only, and prints each phase event once;
+    * logs each record through ``trainer.loggers`` (``log_metrics``, numeric keys only, under
+      ``prefix``) from rank 0 only, at the step index Lightning's own ``self.log`` uses for the
+      same batch (``trainer.global_step - 1`` with one optimizer), so a ``CSVLogger`` row holds
+      both; and prints each phase event once (the run's header record goes to ``sinks`` only);
     * saves the monitors' state in Lightning checkpoints (``state_dict``/``load_state_dict``),
       so ``trainer.fit(..., ckpt_path=...)`` continues the step count and every running
       statistic;
@@ -245,7 +247,7 @@ class PhaseMonitorCallback(_Base):
         if "event" in record:
             if self.print_events:
                 print(describe_event(record, f"optimizer {index}" if several else ""))
-        else:
+        elif "header" not in record:  # the run's header goes to the sinks only
             self._buffer.append((index, record))
         out = dict(record, optimizer=index) if several else record
         for sink in self._sinks:
@@ -259,11 +261,12 @@ class PhaseMonitorCallback(_Base):
         if not buffer or not trainer.is_global_zero:
             return
         several = len(self.monitors) > 1
+        step = _log_step(trainer)
         for index, record in buffer:
             prefix = f"{self.prefix}opt{index}/" if several else self.prefix
             metrics = numeric_metrics(record, prefix)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -321,3 +324,12 @@ class PhaseMonitorCallback(_Base):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
         return f"PhaseMonitorCallback({args}{', ' if args else ''}prefix={self.prefix!r})"
+
+
+def _log_step(trainer: Any) -> int:
+    """The step index Lightning's own ``self.log`` uses for the batch now ending (the count of
+    batches that stepped before it), so sgdlens keys share the rows of the module's metrics;
+    ``global_step - 1`` where that counter is missing."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    return int(stepped) if isinstance(stepped, int) else max(int(trainer.global_step) - 1, 0)

@@ -9,7 +9,22 @@ that order. ``Trainer.log`` appends a *copy* of the logs to ``state.log_history`
 ``on_log`` with the logs dict. A user callback therefore runs after every reporting
 integration has already sent that dict away. :func:`attach` moves the callback to just after
 ``DefaultFlowCallback``, so the keys it adds to ``logs`` reach every ``report_to`` integration;
-in either place it also adds them to the entry just appended to ``state.log_history``. It also
+in either place it also adds them to the entry just appended to ``state.log_history``. The
+Trainer's console printer (``ProgressCallback``, or ``PrinterCallback`` without tqdm) would print
+every key of the logs, a line of kilobytes on a real model; :func:`attach` puts a small
+callback just before it that takes the sgdlens keys out again, so the console shows the
+Trainer's own numbers only. What lands where:
+
+=============================  ==========================================================
+place                          sgdlens keys
+=============================  ==========================================================
+``report_to`` integrations     numeric keys under ``prefix`` (with :func:`attach`)
+``state.log_history``          numeric keys under ``prefix`` (always)
+the console printer            none
+``sinks=`` (e.g. JSONLSink)    every record, header and event, with the phase strings
+=============================  ==========================================================
+
+It also
 wraps ``trainer.training_step`` (a documented override point) to hand each batch's loss to the
 monitor before the optimizer steps, since callbacks are never shown the loss.
 
@@ -42,7 +57,11 @@ from sgdlens.records import Record
 
 try:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import DefaultFlowCallback
+    from transformers.trainer_callback import (
+        DefaultFlowCallback,
+        PrinterCallback,
+        ProgressCallback,
+    )
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         'sgdlens.integrations.transformers needs transformers: pip install "sgdlens[transformers]"'
@@ -52,6 +71,8 @@ __all__ = ["STATE_FILE", "PhaseMonitorCallback", "attach"]
 
 STATE_FILE = "sgdlens_monitor.pt"
 """The file the callback writes into every checkpoint folder (``checkpoint-<step>/``)."""
+
+_PRINTERS = (PrinterCallback, ProgressCallback)  # the Trainer's console output
 
 
 class PhaseMonitorCallback(TrainerCallback):
@@ -113,6 +134,7 @@ class PhaseMonitorCallback(TrainerCallback):
         self._losses: list[Tensor] = []
         self._resume_from: str | None = None
         self._accelerator: Any = None  # set by attach(): its GradScaler, under fp16
+        self._placed = False  # attach() put it before report_to and a _Quiet before the printer
         self._zero = True
 
     # -- attaching ---------------------------------------------------------------------------
@@ -206,7 +228,7 @@ class PhaseMonitorCallback(TrainerCallback):
         if "event" in record:
             if self.print_events:
                 print(describe_event(record))
-        else:
+        elif "header" not in record:  # the run's header goes to the sinks only
             self._latest = record
         for sink in self._sinks:
             try:
@@ -221,7 +243,8 @@ class PhaseMonitorCallback(TrainerCallback):
         if record is None or logs is None:
             return
         metrics = numeric_metrics(record, self.prefix)
-        logs.update(metrics)  # seen by every callback after this one
+        if self._placed:  # seen by the report_to integrations; _Quiet hides them from the printer
+            logs.update(metrics)
         if state.log_history and isinstance(state.log_history[-1], dict):
             state.log_history[-1].update(metrics)  # Trainer.log appended a copy before on_log
 
@@ -236,6 +259,11 @@ class PhaseMonitorCallback(TrainerCallback):
             callbacks.remove(self)
         flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
         callbacks.insert(flow[-1] + 1 if flow else 0, self)
+        for cb in [cb for cb in callbacks if isinstance(cb, _Quiet) and cb.owner is self]:
+            callbacks.remove(cb)
+        printers = [i for i, cb in enumerate(callbacks) if isinstance(cb, _PRINTERS)]
+        callbacks.insert(printers[0] if printers else len(callbacks), _Quiet(self))
+        self._placed = True
         if not getattr(trainer.training_step, "_sgdlens", False):
             original = trainer.training_step
 
@@ -316,3 +344,20 @@ def attach(
             f"PhaseMonitorCallback(...) instead"
         )
     return callback.attach(trainer)
+
+
+class _Quiet(TrainerCallback):
+    """Placed by :func:`attach` just before the Trainer's console printer (``ProgressCallback``
+    or ``PrinterCallback``): takes the sgdlens keys out of ``logs`` once the ``report_to``
+    integrations have them, so the console line stays the Trainer's own. They stay in
+    ``state.log_history``."""
+
+    def __init__(self, owner: PhaseMonitorCallback) -> None:
+        self.owner = owner
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        if logs is not None and self.owner.prefix:
+            for key in [k for k in logs if k.startswith(self.owner.prefix)]:
+                del logs[key]
