@@ -28,7 +28,7 @@ def is_sharded(t: Tensor) -> bool:
 # FSDP1 (``FullyShardedDataParallel``): the original parameters, or the ``FlatParameter``s that
 # replace them (``use_orig_params=False``), hold this rank's slice of a flat shard. Modules keep
 # their names under ``_fsdp_wrapped_module`` (and activation checkpointing's wrapper).
-_WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
 def fsdp1_flattened(t: Tensor) -> bool:

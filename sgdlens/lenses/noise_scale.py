@@ -45,6 +45,7 @@ from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
 from sgdlens.lenses.per_sample import MODES, Disarm, PerSampleEngine, index_sums, shared_engine
+from sgdlens.lenses.per_sample.engine import eager
 
 __all__ = ["NoiseScale", "two_batch_estimates"]
 
@@ -317,7 +318,9 @@ class NoiseScale(Lens):
             handles.append(recording)
             self.ddp.register_comm_hook(None, self._comm_hook)
             if model is not None and self.batch_size is None:
-                handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+                handles.append(
+                    model.register_forward_pre_hook(eager(self._on_forward), with_kwargs=True)
+                )
             return handles
         if self.estimator in ("auto", "accumulation"):
             if self.batch_size is None and model is None:
@@ -345,7 +348,9 @@ class NoiseScale(Lens):
                 "batch_size: pass PhaseMonitor(model=model) or NoiseScale(batch_size=...)"
             )
         if model is not None and self.batch_size is None:
-            handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+            handles.append(
+                model.register_forward_pre_hook(eager(self._on_forward), with_kwargs=True)
+            )
         for hs in self._handles.values():
             handles.extend(hs)
         if self._mode == "per_sample":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -99,6 +100,8 @@ class PerSampleEngine:
         self.first = ""  # the lens that built a shared engine (see shared_engine)
         self._owners: dict[str, bool] = {}  # lens -> wants elementwise sums (see arm)
         self._handles: list[Any] = []
+        self.live = True  # hooks read the passes (False: armed by no lens, see arm)
+        self.compiled = is_compiled(model)
         self._busy = False
         index = {id(p): i for i, p in enumerate(self.params)}
         self.units: list[_Unit] = []
@@ -118,6 +121,7 @@ class PerSampleEngine:
         self.elem: list[Tensor | None] = [None] * n
         self.count = [0] * n
         self.last_sq: list[Tensor | None] = [None] * n
+        self._grads: list[weakref.ref[Tensor] | None] = [None] * n  # the .grad last read
 
     def _visit(self, module: nn.Module, index: dict[int, int]) -> None:
         rule = RULES.get(type(module), (linear, is_hf_conv1d))
@@ -155,24 +159,39 @@ class PerSampleEngine:
         else:
             armed.pop(owner, None)
         self.need_elem = any(armed.values())
+        self.live = bool(armed)
+        if self.compiled:  # its hooks stay registered from the start (see shared_engine)
+            return
         if armed and not self._handles:
             self._handles = self.attach()
-        elif not armed and self._handles:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
+        elif not armed:
+            self.detach()
+
+    def release(self, owner: str) -> None:
+        """``owner`` is done (its monitor closed); the last one out removes the hooks."""
+        self.arm(owner, False)
+        if not self._owners:
+            self.detach()
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def attach(self) -> list[Any]:
         """Register the hooks; returns their handles (:meth:`arm` manages them for lenses)."""
-        handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
+        handles = [self.model.register_forward_pre_hook(eager(self._on_model), with_kwargs=True)]
         try:
             for u in self.units:
                 handles.append(
-                    u.module.register_forward_hook(partial(self._on_forward, u), with_kwargs=True)
+                    u.module.register_forward_hook(
+                        eager(partial(self._on_forward, u)), with_kwargs=True
+                    )
                 )
             for i, p in enumerate(self.params):
                 if self.covered[i] and p.requires_grad:
-                    handles.append(p.register_hook(partial(self._on_param, i)))
+                    hook = eager(partial(self._on_param, i))
+                    handles.append(p.register_post_accumulate_grad_hook(hook))
         except BaseException:  # never leave half the hooks behind
             for h in handles:
                 h.remove()
@@ -181,7 +200,8 @@ class PerSampleEngine:
 
     def _on_model(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """The batch size: dimension 0 of the model's first tensor input."""
-        if not self._busy and torch.is_grad_enabled() and not _transformed() and not probing_now():
+        if not self._busy and self.live and torch.is_grad_enabled() and not _transformed() \
+                and not probing_now():  # fmt: skip
             leaf = next((t for t in pytree.tree_leaves((args, kwargs))
                          if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
             self.batch = None if leaf is None else int(leaf.shape[0])
@@ -208,7 +228,8 @@ class PerSampleEngine:
     # -- hooks ---------------------------------------------------------------------------
 
     def _on_forward(self, unit: _Unit, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        if self._busy or not torch.is_grad_enabled() or _transformed() or probing_now():
+        if self._busy or not self.live or not torch.is_grad_enabled() or _transformed() \
+                or probing_now():  # fmt: skip
             return
         if unit.excluded:
             return
@@ -237,15 +258,18 @@ class PerSampleEngine:
         use = Use(args, kwargs, outs)
         for j, t in enumerate(outs):
             if t.requires_grad:
-                t.register_hook(partial(_store, use, j))
+                t.register_hook(eager(partial(_store, use, j)))
         unit.uses.append(use)
 
-    def _on_param(self, i: int, grad: Tensor) -> None:
-        if self._busy or not self.covered[i] or probing_now():
+    def _on_param(self, i: int, p: Tensor) -> None:
+        """After a backward pass accumulated into ``p.grad`` (never for ``autograd.grad``
+        passes: HVPs, gradient penalties' inner gradients, other tools' extra passes)."""
+        if self._busy or not self.live or not self.covered[i] or probing_now():
             return
-        p = self.params[i]
-        if p.grad is None:  # a new accumulation cycle (zero_grad(set_to_none=True))
+        last = self._grads[i]
+        if last is None or last() is not p.grad:  # a new .grad: a new accumulation cycle
             self._parts[i], self.elem[i], self.count[i] = [], None, 0
+            self._grads[i] = weakref.ref(p.grad) if p.grad is not None else None
         results = []
         for u, name in self.units_of[i]:
             if u.result is None:
@@ -306,8 +330,24 @@ class PerSampleEngine:
         return res
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule runs through ``torch.compile`` (``torch.compile(m)``
+    wraps it in an ``OptimizedModule``; ``m.compile()`` sets a compiled call)."""
+    return any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)
+        for m in model.modules()
+    )
+
+
+def eager(hook: Any) -> Any:
+    """``hook`` kept out of ``torch.compile``'s graphs: a compiled model calls it as Python,
+    every time (traced, its checks and side effects would be decided once, at compile time)."""
+    return torch.compiler.disable(hook, recursive=True)
+
+
 def _store(use: Use, j: int, grad: Tensor) -> None:
-    use.grads[j] = grad
+    if j < len(use.grads):  # a pass after the use was processed (another tool's HVP) is not
+        use.grads[j] = grad  # the step's backward: it is left alone
 
 
 def _transformed() -> bool:
@@ -322,7 +362,7 @@ class Disarm:
         self.engine, self.owner = engine, owner
 
     def remove(self) -> None:
-        self.engine.arm(self.owner, False)
+        self.engine.release(self.owner)
 
 
 def shared_engine(view: Any, model: nn.Module, mode: str, owner: str) -> PerSampleEngine:
@@ -333,6 +373,14 @@ def shared_engine(view: Any, model: nn.Module, mode: str, owner: str) -> PerSamp
         engine = PerSampleEngine(model, list(view.params), mode=mode, dtype=view.dtype)
         view.shared["per_sample"] = engine
         engine.first = owner
+        if engine.compiled:
+            # Compiled code does not see hooks added after it was traced, and adding and
+            # removing them at every log point would recompile it each time: a compiled
+            # model gets its hooks once, idle while no lens arms them, and compiled code
+            # traced without them is dropped.
+            engine.live = False
+            engine._handles = engine.attach()
+            torch.compiler.reset()
     elif engine.mode != mode:
         raise ValueError(
             f"{owner}(per_sample={mode!r}) and {engine.first}(per_sample={engine.mode!r}) share "
