@@ -22,7 +22,7 @@ import codecs
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -62,14 +62,18 @@ class History:
             self(r)
 
     def __call__(self, record: Mapping[str, Value]) -> None:
+        self._add(dict(record))
+
+    def _add(self, record: Record) -> None:
+        """Keep ``record`` itself (no copy: for records nobody else holds)."""
         if "header" in record:
             if self.header is None:
-                self.header = dict(record)
+                self.header = record
         elif "event" in record:
-            self.events.append(dict(record))
+            self.events.append(record)
         else:
             self._sync()
-            self.records.append(dict(record))
+            self.records.append(record)
             self._keys.update(dict.fromkeys(record))
             self._seen += 1
             if self._columns:
@@ -177,7 +181,7 @@ def _revive(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def parse_line(line: str) -> dict[str, Any]:
+def parse_line(line: str, decode: Callable[[str], Any] = json.loads) -> dict[str, Any]:
     """One JSONL line as a record dict. Raises ``ValueError`` for anything else.
 
     Example:
@@ -185,7 +189,7 @@ def parse_line(line: str) -> dict[str, Any]:
         {'step': 3, 'loss': inf}
     """
     try:
-        obj = json.loads(line)
+        obj = decode(line)
     except RecursionError:
         raise ValueError("a JSON value nested too deeply to be a record") from None
     if not isinstance(obj, dict):
@@ -213,16 +217,12 @@ def _recover(line: str) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _lines(path: str) -> Iterator[tuple[int, str | None]]:
-    """``(line number, text)`` per line; text ``None`` for a line that is not UTF-8."""
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` per line, read as a stream (the file is never held whole)."""
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8) :]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        for i, chunk in enumerate(raw.split(b"\n")):
+        for i, chunk in enumerate(f):
+            if i == 0 and chunk.startswith(codecs.BOM_UTF8):
+                chunk = chunk[len(codecs.BOM_UTF8) :]
             try:
                 yield i + 1, chunk.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -233,30 +233,40 @@ def _lines(path: str) -> Iterator[tuple[int, str | None]]:
                     f"{path}, line {i + 1}: binary data, not UTF-8 text (byte "
                     f"0x{chunk[e.start]:02x} at column {e.start + 1})"
                 ) from None
-        return
-    del raw
-    for i, line in enumerate(text.split("\n")):
-        yield i + 1, line
+
+
+def _decoder() -> json.JSONDecoder:
+    """A JSON decoder that shares one string object per distinct key and text value, so a
+    long run holds each key once instead of once per record."""
+    seen: dict[str, str] = {}
+    share = seen.setdefault
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        return {share(k, k): share(v, v) if v.__class__ is str else v for k, v in items}
+
+    return json.JSONDecoder(object_pairs_hook=pairs)
 
 
 def read_records(path: str | os.PathLike[str]) -> tuple[list[Record], list[str]]:
     """Every record of a JSONL file in file order, and notes on what was skipped.
 
-    Only JSON is parsed (nothing is unpickled). A UTF-8 byte-order mark is accepted. A torn
-    line (a writer that stopped mid-record) is skipped with a note, wherever it is; when a
-    resumed writer appended a whole record to the torn line, that record is kept. A line that
-    is not a JSON object at all raises ``ValueError`` naming the file and the line.
+    Only JSON is parsed (nothing is unpickled), in one pass over the file. A UTF-8 byte-order
+    mark is accepted. A torn line (a writer that stopped mid-record) is skipped with a note,
+    wherever it is; when a resumed writer appended a whole record to the torn line, that
+    record is kept. A line that is not a JSON object at all raises ``ValueError`` naming the
+    file and the line.
     """
     name = os.fspath(path)
     items: list[Record] = []
     torn: list[int] = []
     last = 0
+    decode = _decoder().decode
     for n, line in _lines(name):
         if not line or line.isspace():
             continue
         last = n
         try:
-            items.append(parse_line(line))
+            items.append(parse_line(line, decode))
         except ValueError as e:
             if not line.lstrip().startswith("{") or "nested too deeply" in str(e):
                 raise ValueError(f"{name}, line {n}: not a JSON record ({e})") from None
@@ -273,8 +283,10 @@ def read_records(path: str | os.PathLike[str]) -> tuple[list[Record], list[str]]
     return items, notes
 
 
-def group_runs(items: Iterable[Mapping[str, Value]]) -> list[History]:
-    """Records in file order as one :class:`History` per run.
+def group_runs(items: Iterable[Record]) -> list[History]:
+    """Records in file order as one :class:`History` per run (the dicts themselves become
+    the runs' records, without their ``"run"`` key: pass dicts nobody else holds, as
+    :func:`read_records` returns them).
 
     Records with a ``"run"`` id go to that run (two writers interleaving one file are told
     apart); records without one (files from before run ids) start a new run wherever ``step``
@@ -289,7 +301,7 @@ def group_runs(items: Iterable[Mapping[str, Value]]) -> list[History]:
         if isinstance(rid, str):
             key: object = rid
             if "header" not in r:  # the id lives in the header; records read as written
-                r = {k: v for k, v in r.items() if k != "run"}
+                del r["run"]
         else:
             if legacy is None or ("header" not in r and "event" not in r and not
                                   _float(r.get("step")) > prev):  # fmt: skip
@@ -300,7 +312,7 @@ def group_runs(items: Iterable[Mapping[str, Value]]) -> list[History]:
         run = runs.get(key)
         if run is None:
             run = runs[key] = History()
-        run(r)
+        run._add(r)
     return [h for h in runs.values() if h.records]
 
 

@@ -268,3 +268,13 @@ def test_history_columns_follow_appends():
     assert "acc" in h and h["loss"].tolist()[:2] == [1.0, 0.5] and len(h["acc"]) == 3
     items, notes = read_records(TISHBY)
     assert len(items) == 42 and notes == []
+
+
+def test_loaded_records_share_their_key_and_text_objects(tmp_path):
+    """A long run holds each key once, not once per record (issue 16 item 20: memory)."""
+    path = tmp_path / "keys.jsonl"
+    path.write_text("".join(to_json_line({"step": s, "grad_snr/fc1": 1.0, "phase": "drift"})
+                            for s in (1, 2, 3)))  # fmt: skip
+    a, b, c = load(path).records
+    assert [k for k in a if k == "grad_snr/fc1"][0] is [k for k in c if k == "grad_snr/fc1"][0]
+    assert a["phase"] is b["phase"] is c["phase"]
