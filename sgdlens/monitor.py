@@ -15,98 +15,27 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sgdlens import _dist, _torch
+from sgdlens import _dist
+from sgdlens._arguments import check_arguments, check_probe_model
+from sgdlens._checkpoint import STATE_KEYS, check_like, load_into, plain, short
 from sgdlens._optim import unwrap_optimizer
+from sgdlens._view import build_view
 from sgdlens.header import header_once
-from sgdlens.layers import LayersArg, check_layers, group_names
-from sgdlens.lenses import default as default_lenses
+from sgdlens.layers import LayersArg
 from sgdlens.lenses.base import Lens, ParamView, State, Step
 from sgdlens.phase import PhaseDetector, PhaseEvent
-from sgdlens.probes._common import FSDP_REASON
 from sgdlens.probes.scheduled import Probe, ProbeScheduler
 from sgdlens.records import History, Record
-from sgdlens.sinks import check_sinks
 
 __all__ = ["PhaseMonitor"]
 
 _ATTR = "_sgdlens_monitor"
-MAX_TRACE = 1 << 16  # trace_steps: two float64 per step on the device (1 MiB)
 #: record fields the monitor writes itself, which observe() may not replace
 RESERVED = frozenset(
     {"step", "time", "nonfinite_steps", "phase", "event", "layer", "old", "run",
      "probe_time_fraction"}
 )  # fmt: skip
 _STATE_VERSION = 1
-
-
-def build_view(
-    opt: Optimizer, model: nn.Module | None, log_every: int, layers: LayersArg = "auto"
-) -> ParamView:
-    """The :class:`ParamView` of an optimizer's parameters, grouped as ``layers`` says
-    (see :mod:`sgdlens.layers`); parameters of no group go to a hidden last group ``""``."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    if not params:
-        raise ValueError("PhaseMonitor(optimizer=...) holds no parameters; nothing to monitor")
-    fallback = [f"group{gi}.{pj}" for gi, g in enumerate(opt.param_groups)
-                for pj in range(len(g["params"]))]  # fmt: skip
-    names = group_names(model, params, layers, fallback)
-    if model is not None:  # groups in the order of their first parameter in the model
-        order = {id(p): i for i, p in enumerate(model.parameters())}
-        first: dict[str, int] = {}
-        for p, n in zip(params, names):
-            if n is not None:
-                first[n] = min(first.get(n, len(order)), order.get(id(p), len(order)))
-        groups = sorted(first, key=lambda n: (first[n], n))
-    else:
-        groups = list(dict.fromkeys(n for n in names if n is not None))
-    if None in names:
-        groups.append("")
-    index = {n: i for i, n in enumerate(groups)}
-    device = params[0].device
-    shapes = _torch.fsdp1_shapes(model) if model is not None else {}
-    return ParamView(
-        params=tuple(params),
-        layer_of=tuple(index[n if n is not None else ""] for n in names),
-        layers=tuple(groups),
-        device=device,
-        dtype=_torch.acc_dtype(device),
-        log_every=log_every,
-        optimizer=opt,
-        sharded=_sharded(params, model),
-        ndims=tuple(len(shapes.get(id(p), p.shape)) for p in params),
-    )
-
-
-def _sharded(params: Sequence[Tensor], model: nn.Module | None) -> bool:
-    """Whether the parameters are split across ranks: FSDP2 DTensors, or FSDP1 flat shards.
-
-    FSDP1 parameters carry no placement, so the sharding strategy is read from the
-    ``FullyShardedDataParallel`` modules in ``model``.
-    """
-    if any(_torch.is_sharded(p) for p in params):
-        return True
-    if not any(_torch.fsdp1_flattened(p) for p in params):
-        return False
-    strategies = _torch.fsdp1_strategies(model) if model is not None else set()
-    if not strategies:
-        raise ValueError(
-            f"PhaseMonitor(model={type(model).__name__}): the optimizer holds parameters that "
-            f"FullyShardedDataParallel (FSDP1) flattened into shards, and the monitor reads "
-            f"the sharding strategy from the FSDP modules; pass the wrapped model, "
-            f"model=FullyShardedDataParallel(net, ...)"
-        )
-    if strategies & {"HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"}:
-        raise ValueError(
-            f"PhaseMonitor: FSDP1 sharding_strategy {sorted(strategies)} replicates shards "
-            f"across groups of ranks, which sgdlens does not reduce; use FULL_SHARD or "
-            f"SHARD_GRAD_OP, or FSDP2 fully_shard"
-        )
-    if "NO_SHARD" in strategies and len(strategies) > 1:
-        raise ValueError(
-            f"PhaseMonitor: FSDP1 modules mix sharding strategies {sorted(strategies)}; "
-            f"give every FullyShardedDataParallel module the same sharding_strategy"
-        )
-    return strategies != {"NO_SHARD"}
 
 
 class PhaseMonitor:
@@ -200,7 +129,7 @@ class PhaseMonitor:
     _callbacks: list[Callable[[PhaseEvent], Any]]
     _trace: Tensor
     _last_loss: Tensor
-    _step: Step | None
+    _read: Step | None
     _closed: str
     _outer: Any
     _nested: int
@@ -220,55 +149,10 @@ class PhaseMonitor:
         probe_budget: float = 0.05,
         probe_model: nn.Module | None = None,
     ) -> None:
-        opt = unwrap_optimizer(optimizer, "PhaseMonitor(optimizer=...)")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(
-                f"PhaseMonitor(model=...) must be a torch.nn.Module or None, got "
-                f"{type(model).__name__} {model!r}; pass the module whose parameters it trains"
-            )
-        if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral):
-            raise TypeError(f"PhaseMonitor(log_every=...) must be an int, got {log_every!r}")
-        if log_every < 1:
-            raise ValueError(f"PhaseMonitor(log_every={log_every}) must be >= 1; e.g. 50")
-        if detector is True:
-            detector = PhaseDetector()
-        elif detector is not False and not isinstance(detector, PhaseDetector):
-            raise TypeError(
-                f"PhaseMonitor(detector=...) must be a PhaseDetector, True or False, got "
-                f"{detector!r}; e.g. detector=PhaseDetector(enter_diffusion=0.7)"
-            )
-        trace = min(log_every, 1024) if trace_steps is None else trace_steps
-        if (
-            isinstance(trace, bool)
-            or not isinstance(trace, numbers.Integral)
-            or not 0 <= trace <= MAX_TRACE
-        ):
-            raise ValueError(
-                f"PhaseMonitor(trace_steps={trace_steps!r}) must be an int in [0, {MAX_TRACE}] "
-                f"(steps kept on the device before each event; 0: no trace)"
-            )
-        probe_list = list(probes) if isinstance(probes, Iterable) else probes
-        if not isinstance(probe_list, list) or not all(isinstance(p, Probe) for p in probe_list):
-            raise TypeError(
-                f"PhaseMonitor(probes=...) must be a list of sgdlens.probes.Probe, got {probes!r}; "
-                f"e.g. probes=[probes.sharpness_probe(loss_fn, batch)]"
-            )
-        if probe_list and model is None:
-            raise ValueError(
-                "PhaseMonitor(probes=...) needs model=: probes evaluate the model's loss surface"
-            )
-        if (
-            isinstance(probe_budget, bool)
-            or not isinstance(probe_budget, numbers.Real)
-            or not (0 < probe_budget <= 1)
-        ):
-            raise ValueError(
-                f"PhaseMonitor(probe_budget={probe_budget!r}) must be a fraction in (0, 1]; "
-                f"e.g. 0.05 for at most 5 % of the wall time"
-            )
-        check_layers(layers)
-        lens_list = self._check_lenses(lenses)
-        sink_list = check_sinks(sinks, "PhaseMonitor")
+        opt, found, trace, probe_list, lens_list, sink_list = check_arguments(
+            optimizer, model, lenses, sinks, log_every, layers, detector, trace_steps, probes,
+            probe_budget,
+        )  # fmt: skip
         if getattr(opt, _ATTR, None) is not None:
             raise ValueError(
                 f"this {type(opt).__name__} already has a PhaseMonitor; close() it first, or "
@@ -278,37 +162,20 @@ class PhaseMonitor:
         self.model = model
         self.log_every = int(log_every)
         self.view = build_view(opt, model, self.log_every, layers)
-        fsdp = any(_torch.is_distributed_param(p) for p in self.view.params)
-        if probe_list and fsdp and probe_model is None:
-            raise ValueError(
-                f"PhaseMonitor(probes={[p.name for p in probe_list]}) cannot run under FSDP "
-                f"(the optimizer holds sharded parameters): {FSDP_REASON}; or pass "
-                f"probe_model=<a plain instance of the model's class>, which the monitor loads "
-                f"with the gathered weights on rank 0 for each probe run"
-            )
-        if probe_model is not None:
-            if not isinstance(probe_model, nn.Module) or any(
-                _torch.is_distributed_param(p) for p in probe_model.parameters()
-            ):
-                raise TypeError(
-                    f"PhaseMonitor(probe_model=...) must be a plain, unsharded torch.nn.Module "
-                    f"of the model's architecture, got {type(probe_model).__name__}"
-                )
-            if not fsdp or not probe_list:
-                raise ValueError(
-                    "PhaseMonitor(probe_model=...) is for probes= under FSDP (where the "
-                    "probes cannot run on the sharded model); elsewhere they run on model= "
-                    "itself: drop probe_model="
-                )
+        check_probe_model(probe_list, probe_model, self.view)
         self.lenses = lens_list
         self.states = [lens.init(self.view) for lens in lens_list]
         # lenses that watch more than the optimizer (module or gradient hooks) attach here
-        self._lens_handles = [
-            h
-            for lens in lens_list
-            if callable(getattr(lens, "attach", None))
-            for h in lens.attach(model, self.view)
-        ]
+        self._lens_handles = []
+        try:
+            for lens in lens_list:
+                attach = getattr(lens, "attach", None)
+                if callable(attach):
+                    self._lens_handles += attach(model, self.view)
+        except BaseException:  # a lens refusing must not leave the others' hooks behind
+            for h in self._lens_handles:
+                h.remove()
+            raise
         self.history = History()
         self.sinks = [self.history, *sink_list]
         self.step = 0
@@ -316,7 +183,7 @@ class PhaseMonitor:
         self._finite = torch.zeros((), dtype=self.view.dtype, device=self.view.device)
         self._observed: dict[str, list[Any]] = {}  # name -> [device sum, count]
         self._warned: set[str] = set()
-        self.detector = detector or None
+        self.detector = found
         self.probes = (
             ProbeScheduler(probe_list, float(probe_budget), probe_model) if probe_list else None
         )
@@ -327,7 +194,7 @@ class PhaseMonitor:
         self._last_loss = torch.full(
             (), float("nan"), dtype=self.view.dtype, device=self.view.device
         )
-        self._step = None  # the step read in the pre-hook, finished in the post-hook
+        self._read = None  # the Step the pre-hook read, finished by the post-hook
         self._closed = ""  # the optimizer's class name once closed
         self._outer = None  # the frame of the step() call in progress
         self._nested = 0  # step() calls inside it (a subclass calling super().step())
@@ -336,37 +203,6 @@ class PhaseMonitor:
             opt.register_step_post_hook(self._post_step),
         ]
         setattr(opt, _ATTR, self)
-
-    @staticmethod
-    def _check_lenses(lenses: Iterable[Lens] | None) -> list[Lens]:
-        if lenses is None:
-            return default_lenses()
-        if isinstance(lenses, (str, bytes)) or not isinstance(lenses, Iterable):
-            raise TypeError(
-                f"PhaseMonitor(lenses=...) must be a list of lenses or None, got {lenses!r}; "
-                f"e.g. lenses=[lenses.GradSNR(window=100), lenses.GradNorm()]"
-            )
-        out, names = [], set()
-        for i, lens in enumerate(lenses):
-            if isinstance(lens, type):
-                raise TypeError(
-                    f"PhaseMonitor(lenses=...)[{i}] is the class {lens.__name__}, not a lens; "
-                    f"pass an instance, e.g. lenses=[{lens.__name__}()]"
-                )
-            if not all(callable(getattr(lens, m, None)) for m in ("init", "update", "compute")):
-                raise TypeError(
-                    f"PhaseMonitor(lenses=...)[{i}] is {type(lens).__name__} ({lens!r}), not a "
-                    f"lens (init/update/compute); use one from sgdlens.lenses, e.g. GradSNR()"
-                )
-            name = getattr(lens, "name", type(lens).__name__)
-            if name in names:
-                raise ValueError(
-                    f"PhaseMonitor(lenses=...) holds two {name!r} lenses ({lens!r}); their keys "
-                    f"would collide: keep one"
-                )
-            names.add(name)
-            out.append(copy.copy(lens))
-        return out
 
     # -- attaching -----------------------------------------------------------------------
 
@@ -509,7 +345,7 @@ class PhaseMonitor:
             later = closure is not None or isinstance(
                 getattr(optimizer, "grad_scale", None), Tensor
             )
-            self._step = None if later else self._update(step)
+            self._read = None if later else self._update(step)
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self._nested:
@@ -518,10 +354,10 @@ class PhaseMonitor:
         self._outer = None
         self.step += 1
         with torch.no_grad():
-            step = self._step or self._update(
+            step = self._read or self._update(
                 Step(self.view, self.step, self.step % self.log_every == 0)
             )
-            self._step = None
+            self._read = None
             if step.logging:
                 self._check_param_groups()
                 self._log(step)
@@ -717,7 +553,7 @@ class PhaseMonitor:
                 + (f" with version {state_dict.get('version')!r}"
                    if isinstance(state_dict, Mapping) else "")
             )  # fmt: skip
-        missing = sorted(_STATE_KEYS - set(state_dict))
+        missing = sorted(STATE_KEYS - set(state_dict))
         if missing:
             raise ValueError(
                 f"{where} lacks {missing}: it is not a complete PhaseMonitor.state_dict() "
@@ -729,14 +565,14 @@ class PhaseMonitor:
             ("log_every", self.log_every, f"log_every={state_dict.get('log_every')}"),
         ]
         for key, mine, fix in checks:
-            if key in state_dict and _plain(state_dict[key]) != mine:  # older files lack some
-                saved = _plain(state_dict[key])
+            if key in state_dict and plain(state_dict[key]) != mine:  # older files lack some
+                saved = plain(state_dict[key])
                 raise ValueError(
-                    f"load_state_dict: the checkpoint's {key} {_short(saved)} differ from this "
-                    f"monitor's {_short(mine)}; build the monitor with {fix}"
+                    f"load_state_dict: the checkpoint's {key} {short(saved)} differ from this "
+                    f"monitor's {short(mine)}; build the monitor with {fix}"
                 )
         for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
-            _check_like(state, loaded, f"states[{i}]")
+            check_like(state, loaded, f"states[{i}]")
         if len(state_dict["states"]) != len(self.states):
             raise ValueError(
                 f"load_state_dict: states holds {len(state_dict['states'])} entries, this "
@@ -751,7 +587,7 @@ class PhaseMonitor:
 
     def _load(self, state_dict: Mapping[str, Any]) -> None:
         for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
-            self.states[i] = _load_into(state, loaded, f"states[{i}]")
+            self.states[i] = load_into(state, loaded, f"states[{i}]")
         self.step = int(state_dict["step"])
         self._finite.copy_(state_dict["finite"])
         if self.detector is not None and state_dict.get("detector") is not None:
@@ -788,60 +624,3 @@ def _event_record(event: PhaseEvent, trace: Mapping[str, Any]) -> Record:
     record.update({f"evidence/{k}": v for k, v in event.evidence.items()})
     record.update(trace)
     return record
-
-
-_STATE_KEYS = frozenset(
-    {"version", "step", "finite", "observed", "lenses", "states", "trace", "last_loss"}
-)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _check_like(current: Any, loaded: Any, path: str) -> None:
-    """Raise if ``loaded`` cannot be loaded into ``current`` (see :func:`_load_into`)."""
-    if isinstance(current, Tensor):
-        if not isinstance(loaded, Tensor) or loaded.shape != current.shape:
-            raise ValueError(f"load_state_dict: {path} does not match this monitor's parameters")
-    elif isinstance(current, dict):
-        if not isinstance(loaded, Mapping) or set(loaded) != set(current):
-            raise ValueError(f"load_state_dict: {path} has other entries than this monitor's")
-        for k in current:
-            _check_like(current[k], loaded[k], f"{path}[{k!r}]")
-    elif isinstance(current, list):
-        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(current):
-            raise ValueError(
-                f"load_state_dict: {path} holds "
-                f"{len(loaded) if isinstance(loaded, (list, tuple)) else type(loaded).__name__}"
-                f" entries, not {len(current)}"
-            )
-        for j, (c, x) in enumerate(zip(current, loaded)):
-            _check_like(c, x, f"{path}[{j}]")
-
-
-def _load_into(current: Any, loaded: Any, path: str) -> Any:
-    """Copy ``loaded`` into the structure of ``current``, tensors in place (keeping devices)."""
-    if isinstance(current, Tensor):
-        if not isinstance(loaded, Tensor) or loaded.shape != current.shape:
-            raise ValueError(f"load_state_dict: {path} does not match this monitor's parameters")
-        current.copy_(loaded)
-        return current
-    if isinstance(current, dict):
-        if not isinstance(loaded, Mapping) or set(loaded) != set(current):
-            raise ValueError(f"load_state_dict: {path} has other entries than this monitor's")
-        for k in current:
-            current[k] = _load_into(current[k], loaded[k], f"{path}[{k!r}]")
-        return current
-    if isinstance(current, list) and isinstance(loaded, (list, tuple)):
-        if len(loaded) != len(current):
-            raise ValueError(
-                f"load_state_dict: {path} holds {len(loaded)} entries, not {len(current)}"
-            )
-        return [_load_into(c, x, f"{path}[{j}]") for j, (c, x) in enumerate(zip(current, loaded))]
-    return loaded

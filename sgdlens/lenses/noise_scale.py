@@ -391,8 +391,12 @@ class NoiseScale(Lens):
 
     def release(self) -> None:
         uncovered = self.uncovered
+        # DDP keeps the comm hook, which must find it has nothing to record
+        kept = {k: getattr(self, k) for k in ("_recording", "_local") if hasattr(self, k)}
         super().release()
         self._uncovered = uncovered
+        for k, v in kept.items():
+            setattr(self, k, v)
 
     @property
     def uncovered(self) -> list[str]:

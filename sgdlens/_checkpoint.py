@@ -1,0 +1,66 @@
+"""Checking a monitor checkpoint against the monitor before loading it, and loading it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["STATE_KEYS", "check_like", "load_into", "plain", "short"]
+
+STATE_KEYS = frozenset(
+    {"version", "step", "finite", "observed", "lenses", "states", "trace", "last_loss"}
+)
+
+
+def plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_like(current: Any, loaded: Any, path: str) -> None:
+    """Raise if ``loaded`` cannot be loaded into ``current`` (see :func:`_load_into`)."""
+    if isinstance(current, Tensor):
+        if not isinstance(loaded, Tensor) or loaded.shape != current.shape:
+            raise ValueError(f"load_state_dict: {path} does not match this monitor's parameters")
+    elif isinstance(current, dict):
+        if not isinstance(loaded, Mapping) or set(loaded) != set(current):
+            raise ValueError(f"load_state_dict: {path} has other entries than this monitor's")
+        for k in current:
+            check_like(current[k], loaded[k], f"{path}[{k!r}]")
+    elif isinstance(current, list):
+        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(current):
+            raise ValueError(
+                f"load_state_dict: {path} holds "
+                f"{len(loaded) if isinstance(loaded, (list, tuple)) else type(loaded).__name__}"
+                f" entries, not {len(current)}"
+            )
+        for j, (c, x) in enumerate(zip(current, loaded)):
+            check_like(c, x, f"{path}[{j}]")
+
+
+def load_into(current: Any, loaded: Any, path: str) -> Any:
+    """Copy ``loaded`` into the structure of ``current``, tensors in place (keeping devices)."""
+    if isinstance(current, Tensor):
+        if not isinstance(loaded, Tensor) or loaded.shape != current.shape:
+            raise ValueError(f"load_state_dict: {path} does not match this monitor's parameters")
+        current.copy_(loaded)
+        return current
+    if isinstance(current, dict):
+        if not isinstance(loaded, Mapping) or set(loaded) != set(current):
+            raise ValueError(f"load_state_dict: {path} has other entries than this monitor's")
+        for k in current:
+            current[k] = load_into(current[k], loaded[k], f"{path}[{k!r}]")
+        return current
+    if isinstance(current, list) and isinstance(loaded, (list, tuple)):
+        if len(loaded) != len(current):
+            raise ValueError(
+                f"load_state_dict: {path} holds {len(loaded)} entries, not {len(current)}"
+            )
+        return [load_into(c, x, f"{path}[{j}]") for j, (c, x) in enumerate(zip(current, loaded))]
+    return loaded
