@@ -73,6 +73,9 @@ class PhaseMonitor:
         trace_steps: per-step loss and gradient norm kept on device for the last
             ``trace_steps`` steps (default: ``log_every``, at most 1024) and written out with
             each phase event or loss spike, so the steps before it are never lost; 0: none.
+        keep_records: keep only the last that many records (and events) in
+            ``monitor.history`` (``None``: all); sinks still get every record, so a
+            :class:`~sgdlens.sinks.JSONLSink` file stays complete while memory stays bounded.
         probes: loss-surface probes to run at log points on a schedule (see
             :mod:`sgdlens.probes.scheduled`: ``sharpness_probe``, ``trace_probe``,
             ``barrier_probe``, or any :class:`~sgdlens.probes.Probe`); needs ``model``.
@@ -145,6 +148,7 @@ class PhaseMonitor:
         layers: LayersArg = "auto",
         detector: PhaseDetector | bool = True,
         trace_steps: int | None = None,
+        keep_records: int | None = None,
         probes: Sequence[Probe] = (),
         probe_budget: float = 0.05,
         probe_model: nn.Module | None = None,
@@ -163,6 +167,12 @@ class PhaseMonitor:
         self.log_every = int(log_every)
         self.view = build_view(opt, model, self.log_every, layers)
         check_probe_model(probe_list, probe_model, self.view)
+        try:
+            self.history = History(max_records=keep_records)
+        except ValueError as e:
+            raise ValueError(
+                str(e).replace("History(max_records=", "PhaseMonitor(keep_records=")
+            ) from None
         self.lenses = lens_list
         self.states = [lens.init(self.view) for lens in lens_list]
         # lenses that watch more than the optimizer (module or gradient hooks) attach here
@@ -176,7 +186,6 @@ class PhaseMonitor:
             for h in self._lens_handles:
                 h.remove()
             raise
-        self.history = History()
         self.sinks = [self.history, *sink_list]
         self.step = 0
         self._n_params = len(self.view.params)

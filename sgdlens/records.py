@@ -44,13 +44,25 @@ class History:
     ``"event"`` key), kept apart so that metric columns stay evenly spaced; ``history.header``
     the run's header record (``None`` for a run written before headers existed).
 
+    ``max_records`` keeps only the last that many records (and events) in memory, for runs
+    too long to hold whole; a sink such as :class:`~sgdlens.sinks.JSONLSink` still gets all.
+
     Example:
         >>> h = History([{"step": 1, "loss": 2.0}, {"step": 2}])
         >>> h["loss"].tolist()
         [2.0, nan]
     """
 
-    def __init__(self, records: Iterable[Mapping[str, Value]] = ()) -> None:
+    def __init__(
+        self, records: Iterable[Mapping[str, Value]] = (), *, max_records: int | None = None
+    ) -> None:
+        if max_records is not None and (
+            isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1
+        ):
+            raise ValueError(
+                f"History(max_records={max_records!r}) must be None (keep all) or an int >= 1"
+            )
+        self.max_records = max_records
         self.records: list[Record] = []
         self.events: list[Record] = []
         self.header: Record | None = None
@@ -71,11 +83,15 @@ class History:
                 self.header = record
         elif "event" in record:
             self.events.append(record)
+            if self.max_records is not None and len(self.events) > self.max_records:
+                del self.events[0]
         else:
             self._sync()
             self.records.append(record)
             self._keys.update(dict.fromkeys(record))
-            self._seen += 1
+            if self.max_records is not None and len(self.records) > self.max_records:
+                del self.records[0]
+            self._seen = len(self.records)
             if self._columns:
                 self._columns = {}
 

@@ -414,3 +414,24 @@ def test_lenses_asking_for_different_per_sample_modes_are_refused():
     with pytest.raises(ValueError, match="same per_sample="):
         PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
                      lenses=[NoiseScale("per_sample", per_sample="func"), BatchSNR()])  # fmt: skip
+
+
+# -- 16: bounded history, complete file ------------------------------------------------------------
+
+
+def test_keep_records_bounds_the_history_and_the_file_stays_complete(tmp_path):
+    import sgdlens
+    from sgdlens.sinks import JSONLSink
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    path = tmp_path / "run.jsonl"
+    monitor = PhaseMonitor(opt, model=model, log_every=2, keep_records=3,
+                           sinks=[JSONLSink(path)])  # fmt: skip
+    _train(model, opt, 20)
+    monitor.close()
+    assert [r["step"] for r in monitor.history] == [16, 18, 20]
+    assert monitor.history["step"].tolist() == [16.0, 18.0, 20.0]
+    assert sgdlens.load(path)["step"].tolist() == [float(s) for s in range(2, 21, 2)]
+    with pytest.raises(ValueError, match="keep_records=0"):
+        PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), keep_records=0)
