@@ -165,3 +165,18 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="no phase detector"):
         PhaseLR(opt, mon)
     mon.close()
+
+
+def test_monitor_log_event_reaches_sinks_with_or_without_a_detector():
+    from sgdlens import PhaseEvent
+
+    for detector in (True, False):
+        p, opt, mon = setup(detector=detector)
+        event = PhaseEvent(7, "", "diffusion", "lr_decay", {"lr": 0.05})
+        mon.log_event(event)
+        assert [r["event"] for r in mon.history.events] == ["lr_decay"]
+        assert mon.history.events[0]["evidence/lr"] == 0.05
+        assert mon.events == ([event] if detector else [])
+        with pytest.raises(TypeError, match="PhaseEvent"):
+            mon.log_event({"step": 7})  # type: ignore[arg-type]
+        mon.close()
