@@ -186,30 +186,28 @@ def _masked_buckets(
             yield [b for b, _ in chunk], [x.view(b.shape) for (b, _), x in zip(chunk, pieces)]
 
 
-def masked_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -> None:
-    """``buf += t`` for every pair when the 0-d bool ``ok`` holds, else leave ``buf`` untouched.
+def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -> None:
+    """``buf += t`` for every pair, for a window sum that is zeroed when the window closes.
 
-    NaN·0 is NaN, so a multiplicative mask cannot drop a non-finite step; on accelerators
-    ``torch.where`` selects instead, with no host synchronisation.
+    Where reading the 0-d bool ``ok`` is free (the CPU), a step whose ``ok`` is false is
+    skipped exactly. Elsewhere the add is unconditional: one fused ``_foreach_add_`` whatever
+    the number of tensors, with no host synchronisation, no copy of the gradients and no
+    per-tensor operation. A non-finite step then makes the buffers non-finite, so the window
+    that holds it reports non-finite statistics, and the next window starts clean. (NaN·0 is
+    NaN: no multiplicative mask can drop the step; an exact skip needs a ``torch.where`` per
+    tensor or a copy of every gradient, which the per-step path cannot afford.)
     """
     flag = _host_flag(ok)
     if flag is False:
         return
     dense = [(b, t) for b, t in zip(bufs, tensors) if not t.is_sparse]
-    if flag and dense:
-        torch._foreach_add_([b for b, _ in dense],
-                            [t if t.dtype == b.dtype else t.to(b.dtype) for b, t in dense])
-    elif dense:
-        for bs, pieces in _masked_buckets([b for b, _ in dense], [t for _, t in dense], ok):
-            torch._foreach_add_(bs, pieces)
+    if dense:
+        torch._foreach_add_(
+            [b for b, _ in dense], [t if t.dtype == b.dtype else t.to(b.dtype) for b, t in dense]
+        )
     for buf, t in zip(bufs, tensors):
         if t.is_sparse:
-            t = t.coalesce()
-            vals = t.values() if flag else torch.where(ok, t.values(), 0)
-            masked = torch.sparse_coo_tensor(
-                t.indices(), vals, t.shape, is_coalesced=True, check_invariants=False
-            )
-            buf.add_(masked.to(buf.dtype))
+            buf.add_(t.coalesce().to(buf.dtype))
 
 
 def masked_lerp_(

@@ -67,8 +67,11 @@ class GradSNR(Lens):
     The gradient read is the one each ``step()`` uses, taken at the moving weights of the
     training run itself (the cheap choice, see docs/science.md; the authors' code and Saxe et
     al.'s compute extra gradients for the statistic). A parameter without a gradient at a
-    step counts as a zero gradient. Steps with non-finite gradients are skipped: they do not
-    count towards ``K`` samples of the window nor move the moving averages.
+    step counts as a zero gradient. Steps with non-finite gradients never move the moving
+    averages. In window mode, on the CPU they are skipped exactly (they do not count towards
+    the ``K`` samples); on an accelerator, where the per-step path may not read the device,
+    the window sums take one fused add per step and a window holding a non-finite step reports
+    non-finite values (the count is in ``nonfinite_steps``; the next window starts clean).
 
     State: one running buffer per parameter (float32, or wider if the parameter is) and a few
     per-layer float64 scalars. ``tr Var = E‖g‖² − ‖E g‖²`` is formed in float64; the float32
@@ -156,7 +159,7 @@ class GradSNR(Lens):
         bufs, present = [b for b, _ in pairs], [g for _, g in pairs]
         sq = sub.take(step.grad_sq)
         if self.decay is None:
-            _torch.masked_add_([*bufs, state["sq"]], [*present, sq], ok)
+            _torch.window_add_([*bufs, state["sq"]], [*present, sq], ok)
             state["n"].add_(ok)
             if step.index % state["window"] == 0:
                 self._close_window(state)
