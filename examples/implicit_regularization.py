@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgdlens import PhaseMonitor, lenses
+from sgdlens import PhaseDetector, PhaseMonitor, lenses
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_mlp import digits, mlp
@@ -135,8 +135,11 @@ def digits_run(labels: str = "true", *, max_epochs: int = 3000, n_train: int | N
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     batches = math.ceil(len(xtr) / batch_size)
+    # a short run (it fits in a few hundred steps): the detector's time constants in epochs
+    detector = PhaseDetector(window=5 * batches, dwell=2 * batches, warmup=5 * batches,
+                             spike_window=50 * batches)  # fmt: skip
     monitor = PhaseMonitor(opt, model=model, lenses=[lenses.GradSNR(window=batches), lenses.WeightNorms()],
-                           log_every=batches)  # fmt: skip
+                           log_every=batches, detector=detector)  # fmt: skip
     run = DigitsRun(labels, monitor, None, n_train=len(xtr))
     with monitor:
         for _ in range(max_epochs):
