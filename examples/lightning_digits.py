@@ -77,15 +77,17 @@ def main() -> None:
         with open(Path(logger.log_dir) / "metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if r.get("sgdlens/grad_snr")]
 
-    phases = {r["step"]: r["phase"] for r in callback.monitor.history.records}
+    # a record of optimizer step s lands in Lightning's logs at s - 1, the step index of the
+    # module's own self.log for that batch
+    phases = {r["step"] - 1: r["phase"] for r in callback.monitor.history.records}
     print(f"\nLightning's CSVLogger holds {len(rows)} sgdlens rows with keys such as")
     print("  " + ", ".join(k for k in rows[0] if k.startswith("sgdlens/grad_snr"))[:96] + " ...")
-    print(f"\n{'step':>6} {'grad SNR':>9} {'loss':>8} {'|w - w0|':>9}  phase")
+    print(f"\n{'step':>6} {'grad SNR':>9} {'loss':>8} {'|dw|/|w|':>9}  phase")
     for r in rows[:10] + rows[10::10]:
         step = int(r["step"])
         print(
             f"{step:>6} {float(r['sgdlens/grad_snr']):>9.3f} {float(r['sgdlens/loss']):>8.4f} "
-            f"{float(r['sgdlens/weight_dist']):>9.3f}  {phases.get(step, '?')}"
+            f"{float(r['sgdlens/update_ratio']):>9.2e}  {phases.get(step, '?')}"
         )
     events = [(e.step, e.layer or "model", e.old, e.new) for e in callback.monitor.events]
     print(f"\nphase events: {events}")
