@@ -16,7 +16,9 @@ key                 value
 ``parameters``      the number of parameter entries the optimizer holds (numel summed)
 ``layers``          the layer (group) names, in record order
 ``layer_params``    the number of parameter tensors in each layer
-``grouping``        how parameters were grouped into layers (the monitor's ``layers=``)
+``layer_members``   each layer's parameter names (``model.named_parameters()``; without
+                    ``model=``, ``group<i>.<j>``): the grouping that ``layers=`` produced
+``grouping``        the monitor's ``layers=`` argument, when the monitor keeps it
 ``log_every``       the monitor's log interval in steps
 ``lenses``          the lens classes, e.g. ``["GradSNR", "WeightNorms"]``
 ``versions``        ``{"sgdlens": ..., "torch": ..., "python": ...}``
@@ -100,10 +102,14 @@ def run_header(monitor: Any, *, run_id: str | None = None) -> Record:
     for g in opt.param_groups:
         hyper = {k: _plain(v) for k, v in g.items() if k != "params"}
         groups.append({**hyper, "params": len(g["params"])})
-    counts = [0] * len(view.layers)
-    for i in view.layer_of:
-        counts[i] += 1
     model = getattr(monitor, "model", None)
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    fallback = [
+        f"group{gi}.{pj}" for gi, g in enumerate(opt.param_groups) for pj in range(len(g["params"]))
+    ]
+    members: dict[str, list[str]] = {layer: [] for layer in view.layers}
+    for p, i, other in zip(view.params, view.layer_of, fallback):
+        members[view.layers[i]].append(names.get(id(p), other))
     grouping = getattr(monitor, "grouping", getattr(monitor, "layers_arg", None))
     rid = run_id or getattr(monitor, "run_id", None) or new_run_id(now)
     return {
@@ -117,8 +123,9 @@ def run_header(monitor: Any, *, run_id: str | None = None) -> Record:
         "model": type(model).__name__ if model is not None else None,
         "parameters": sum(int(p.numel()) for p in view.params),
         "layers": list(view.layers),
-        "layer_params": counts,
-        "grouping": "module" if grouping is None else _plain_grouping(grouping),
+        "layer_params": [len(m) for m in members.values()],
+        "layer_members": members,
+        **({"grouping": _plain_grouping(grouping)} if grouping is not None else {}),
         "log_every": int(monitor.log_every),
         "lenses": [type(lens).__name__ for lens in monitor.lenses],
         "versions": {

@@ -172,6 +172,7 @@ def test_header_describes_the_run(tmp_path):
     assert first["param_groups"][0]["params"] == 4 and first["parameters"] == 3 * 4 + 4 + 4 + 1
     assert first["model"] == "Sequential" and first["layers"] == ["0", "2"]
     assert first["layer_params"] == [2, 2] and first["log_every"] == 2
+    assert first["layer_members"] == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
     assert first["versions"]["torch"] == torch.__version__
     assert first["versions"]["sgdlens"] == sgdlens.__version__
     assert first["device"] == "cpu" and first["world_size"] == 1
