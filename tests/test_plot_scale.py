@@ -130,3 +130,37 @@ def test_few_layers_keep_lines():
     ax = plot.snr(h).axes[0]
     assert len([ln for ln in ax.lines if ln.get_gid() == "sgdlens-layer"]) == 6
     assert not [c for c in ax.collections if c.get_gid() == "sgdlens-heatmap"]
+
+
+def test_a_real_gpt2_run_per_tensor_draws_clean(tmp_path):
+    """A GPT-2-shaped model from a config (12 blocks, 148 parameter tensors), monitored per
+    tensor for a few steps: every figure and the report draw with warnings as errors."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from sgdlens import PhaseMonitor, load
+    from sgdlens.sinks import JSONLSink
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=12,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    assert len(list(model.parameters())) == 148
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    path = tmp_path / "gpt2.jsonl"
+    mon = PhaseMonitor(opt, model=model, layers="params", log_every=2, sinks=[JSONLSink(path)])
+    ids = torch.randint(0, 16, (4, 8))
+    for _ in range(8):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        mon.observe(loss=loss)
+        opt.step()
+    mon.close()
+    h = load(path)
+    assert len(h.layers("grad_snr")) == 148 and len(h.header["layers"]) == 148
+    for name in plot.available(h):
+        render(getattr(plot, name)(h))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.report_html(h)
