@@ -9,8 +9,11 @@ bare step time, the monitor's persistent memory in units of one copy of the para
 the peak at a logged step, which also holds the pre-update weights for ``update_size``), and
 the number of aten operations the monitor's hooks launch in a non-logging step.
 
+With ``--compile`` every copy runs through ``torch.compile`` (compile time excluded: the
+first 80 rounds are warm-up), so the ratios are the monitor's cost beside a compiled step.
+
 Usage: python benchmarks/overhead.py [--steps 300] [--log-every 50] [--device cpu] [--big]
-    [--only tiny,mlp]
+    [--only tiny,mlp] [--compile]
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ def lightning_grad_norm():
 VARIANTS = ("bare", "default", "lenses=[]", "lightning grad_norm")
 
 
-def bench(kind, build, make_opt, steps, log_every, device):
+def bench(kind, build, make_opt, steps, log_every, device, compiled=False):
     torch.manual_seed(0)
     models = [build().to(device) for _ in VARIANTS]
     for m in models[1:]:
@@ -144,6 +147,9 @@ def bench(kind, build, make_opt, steps, log_every, device):
         1: PhaseMonitor(opts[1], model=models[1], log_every=log_every),
         2: PhaseMonitor(opts[2], model=models[2], log_every=log_every, lenses=[]),
     }
+    plain = models
+    if compiled:
+        models = [torch.compile(m) for m in models]
     grad_norm = lightning_grad_norm()
     x, y = data(kind, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -162,20 +168,21 @@ def bench(kind, build, make_opt, steps, log_every, device):
 
     times: list[list[float]] = [[] for _ in VARIANTS]
     n = len(VARIANTS)
-    for i in range(steps + 20):
+    warm = 80 if compiled else 20  # inductor finishes compiling in the background for a while
+    for i in range(steps + warm):
         for k in range(n):
             j = (i + k) % n
             sync()
             t0 = time.perf_counter()
             step(j)
             sync()
-            if i >= 20:
+            if i >= warm:
                 times[j].append(time.perf_counter() - t0)
     ratios = [statistics.median(t / b for b, t in zip(times[0], times[j])) for j in range(1, n)]
-    param_bytes = sum(p.numel() * p.element_size() for p in models[1].parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in plain[1].parameters())
     state = nbytes(monitors[1].states) / param_bytes
     peak = state + 1.0  # WeightNorms holds the pre-update weights during a logged step
-    models[1](x).sum().backward()  # gradients in place for counting the hooks' operations
+    plain[1](x).sum().backward()  # gradients in place for counting the hooks' operations
     ops = hook_ops(monitors[1], opts[1])
     for mon in monitors.values():
         mon.close()
@@ -192,10 +199,12 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also a 6-layer d512 transformer (GPU)")
     ap.add_argument("--only", default="", help="comma-separated model kinds, e.g. tiny,mlp")
     ap.add_argument("--optimizers", default="sgd-momentum,adam")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every copy")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
-          f"{args.steps} interleaved rounds, log_every={args.log_every}")  # fmt: skip
+          f"{args.steps} interleaved rounds, log_every={args.log_every}"
+          + (", torch.compile" if args.compile else ""))  # fmt: skip
     print(
         "| model | optimizer | bare step (ms) | default | `lenses=[]` | Lightning grad_norm "
         "| state (param copies) | peak (param copies) | aten ops per step |"
@@ -207,7 +216,7 @@ def main() -> None:
             continue
         for oname in args.optimizers.split(","):
             ms, ratios, state, peak, ops = bench(
-                kind, build, OPTIMIZERS[oname], args.steps, args.log_every, device
+                kind, build, OPTIMIZERS[oname], args.steps, args.log_every, device, args.compile
             )
             cells = " | ".join(f"{r:.3f}" for r in ratios)
             print(f"| {name} | {oname} | {ms:.2f} | {cells} | {state:.2f} | {peak:.2f} | {ops} |",

@@ -7,7 +7,18 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["STATE_KEYS", "check_like", "load_into", "plain", "short"]
+__all__ = ["STATE_KEYS", "check_like", "lens_id", "load_into", "plain", "short"]
+
+
+def lens_id(lens: Any) -> str:
+    """What a checkpoint records of a lens: its ``repr`` where the class defines one (the
+    settings, ``GradSNR(window=50, ...)``), else its class (a default ``repr`` holds a memory
+    address, which no resumed process would match)."""
+    cls = type(lens)
+    if cls.__repr__ is object.__repr__:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return repr(lens)
+
 
 STATE_KEYS = frozenset(
     {"version", "step", "finite", "observed", "lenses", "states", "trace", "last_loss"}

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from sgdlens import _dist
 from sgdlens._arguments import check_arguments, check_probe_model
-from sgdlens._checkpoint import STATE_KEYS, check_like, load_into, plain, short
+from sgdlens._checkpoint import STATE_KEYS, check_like, lens_id, load_into, plain, short
 from sgdlens._optim import unwrap_optimizer
 from sgdlens._view import build_view
 from sgdlens.header import header_once
@@ -537,7 +537,7 @@ class PhaseMonitor:
             "step": self.step,
             "finite": self._finite,
             "observed": {k: [v[0], v[1]] for k, v in self._observed.items()},
-            "lenses": [repr(lens) for lens in self.lenses],
+            "lenses": [lens_id(lens) for lens in self.lenses],
             "layers": list(self.view.layers),
             "log_every": self.log_every,
             "states": list(self.states),
@@ -569,7 +569,7 @@ class PhaseMonitor:
                 f"(truncated or edited?); save monitor.state_dict() as it is"
             )
         checks = [
-            ("lenses", [repr(lens) for lens in self.lenses], "the same lenses"),
+            ("lenses", [lens_id(lens) for lens in self.lenses], "the same lenses"),
             ("layers", list(self.view.layers), "the same model (layers)"),
             ("log_every", self.log_every, f"log_every={state_dict.get('log_every')}"),
         ]

@@ -435,3 +435,34 @@ def test_keep_records_bounds_the_history_and_the_file_stays_complete(tmp_path):
     assert sgdlens.load(path)["step"].tolist() == [float(s) for s in range(2, 21, 2)]
     with pytest.raises(ValueError, match="keep_records=0"):
         PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), keep_records=0)
+
+
+def test_a_user_written_lens_without_repr_resumes():
+    from sgdlens.lenses import Lens
+
+    class Count(Lens):  # a user's lens: state in its state dict, no __repr__
+        name = "count"
+        metrics = ("count",)
+
+        def init(self, view):
+            return {"n": torch.zeros((), dtype=view.dtype, device=view.device)}
+
+        def update(self, state, step):
+            state["n"].add_(1)
+            return state
+
+        def compute(self, state, step):
+            return {"count": state["n"].clone()}
+
+    def monitor():
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, opt, PhaseMonitor(opt, model=model, lenses=[Count()], log_every=2)
+
+    model, opt, first = monitor()
+    _train(model, opt, 4)
+    saved = first.state_dict()
+    model, opt, second = monitor()
+    second.load_state_dict(saved)
+    _train(model, opt, 2)
+    assert second.history.records[-1]["count"] == 6.0
