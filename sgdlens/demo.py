@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgdlens.datasets import tishby12
-from sgdlens.header import new_run_id
+from sgdlens.header import new_run_id, use_run_id
 from sgdlens.lenses import GradNorm, GradSNR, WeightNorms
 from sgdlens.monitor import PhaseMonitor
 from sgdlens.sinks import JSONLSink
@@ -87,7 +87,7 @@ def run(
         log_every=batches * log_epochs,
     )
     if run_id is not None:
-        setattr(monitor, "run_id", run_id)  # the header takes it (sgdlens.header.header_once)
+        use_run_id(monitor, run_id)
     with monitor:
         for _ in range(epochs):
             order = torch.randperm(n_train)

@@ -53,7 +53,7 @@ import torch
 from sgdlens import _dist
 from sgdlens.records import Record
 
-__all__ = ["header_once", "new_run_id", "run_header"]
+__all__ = ["header_once", "new_run_id", "run_header", "use_run_id"]
 
 HEADER_VERSION = 1
 
@@ -157,3 +157,14 @@ def header_once(monitor: Any) -> Record | None:
     header = run_header(monitor)
     monitor.run_id = header["run"]
     return header
+
+
+def use_run_id(monitor: Any, run_id: str) -> None:
+    """Give a monitor's run the id ``run_id`` (before its first record, which carries the
+    header); e.g. to name the output file after the run before training starts."""
+    if getattr(monitor, "_header_sent", False):
+        raise ValueError(
+            f"use_run_id(run_id={run_id!r}): the monitor has already written its header "
+            f"(run {getattr(monitor, 'run_id', None)!r}); set the id before the first record"
+        )
+    monitor.run_id = run_id
