@@ -319,11 +319,11 @@ def group_runs(items: Iterable[Record]) -> list[History]:
             if "header" not in r:  # the id lives in the header; records read as written
                 del r["run"]
         else:
-            if legacy is None or ("header" not in r and "event" not in r and not
-                                  _float(r.get("step")) > prev):  # fmt: skip
+            metric = "header" not in r and "event" not in r
+            step = _float(r.get("step")) if metric else prev
+            if legacy is None or (metric and not step > prev):  # the step count restarts
                 legacy = ("legacy", len(runs))
-            if "header" not in r and "event" not in r:
-                prev = _float(r.get("step"))
+            prev = step
             key = legacy
         run = runs.get(key)
         if run is None:
