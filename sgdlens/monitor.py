@@ -115,6 +115,7 @@ class PhaseMonitor:
     optimizer: Any  # the torch.optim.Optimizer; None once closed
     model: nn.Module | None
     log_every: int
+    grouping: LayersArg
     view: ParamView
     lenses: list[Lens]
     states: list[State]
@@ -165,6 +166,7 @@ class PhaseMonitor:
         self.optimizer = opt
         self.model = model
         self.log_every = int(log_every)
+        self.grouping = layers  # the layers= argument (the run header records it)
         self.view = build_view(opt, model, self.log_every, layers)
         check_probe_model(probe_list, probe_model, self.view)
         try:
