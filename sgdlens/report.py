@@ -303,6 +303,13 @@ def write_report(
     if isinstance(run, History):
         history = run
     else:
+        if os.path.realpath(run) == os.path.realpath(out) or (
+            os.path.exists(out) and os.path.samefile(run, out)
+        ):
+            raise ValueError(
+                f"write_report(out={os.fspath(out)!r}) is the run it reads; it would be "
+                f"overwritten: pass another file"
+            )
         history, notes = read_run(run)
         title = title or f"sgdlens report: {os.path.basename(os.fspath(run))}"
     page = report_html(history, title=title or "sgdlens report", notes=notes)

@@ -164,3 +164,14 @@ def test_a_real_gpt2_run_per_tensor_draws_clean(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report.report_html(h)
+
+
+def test_long_runs_are_drawn_from_log_spaced_records():
+    n = 20_000
+    h = History([{"step": s, "grad_snr": 1.0 + (s % 7), "loss": 1.0 / s} for s in range(1, n + 1)])
+    (line,) = [ln for ln in plot.snr(h).axes[0].lines if ln.get_gid() == "sgdlens-model"]
+    x = line.get_xdata()
+    assert len(x) <= plot.MAX_POINTS and x[0] == 1 and x[-1] == n
+    ratios = np.diff(np.log(x[len(x) // 2 :]))  # evenly spaced in log step where dense
+    assert ratios.max() < 3 * ratios.min() + 1e-12
+    assert len(h) == n  # the caller's run is untouched

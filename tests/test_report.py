@@ -378,3 +378,11 @@ def test_cli_runs_and_run_ids(tmp_path, capsys):
     assert code == 1 and "no run with id 'run-c'" in err
     code, out, err = run_cli(capsys, "compare", str(path), str(path), "--run", "0", "run-b")
     assert code == 0 and "showing run 0" in err and "showing run 1" in err
+
+
+def test_write_report_refuses_to_overwrite_its_run(tmp_path):
+    run = tmp_path / "run.jsonl"
+    run.write_bytes(Path(TISHBY).read_bytes())
+    with pytest.raises(ValueError, match="would be overwritten"):
+        report.write_report(run, tmp_path / "." / "run.jsonl")
+    assert run.read_bytes() == Path(TISHBY).read_bytes()

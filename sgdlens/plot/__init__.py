@@ -30,7 +30,8 @@ function                   shows (keys read)
 Per-layer figures draw one line per layer up to ``MAX_LINES`` (10) layers, legends right of
 the axes; past that they draw a layer x step heatmap (SNR on a log colour scale centred at 1,
 phase changes marked), so a run of hundreds of layers stays readable. ``gradient_stats`` draws
-at most ``MAX_PAIRS`` (6) layers, evenly spread.
+at most ``MAX_PAIRS`` (6) layers, evenly spread. A run longer than ``MAX_POINTS`` (4000)
+records is drawn from that many, spaced evenly in log index (:func:`thin`).
 
 Artists carry ``gid`` tags (``"sgdlens-diffusion"`` on shaded diffusion spans,
 ``"sgdlens-event"`` on event markers, ``"sgdlens-mean"``/``"sgdlens-std"`` on the gradient
@@ -49,7 +50,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f'sgdlens.plot needs matplotlib: pip install "sgdlens[plot]" ({e})') from e
 
-from sgdlens.plot._base import MAX_LINES, PHASE_COLORS, SNR_CMAP
+from sgdlens.plot._base import MAX_LINES, MAX_POINTS, PHASE_COLORS, SNR_CMAP, thin
 from sgdlens.plot.layers import available, compare, heatmap, phase_timeline
 from sgdlens.plot.probes import interpolation, landscape
 from sgdlens.plot.training import (
@@ -65,6 +66,7 @@ from sgdlens.plot.training import (
 __all__ = [
     "MAX_LINES",
     "MAX_PAIRS",
+    "MAX_POINTS",
     "PHASE_COLORS",
     "SNR_CMAP",
     "available",
@@ -78,5 +80,6 @@ __all__ = [
     "phase_timeline",
     "sharpness",
     "snr",
+    "thin",
     "weights",
 ]

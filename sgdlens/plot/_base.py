@@ -22,6 +22,8 @@ Run = History | str | os.PathLike[str]
 PHASE_COLORS = {"warmup": "#bdbdbd", "drift": "#f28e2b", "diffusion": "#4e79a7"}
 #: Above this many layers a per-layer metric is drawn as a layer x step heatmap, not lines.
 MAX_LINES = 10
+#: Runs with more records are drawn from this many (log-spaced: :func:`thin`).
+MAX_POINTS = 4000
 #: SNR colours: diffusion blue below 1, white at 1, drift orange above.
 SNR_CMAP = LinearSegmentedColormap.from_list(
     "sgdlens_snr", [PHASE_COLORS["diffusion"], "#f7f7f7", PHASE_COLORS["drift"]]
@@ -30,8 +32,10 @@ _DIFFUSION_ALPHA = 0.13
 
 
 def _history(run: Run) -> History:
+    """The run to draw: a History as given, or the last run of a JSONL file; thinned to
+    :data:`MAX_POINTS` records (see :func:`thin`)."""
     if isinstance(run, History):
-        return run
+        return thin(run)
     from sgdlens.records import group_runs, read_records
 
     runs = group_runs(read_records(run)[0])
@@ -43,7 +47,33 @@ def _history(run: Run) -> History:
             f"(pick one with sgdlens.load(path, run=i))",
             stacklevel=3,
         )
-    return runs[-1]
+    return thin(runs[-1])
+
+
+def thin(h: History, k: int | None = None) -> History:
+    """``h`` with at most ``k`` (default :data:`MAX_POINTS`) of its records, for drawing.
+
+    The records kept are spaced evenly in the logarithm of their index, first and last
+    included, as the figures' step axes are logarithmic; events and the header are kept whole.
+    A run of 200,000 records then draws in seconds, and no figure holds more points than its
+    pixels can show.
+
+    Example:
+        >>> h = History([{"step": s} for s in range(1, 10_001)])
+        >>> t = thin(h, 100)
+        >>> len(t) <= 100, t.records[0]["step"], t.records[-1]["step"]
+        (True, 1, 10000)
+    """
+    k = MAX_POINTS if k is None else k
+    n = len(h.records)
+    if n <= k:
+        return h
+    keep = np.unique(np.round(np.geomspace(1, n, k)).astype(int) - 1)
+    out = History()
+    for i in keep:
+        out._add(h.records[int(i)])
+    out.events, out.header, out.notes = h.events, h.header, h.notes
+    return out
 
 
 def _figure(width: float = 7.5, height: float = 4.6, ncols: int = 1) -> tuple[Figure, list[Any]]:
