@@ -349,3 +349,12 @@ def test_building_the_callback_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     PhaseMonitorCallback(log_every=5)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_records_between_lightnings_log_steps_still_reach_the_logger(tmp_path):
+    logger = CSVLogger(tmp_path, name="odd")
+    cb = PhaseMonitorCallback(log_every=3)  # Lightning logs every 4 batches
+    _trainer(tmp_path, logger=logger, callbacks=[cb]).fit(Net(), _data())
+    rows = _csv_rows(logger)
+    steps = [int(r["step"]) for r in rows if r.get("sgdlens/grad_snr")]
+    assert steps == [r["step"] - 1 for r in cb.monitor.history.records] == [2, 5, 8, 11, 14]
