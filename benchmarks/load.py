@@ -86,13 +86,8 @@ def main() -> None:
         cases = [("load", f"import sgdlens; h = sgdlens.load({path!r}); assert len(h) > 0")]
         if not args.no_report:
             out = os.path.join(tmp, "big.html")
-            cases.append(
-                (
-                    "report",
-                    f"from sgdlens.cli import main; assert main(['report', {path!r}, "
-                    f"'-o', {out!r}]) == 0",
-                )  # fmt: skip
-            )
+            report = f"from sgdlens.cli import main; assert main(['report', {path!r}, '-o', {out!r}]) == 0"
+            cases.append(("report", report))
         for name, code in cases:
             seconds, rss = measure(code)
             print(

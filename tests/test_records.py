@@ -277,5 +277,5 @@ def test_loaded_records_share_their_key_and_text_objects(tmp_path):
     path.write_text("".join(to_json_line({"step": s, "grad_snr/fc1": 1.0, "phase": "drift"})
                             for s in (1, 2, 3)))  # fmt: skip
     a, b, c = load(path).records
-    assert [k for k in a if k == "grad_snr/fc1"][0] is [k for k in c if k == "grad_snr/fc1"][0]
+    assert next(k for k in a if k == "grad_snr/fc1") is next(k for k in c if k == "grad_snr/fc1")
     assert a["phase"] is b["phase"] is c["phase"]
