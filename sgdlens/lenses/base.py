@@ -198,9 +198,9 @@ class Step:
         view = self.view
         grads = [g for g in self.grads if g is not None]
         if view.plain and len(grads) == len(self.grads):
-            try:  # one kernel for every norm, straight into the accumulation dtype
-                norms = torch._foreach_norm(grads, 2, dtype=view.dtype)
-                return torch.stack(norms).square_()
+            try:  # one kernel for every norm (in at least float32: asked for float64
+                # outright, the CPU kernel takes a path ten times slower), then one cast
+                return torch.stack(_torch._foreach_norm(grads)).to(view.dtype).square_()
             except (RuntimeError, TypeError, NotImplementedError):  # sparse gradients, old torch
                 pass
         sq = _torch.norms(grads, view.device, view.dtype).square()
