@@ -8,7 +8,7 @@ key                 value
 ``header``          the header format version (1)
 ``run``             the run id, e.g. ``"20261201-143423-5f2c9a"`` (UTC start, then random hex)
 ``step``, ``time``  the optimizer step and Unix time when the header was written
-``started``         that time as ISO 8601 UTC text
+``started``         when the monitor attached, as ISO 8601 UTC text
 ``optimizer``       the optimizer class, e.g. ``"AdamW"``
 ``param_groups``    per group: its hyperparameters (``lr``, ``betas``, ``weight_decay``, …)
                     and ``params``, the number of parameter tensors in it
@@ -98,6 +98,7 @@ def run_header(monitor: Any, *, run_id: str | None = None) -> Record:
     opt = monitor.optimizer
     view = monitor.view
     now = time.time()
+    started = getattr(monitor, "started", None) or now
     groups = []
     for g in opt.param_groups:
         hyper = {k: _plain(v) for k, v in g.items() if k != "params"}
@@ -111,13 +112,13 @@ def run_header(monitor: Any, *, run_id: str | None = None) -> Record:
     for p, i, other in zip(view.params, view.layer_of, fallback):
         members[view.layers[i]].append(names.get(id(p), other))
     grouping = getattr(monitor, "grouping", getattr(monitor, "layers_arg", None))
-    rid = run_id or getattr(monitor, "run_id", None) or new_run_id(now)
+    rid = run_id or getattr(monitor, "run_id", None) or new_run_id(started)
     return {
         "header": HEADER_VERSION,
         "run": rid,
         "step": int(monitor.step),
         "time": now,
-        "started": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+        "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "optimizer": type(opt).__name__,
         "param_groups": groups,
         "model": type(model).__name__ if model is not None else None,

@@ -167,6 +167,8 @@ class PhaseMonitor:
         self.model = model
         self.log_every = int(log_every)
         self.grouping = layers  # the layers= argument (the run header records it)
+        self.started = time.time()  # attach time (the run header's start)
+        self.run_id: str | None = None  # set by the first record's header, or a checkpoint
         self.view = build_view(opt, model, self.log_every, layers)
         check_probe_model(probe_list, probe_model, self.view)
         try:
@@ -547,6 +549,7 @@ class PhaseMonitor:
             "probes": None if self.probes is None else self.probes.state_dict(),
             "trace": self._trace,
             "last_loss": self._last_loss,
+            "run_id": getattr(self, "run_id", None),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -608,6 +611,8 @@ class PhaseMonitor:
         if state_dict["trace"].shape == self._trace.shape:
             self._trace.copy_(state_dict["trace"])
         self._last_loss.copy_(state_dict["last_loss"])
+        if state_dict.get("run_id") and not getattr(self, "_header_sent", False):
+            self.run_id = str(state_dict["run_id"])  # a resumed run keeps its run id
         self._observed = {
             k: [torch.as_tensor(v[0]).to(self.view.device, self.view.dtype).clone(), int(v[1])]
             for k, v in state_dict["observed"].items()

@@ -466,3 +466,27 @@ def test_a_user_written_lens_without_repr_resumes():
     second.load_state_dict(saved)
     _train(model, opt, 2)
     assert second.history.records[-1]["count"] == 6.0
+
+
+def test_a_resumed_run_keeps_its_run_id(tmp_path):
+    import sgdlens
+    from sgdlens.sinks import JSONLSink
+
+    path = tmp_path / "run.jsonl"
+
+    def monitor():
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, opt, PhaseMonitor(opt, model=model, log_every=2, sinks=[JSONLSink(path)])
+
+    model, opt, first = monitor()
+    _train(model, opt, 4)
+    saved = first.state_dict()
+    first.close()
+    model, opt, second = monitor()
+    second.load_state_dict(saved)
+    _train(model, opt, 4)
+    second.close()
+    assert second.run_id == first.run_id
+    assert len(sgdlens.runs(path)) == 1
+    assert sgdlens.load(path)["step"].tolist() == [2.0, 4.0, 6.0, 8.0]

@@ -127,7 +127,7 @@ def test_excluded_parameters_still_count_in_the_whole_model_keys():
     record = monitor.history.records[-1]
     assert "grad_norm/0" in record and not any(k.endswith("/2") for k in record)
     assert not any(k.endswith("/") for k in record)
-    assert record["grad_norm"] == pytest.approx(want, rel=1e-12)
+    assert record["grad_norm"] == pytest.approx(want, rel=1e-6)  # float32 norms
     monitor.close()
 
 
