@@ -11,8 +11,9 @@ process running only that configuration minus that of one running the bare steps
 Rows: ``monitor, no lens`` (the monitor's own per-step work, which every other row
 includes: reading each gradient's norm and finiteness), ``accumulation`` (micro-batch hooks), ``per-sample hooks`` (layer rules only;
 parameters without a rule are left out), ``per-sample auto`` (rules + ``torch.func`` for
-the rest), ``torch.func`` (every module through vmap over vjp), and ``BatchSNR``
-(per-sample sums and per-element squares, at logged steps only).
+the rest), ``torch.func`` (every module through vmap over vjp), ``BatchSNR``
+(per-sample sums and per-element squares, at logged steps only), and both per-sample lenses
+together (they share the monitor's one per-sample engine).
 
 Usage: python benchmarks/noise_scale.py [--steps 40] [--log-every 10] [--device cpu]
 """
@@ -45,6 +46,7 @@ LENSES = {
     "per-sample auto": lambda: NoiseScale("per_sample", per_sample="auto"),
     "torch.func": lambda: NoiseScale("per_sample", per_sample="func"),
     "BatchSNR": lambda: BatchSNR(),
+    "NoiseScale + BatchSNR (one engine)": lambda: [NoiseScale("per_sample"), BatchSNR()],
 }
 
 
@@ -55,8 +57,9 @@ def setup(kind, build, lens_name, log_every, device):
     mon = None
     if lens_name is not None:
         lens = LENSES[lens_name]()
-        mon = PhaseMonitor(opt, model=model, lenses=[] if lens is None else [lens],
-                           log_every=log_every, detector=False)  # fmt: skip
+        chosen = [] if lens is None else lens if isinstance(lens, list) else [lens]
+        mon = PhaseMonitor(opt, model=model, lenses=chosen, log_every=log_every,
+                           detector=False)  # fmt: skip
     x, y = data(kind, device)
     halves = list(zip(x.chunk(2), y.chunk(2)))
 
