@@ -95,6 +95,24 @@ def other_tool(model, opt, x, y):
     assert len(seen) == 2
 
 
+def backpack_extended(model, opt, x, y):
+    """BackPACK in the same step: its module hooks extend the model, its extensions take
+    per-sample gradients and variances in the step's own backward, then (as Cockpit's
+    curvature quantities do) Hessian-vector products through a second graph."""
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad, Variance
+
+    extend(model)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt.zero_grad()
+    with backpack(BatchGrad(), Variance()):
+        loss_fn(model(x), y).backward()
+    assert model.fc1.weight.grad_batch.shape == (len(x), *model.fc1.weight.shape)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(ce(model, (x, y)), params, create_graph=True)
+    torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params])
+
+
 def autocast_bf16(model, opt, x, y):
     opt.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -153,8 +171,8 @@ def reference():
 @pytest.mark.parametrize(
     "scenario, ckpt",
     [(plain, False), (plain, True), (sam, False), (penalty, False), (other_tool, False),
-     (probe_before, False), (probe_between, False)],
-    ids=["plain", "checkpointing", "sam", "gradient-penalty", "other-tool-hvps",
+     (backpack_extended, False), (probe_before, False), (probe_between, False)],
+    ids=["plain", "checkpointing", "sam", "gradient-penalty", "other-tool-hvps", "backpack",
          "probe-before-forward", "probe-between-and-after"],
 )  # fmt: skip
 def test_records_equal_a_plain_step_and_training_is_unchanged(reference, scenario, ckpt):
