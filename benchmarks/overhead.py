@@ -1,9 +1,11 @@
 """Per-step overhead of the PhaseMonitor against a bare training step, in one process.
 
-Identical copies of each model train side by side: a bare one, one with the default monitor,
-one with ``PhaseMonitor(lenses=[])`` (the fixed per-step machinery alone) and one that takes
-Lightning's ``grad_norm`` every step (what a user pays for the simplest alternative). Their
-steps interleave in a rotating order, so slow drifts of the machine hit all alike. Printed per
+Each variant trains beside its own bare copy of the model, one process, the two copies'
+steps interleaved (bare, variant, variant, bare, ...) so that slow drifts of the machine hit
+both alike; the variants run one after another. Variants: the default monitor; one with
+``PhaseMonitor(lenses=[])`` (the fixed per-step machinery alone); Lightning's ``grad_norm``
+every step (what a user pays for the simplest alternative); and
+``PhaseMonitor(overhead_budget=0.03)`` (the lenses read a sample of the steps). Printed per
 row: the median over rounds of (variant step time / bare step time) for each variant, the
 bare step time, the monitor's persistent memory in units of one copy of the parameters (and
 the peak at a logged step, which also holds the pre-update weights for ``update_size``), and
@@ -134,23 +136,25 @@ def lightning_grad_norm():
     return grad_norm
 
 
-VARIANTS = ("bare", "default", "lenses=[]", "lightning grad_norm")
+VARIANTS = ("bare", "default", "lenses=[]", "lightning grad_norm", "overhead_budget=0.03")
 
 
-def bench(kind, build, make_opt, steps, log_every, device, compiled=False):
+def bench(kind, build, make_opt, steps, log_every, device, variant, compiled=False):
+    """(bare step in ms, median ratio) of ``variant`` interleaved with a bare copy, plus the
+    monitor's memory and hook operations for the monitor variants."""
     torch.manual_seed(0)
-    models = [build().to(device) for _ in VARIANTS]
-    for m in models[1:]:
-        m.load_state_dict(models[0].state_dict())
+    models = [build().to(device) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
     opts = [make_opt(m.parameters()) for m in models]
-    monitors = {
-        1: PhaseMonitor(opts[1], model=models[1], log_every=log_every),
-        2: PhaseMonitor(opts[2], model=models[2], log_every=log_every, lenses=[]),
-    }
+    kwargs = {"default": {}, "lenses=[]": {"lenses": []},
+              "overhead_budget=0.03": {"overhead_budget": 0.03}}.get(variant)  # fmt: skip
+    monitor = None
+    if kwargs is not None:
+        monitor = PhaseMonitor(opts[1], model=models[1], log_every=log_every, **kwargs)
+    grad_norm = lightning_grad_norm() if variant == "lightning grad_norm" else None
     plain = models
     if compiled:
         models = [torch.compile(m) for m in models]
-    grad_norm = lightning_grad_norm()
     x, y = data(kind, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -160,33 +164,32 @@ def bench(kind, build, make_opt, steps, log_every, device, compiled=False):
         out = model(x)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y)
         loss.backward()
-        if j in monitors:
-            monitors[j].observe(loss=loss)
-        if j == 3 and grad_norm is not None:
-            grad_norm(model, norm_type=2)
+        if j == 1 and monitor is not None:
+            monitor.observe(loss=loss)
+        if j == 1 and grad_norm is not None:
+            grad_norm(plain[1], norm_type=2)
         opt.step()
 
-    times: list[list[float]] = [[] for _ in VARIANTS]
-    n = len(VARIANTS)
+    times: list[list[float]] = [[], []]
     warm = 80 if compiled else 20  # inductor finishes compiling in the background for a while
     for i in range(steps + warm):
-        for k in range(n):
-            j = (i + k) % n
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
             sync()
             t0 = time.perf_counter()
             step(j)
             sync()
             if i >= warm:
                 times[j].append(time.perf_counter() - t0)
-    ratios = [statistics.median(t / b for b, t in zip(times[0], times[j])) for j in range(1, n)]
-    param_bytes = sum(p.numel() * p.element_size() for p in plain[1].parameters())
-    state = nbytes(monitors[1].states) / param_bytes
-    peak = state + 1.0  # WeightNorms holds the pre-update weights during a logged step
-    plain[1](x).sum().backward()  # gradients in place for counting the hooks' operations
-    ops = hook_ops(monitors[1], opts[1])
-    for mon in monitors.values():
-        mon.close()
-    return statistics.median(times[0]) * 1e3, ratios, state, peak, ops
+    ratio = statistics.median(t / b for b, t in zip(times[0], times[1]))
+    out = {"ms": statistics.median(times[0]) * 1e3, "ratio": ratio}
+    if monitor is not None and variant == "default":
+        param_bytes = sum(p.numel() * p.element_size() for p in plain[1].parameters())
+        out["state"] = nbytes(monitor.states) / param_bytes
+        plain[1](x).sum().backward()  # gradients in place for counting the hooks' operations
+        out["ops"] = hook_ops(monitor, opts[1])
+    if monitor is not None:
+        monitor.close()
+    return out
 
 
 def main() -> None:
@@ -207,20 +210,21 @@ def main() -> None:
           + (", torch.compile" if args.compile else ""))  # fmt: skip
     print(
         "| model | optimizer | bare step (ms) | default | `lenses=[]` | Lightning grad_norm "
-        "| state (param copies) | peak (param copies) | aten ops per step |"
+        "| `overhead_budget=0.03` | state (param copies) | peak (param copies) "
+        "| aten ops per step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     only = set(filter(None, args.only.split(",")))
     for name, (kind, build) in {**MODELS, **(BIG if args.big else {})}.items():
         if only and kind not in only:
             continue
         for oname in args.optimizers.split(","):
-            ms, ratios, state, peak, ops = bench(
-                kind, build, OPTIMIZERS[oname], args.steps, args.log_every, device, args.compile
-            )
-            cells = " | ".join(f"{r:.3f}" for r in ratios)
-            print(f"| {name} | {oname} | {ms:.2f} | {cells} | {state:.2f} | {peak:.2f} | {ops} |",
-                  flush=True)  # fmt: skip
+            rows = {v: bench(kind, build, OPTIMIZERS[oname], args.steps, args.log_every, device,
+                             v, args.compile) for v in VARIANTS[1:]}  # fmt: skip
+            d = rows["default"]
+            cells = " | ".join(f"{rows[v]['ratio']:.3f}" for v in VARIANTS[1:])
+            print(f"| {name} | {oname} | {d['ms']:.2f} | {cells} | {d['state']:.2f} | "
+                  f"{d['state'] + 1.0:.2f} | {d['ops']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

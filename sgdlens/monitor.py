@@ -19,6 +19,7 @@ from sgdlens import _dist
 from sgdlens._arguments import check_arguments, check_probe_model
 from sgdlens._checkpoint import STATE_KEYS, check_like, lens_id, load_into, plain, short
 from sgdlens._optim import unwrap_optimizer
+from sgdlens._sampler import SKIPPED, Sampler
 from sgdlens._view import build_view
 from sgdlens.header import header_once
 from sgdlens.layers import LayersArg
@@ -33,7 +34,7 @@ _ATTR = "_sgdlens_monitor"
 #: record fields the monitor writes itself, which observe() may not replace
 RESERVED = frozenset(
     {"step", "time", "nonfinite_steps", "phase", "event", "layer", "old", "run",
-     "probe_time_fraction"}
+     "probe_time_fraction", "update_every"}
 )  # fmt: skip
 _STATE_VERSION = 1
 
@@ -73,6 +74,15 @@ class PhaseMonitor:
         trace_steps: per-step loss and gradient norm kept on device for the last
             ``trace_steps`` steps (default: ``log_every``, at most 1024) and written out with
             each phase event or loss spike, so the steps before it are never lost; 0: none.
+        overhead_budget: ``None`` (the default): the lenses read every step. A fraction of a
+            step (0.03: 3 %): the monitor times its own per-step work and, from the second log
+            interval on, has the lenses read every ``k``-th step (at most ``log_every // 4``
+            apart, and every log step and window end), ``k`` chosen at each log point to
+            keep that work near the budget; records carry ``update_every`` (``k``).
+            Statistics are then exact over the steps read (``GradSNR``'s window mean and
+            spread over the sampled steps of each window; ``nonfinite_steps`` counts
+            non-finite steps among them). Per-sample and micro-batch lenses still update at
+            every step.
         keep_records: keep only the last that many records (and events) in
             ``monitor.history`` (``None``: all); sinks still get every record, so a
             :class:`~sgdlens.sinks.JSONLSink` file stays complete while memory stays bounded.
@@ -133,7 +143,7 @@ class PhaseMonitor:
     _callbacks: list[Callable[[PhaseEvent], Any]]
     _trace: Tensor
     _last_loss: Tensor
-    _read: Step | None
+    _read: Any  # the Step the pre-hook read, None, or SKIPPED
     _closed: str
     _outer: Any
     _nested: int
@@ -150,6 +160,7 @@ class PhaseMonitor:
         detector: PhaseDetector | bool = True,
         trace_steps: int | None = None,
         keep_records: int | None = None,
+        overhead_budget: float | None = None,
         probes: Sequence[Probe] = (),
         probe_budget: float = 0.05,
         probe_model: nn.Module | None = None,
@@ -158,6 +169,7 @@ class PhaseMonitor:
             optimizer, model, lenses, sinks, log_every, layers, detector, trace_steps, probes,
             probe_budget,
         )  # fmt: skip
+        self.sampler = Sampler(overhead_budget, int(log_every))
         if getattr(opt, _ATTR, None) is not None:
             raise ValueError(
                 f"this {type(opt).__name__} already has a PhaseMonitor; close() it first, or "
@@ -201,9 +213,12 @@ class PhaseMonitor:
             ProbeScheduler(probe_list, float(probe_budget), probe_model) if probe_list else None
         )
         self._callbacks: list[Callable[[PhaseEvent], Any]] = []
-        # ring of (last observed loss, squared gradient norm) per step, on device
+        # ring of (last observed loss, squared gradient norm) per updated step, on device, and
+        # the step index of each row, on the host
         self._trace = torch.full((int(trace), 2), float("nan"), dtype=self.view.dtype,
                                  device=self.view.device)  # fmt: skip
+        self._trace_steps: list[int] = [0] * int(trace)
+        self._updates = 0  # steps the lenses read (all of them unless overhead_budget samples)
         self._last_loss = torch.full(
             (), float("nan"), dtype=self.view.dtype, device=self.view.device
         )
@@ -343,7 +358,13 @@ class PhaseMonitor:
             return
         self._outer, self._nested = sys._getframe(1), 0
         index = self.step + 1
-        step = Step(self.view, index, logging=index % self.log_every == 0)
+        logging = index % self.log_every == 0
+        self.sampler.begin()
+        if not (logging or self.sampler.reads(index, self.lenses, self.states)):
+            self._read = SKIPPED
+            self.sampler.pause()
+            return
+        step = Step(self.view, index, logging=logging)
         with torch.no_grad():
             if step.logging:
                 for lens, state in zip(self.lenses, self.states):
@@ -359,6 +380,7 @@ class PhaseMonitor:
                 getattr(optimizer, "grad_scale", None), Tensor
             )
             self._read = None if later else self._update(step)
+        self.sampler.pause()
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self._nested:
@@ -366,14 +388,24 @@ class PhaseMonitor:
             return
         self._outer = None
         self.step += 1
+        if self._read is SKIPPED:  # sampled out: only the lenses that need every step
+            self._read = None
+            self.sampler.begin()
+            with torch.no_grad():
+                self._skip(Step(self.view, self.step, False))
+            self.sampler.end(read=False)
+            return
+        self.sampler.begin()
         with torch.no_grad():
             step = self._read or self._update(
                 Step(self.view, self.step, self.step % self.log_every == 0)
             )
             self._read = None
+            self.sampler.end(read=True)
             if step.logging:
                 self._check_param_groups()
                 self._log(step)
+                self.sampler.adapt()
 
     def _update(self, step: Step) -> Step:
         """Every lens's per-step update, the finite-step count and the per-step trace."""
@@ -386,9 +418,23 @@ class PhaseMonitor:
                 engine.reset()
         self._finite.add_(step.ok)
         if len(self._trace):  # (loss, squared gradient norm) of this step
-            row = self._trace[(step.index - 1) % len(self._trace)]
-            torch.stack([self._last_loss, step.grad_sq_total], out=row)
+            at = self._updates % len(self._trace)
+            torch.stack([self._last_loss, step.grad_sq_total], out=self._trace[at])
+            self._trace_steps[at] = step.index
+        self._updates += 1
         return step
+
+    def _skip(self, step: Step) -> None:
+        """A step the sampler leaves out: only lenses that accumulate through hooks update
+        (they must see every step), and the shared per-sample pass is reset."""
+        try:
+            for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
+                if getattr(lens, "every_step", False):
+                    self.states[i] = lens.update(state, step)
+        finally:
+            engine = self.view.shared.get("per_sample")
+            if engine is not None:
+                engine.reset()
 
     def _check_param_groups(self) -> None:
         n = len([p for g in self.optimizer.param_groups for p in g["params"]])
@@ -405,7 +451,9 @@ class PhaseMonitor:
         values: dict[str, Tensor] = {}
         for lens, state in zip(self.lenses, self.states):
             values.update(lens.compute(state, step))
-        values["nonfinite_steps"] = self.step - self._finite
+        values["nonfinite_steps"] = self._updates - self._finite
+        if self.sampler.budget is not None:
+            values["update_every"] = torch.tensor(float(self.sampler.every))
         for name, mean in self._observed_means().items():
             if name in values:  # a lens that declares no metrics logged this name
                 self._warn_once(
@@ -435,15 +483,15 @@ class PhaseMonitor:
 
     def _trace_lists(self) -> dict[str, Any]:
         """The ring of per-step values, oldest first, as host lists (read at events only)."""
-        n = min(len(self._trace), self.step)
+        size = len(self._trace)
+        n = min(size, self._updates)
         if n == 0:
             return {}
-        first = self.step - n + 1
-        rows = [(t - 1) % len(self._trace) for t in range(first, self.step + 1)]
+        rows = [(self._updates - n + j) % size for j in range(n)]
         index = torch.tensor(rows, dtype=torch.long, device=self._trace.device)
         values = self._trace[index].tolist()
         return {
-            "trace/step": list(range(first, self.step + 1)),
+            "trace/step": [self._trace_steps[r] for r in rows],
             "trace/loss": [v[0] for v in values],
             "trace/grad_norm": [v[1] ** 0.5 for v in values],
         }
@@ -548,6 +596,9 @@ class PhaseMonitor:
             "detector": None if self.detector is None else self.detector.state_dict(),
             "probes": None if self.probes is None else self.probes.state_dict(),
             "trace": self._trace,
+            "trace_steps": list(self._trace_steps),
+            "updates": self._updates,
+            "update_every": self.sampler.every,
             "last_loss": self._last_loss,
             "run_id": getattr(self, "run_id", None),
         }
@@ -608,8 +659,16 @@ class PhaseMonitor:
             self.detector.load_state_dict(state_dict["detector"])
         if self.probes is not None and state_dict.get("probes") is not None:
             self.probes.load_state_dict(state_dict["probes"])
+        self._updates = int(state_dict.get("updates", self.step))  # older files: every step
+        self.sampler.every = int(state_dict.get("update_every", 1))
         if state_dict["trace"].shape == self._trace.shape:
             self._trace.copy_(state_dict["trace"])
+            steps = state_dict.get("trace_steps")
+            self._trace_steps = (
+                [int(t) for t in steps] if steps is not None and len(steps) == len(self._trace)
+                else [(self._updates - 1 - (self._updates - 1 - r) % len(self._trace)) + 1
+                      for r in range(len(self._trace))]
+            )  # fmt: skip
         self._last_loss.copy_(state_dict["last_loss"])
         if state_dict.get("run_id") and not getattr(self, "_header_sent", False):
             self.run_id = str(state_dict["run_id"])  # a resumed run keeps its run id

@@ -244,6 +244,9 @@ class Lens:
     name: str = "lens"
     #: the metric names it logs, as ``"<metric>"`` and ``"<metric>/<layer>"`` keys
     metrics: tuple[str, ...] = ()
+    #: whether it must update at every step (it accumulates through hooks), even when
+    #: ``PhaseMonitor(overhead_budget=...)`` has the other lenses read a sample of the steps
+    every_step: bool = False
 
     def init(self, view: ParamView) -> State:
         raise NotImplementedError

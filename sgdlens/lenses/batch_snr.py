@@ -91,6 +91,7 @@ class BatchSNR(Lens):
 
     name = "batch_snr"
     metrics = ("batch_snr", "gsnr", "adam_snr", "adam_gsnr")
+    every_step = True
     source: str
     eps: float
     reduction: str

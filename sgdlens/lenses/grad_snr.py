@@ -174,6 +174,10 @@ class GradSNR(Lens):
             state["n"].add_(ok)
         return state
 
+    def due(self, state: State, index: int) -> bool:
+        """Whether step ``index`` closes a window (a sampling monitor reads it)."""
+        return self.decay is None and index % state["window"] == 0
+
     def _close_window(self, state: State) -> None:
         n = state["n"]
         buf_sq, sq = self._layer_sums(state)

@@ -209,6 +209,7 @@ class NoiseScale(Lens):
 
     name = "noise_scale"
     metrics = ("noise_scale", "grad_noise_tr", "grad_sq_norm", "batch_over_noise_scale")
+    every_step = True
     estimator: str
     batch_size: int | None
     decay: float

@@ -1,5 +1,4 @@
-"""``nn.Linear`` and Hugging Face's ``Conv1D``: Goodfellow's trick, the Gram trick, or materialised.
-"""
+"""``nn.Linear`` and Hugging Face's ``Conv1D``: Goodfellow's trick, the Gram trick, or full."""
 
 from __future__ import annotations
 

@@ -1,0 +1,95 @@
+"""Which steps the lenses read: all of them, or a sample under ``overhead_budget=``.
+
+With ``PhaseMonitor(overhead_budget=b)`` the monitor times (host clock, no device
+synchronisation) the work its hooks do at the steps the lenses read, and the time between
+steps outside the monitor, over each log interval; at each log point it sets ``every`` so that
+the reads cost about ``b`` of a step: the lenses then read every ``every``-th step, every log
+step, and every step a lens declares due (``GradSNR`` closing a window). Lenses that
+accumulate through hooks (``every_step = True``: the per-sample and micro-batch estimators)
+still update at every step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["SKIPPED", "Sampler"]
+
+#: the pre-hook's mark for a step the lenses do not read
+SKIPPED: Any = object()
+
+
+class Sampler:
+    """``every`` and the timing it is set from (see the module docstring)."""
+
+    def __init__(self, budget: float | None, log_every: int) -> None:
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 < budget <= 1
+        ):
+            raise ValueError(
+                f"PhaseMonitor(overhead_budget={budget!r}) must be None (read every step) or a "
+                f"fraction of a step in (0, 1], e.g. 0.03"
+            )
+        self.budget = None if budget is None else float(budget)
+        #: at most this many steps apart, so that a log interval holds at least 4 read steps
+        self.limit = max(1, log_every // 4)
+        self.every = 1
+        self._t0 = 0.0
+        self._step_time = 0.0  # this step's time in the pre-step hook
+        self._mark: float | None = None  # start of the current log interval
+        self._busy = 0.0  # time in the hooks this interval
+        self._read_time = 0.0  # of which at the steps the lenses read
+        self._reads = 0
+        self._steps = 0
+
+    def reads(self, index: int, lenses: Sequence[Any], states: Sequence[Any]) -> bool:
+        """Whether the lenses read step ``index`` (log steps are read regardless)."""
+        if self.every == 1 or index % self.every == 0:
+            return True
+        return any(
+            getattr(lens, "due", None) is not None and lens.due(state, index)
+            for lens, state in zip(lenses, states)
+        )
+
+    def begin(self) -> None:
+        """A hook starts (the pre-step or the post-step hook of one step)."""
+        if self.budget is not None:
+            self._t0 = time.perf_counter()
+            if self._mark is None:  # the first step starts the first interval
+                self._mark = self._t0
+
+    def pause(self) -> None:
+        """The pre-step hook ends; the step's time in the hooks so far is kept."""
+        if self.budget is not None:
+            self._step_time += time.perf_counter() - self._t0
+
+    def end(self, read: bool) -> None:
+        """The post-step hook's per-step work ends (before any log-point work)."""
+        if self.budget is None:
+            return
+        spent = self._step_time + time.perf_counter() - self._t0
+        self._step_time = 0.0
+        self._busy += spent
+        self._steps += 1
+        if read:
+            self._read_time += spent
+            self._reads += 1
+
+    def adapt(self) -> None:
+        """At a log point: set ``every`` from the interval that ends here."""
+        if self.budget is None:
+            return
+        now = time.perf_counter()
+        if self._mark is not None and self._reads and self._steps:
+            bare = (now - self._mark - self._busy) / self._steps  # a step outside the hooks
+            per_read = self._read_time / self._reads
+            if bare > 0:
+                want = math.ceil(per_read / (self.budget * bare))
+                self.every = max(1, min(self.limit, want))
+        self._mark = now
+        self._busy = self._read_time = 0.0
+        self._reads = self._steps = 0

@@ -1,0 +1,140 @@
+"""PhaseMonitor(overhead_budget=...): the lenses read a sample of the steps."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sgdlens import PhaseMonitor, lenses
+from sgdlens._sampler import Sampler
+from tests._reference import window_snr_fast
+
+
+def _fixed(every):
+    """A sampler that reads every ``every``-th step from the start (no timing)."""
+
+    def adapt(self):
+        self.every = every
+
+    return adapt
+
+
+def _null_run(grads, every, log_every, monkeypatch, lens=None):
+    monkeypatch.setattr(Sampler, "adapt", _fixed(every))
+    p = nn.Parameter(torch.zeros(grads[0].shape))
+    opt = torch.optim.SGD([p], lr=0.0)
+    mon = PhaseMonitor(opt, lenses=[lens or lenses.GradSNR()], log_every=log_every,
+                       overhead_budget=0.05, trace_steps=log_every)  # fmt: skip
+    mon.sampler.every = every
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    mon.close()
+    return mon
+
+
+def test_window_statistics_are_exact_over_the_steps_read(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(6, generator=gen) + 0.5 for _ in range(40)]
+    mon = _null_run(grads, 5, 20, monkeypatch)
+    assert [r["step"] for r in mon.history] == [20, 40]
+    for rec, first in zip(mon.history, (0, 20)):
+        read = [grads[first + i - 1].double() for i in (5, 10, 15, 20)]
+        m, s, snr = window_snr_fast(read)
+        assert rec["update_every"] == 5
+        assert rec["grad_mean"] == pytest.approx(m, rel=1e-6)
+        assert rec["grad_std"] == pytest.approx(s, rel=1e-5)
+        assert rec["grad_snr"] == pytest.approx(snr, rel=1e-5)
+
+
+def test_a_window_end_off_the_sample_is_read(monkeypatch):
+    """GradSNR(window=12) closes windows at 12, 24, ...: read even when 5 does not divide."""
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(4, generator=gen) + 1.0 for _ in range(24)]
+    mon = _null_run(grads, 5, 24, monkeypatch, lens=lenses.GradSNR(window=12))
+    read = [grads[i - 1].double() for i in (15, 20, 24)]  # the second window: 13..24
+    m, s, _ = window_snr_fast(read)
+    assert mon.history.records[-1]["grad_mean"] == pytest.approx(m, rel=1e-6)
+    assert mon.history.records[-1]["grad_std"] == pytest.approx(s, rel=1e-5)
+
+
+def test_trace_and_nonfinite_count_cover_the_steps_read(monkeypatch):
+    grads = [torch.ones(3) for _ in range(20)]
+    grads[9][0] = float("nan")  # step 10: read
+    grads[11][0] = float("nan")  # step 12: not read
+    mon = _null_run(grads, 5, 20, monkeypatch)
+    assert mon.history.records[-1]["nonfinite_steps"] == 1
+    trace = mon._trace_lists()
+    assert trace["trace/step"] == [5, 10, 15, 20]
+
+
+def test_sampling_leaves_training_unchanged():
+    def run(budget):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        mon = PhaseMonitor(opt, model=model, log_every=8, overhead_budget=budget)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(40):
+            x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.observe(loss=loss)
+            opt.step()
+        mon.close()
+        return [p.detach().clone() for p in model.parameters()], mon
+
+    bare, _ = run(None)
+    params, mon = run(1e-6)  # a budget nothing meets: read as rarely as allowed
+    assert all(torch.equal(a, b) for a, b in zip(bare, params))
+    # the first interval reads every step; from its end on at most log_every // 4 apart
+    assert [r["update_every"] for r in mon.history.records] == [1, 2, 2, 2, 2]
+    assert all(math.isfinite(r["grad_snr"]) for r in mon.history.records)
+
+
+def test_the_controller_sets_every_from_the_timing(monkeypatch):
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr("sgdlens._sampler.time.perf_counter", lambda: next(clock))
+    s = Sampler(0.05, log_every=400)
+    s.begin()  # the first step starts the interval
+    # 100 steps in 1 s, 0.2 s of it in the hooks, all 100 read: 2 ms per read against 8 ms
+    # per step outside the hooks; 5 % of 8 ms is 0.4 ms, so read every 5th step
+    s._busy, s._read_time, s._reads, s._steps = 0.2, 0.2, 100, 100
+    s.adapt()
+    assert s.every == 5
+
+
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, "3%", True])
+def test_a_bad_budget_is_refused(budget):
+    with pytest.raises(ValueError, match="overhead_budget"):
+        PhaseMonitor(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1),
+                     overhead_budget=budget)  # fmt: skip
+
+
+def test_per_sample_lenses_still_update_every_step(monkeypatch):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+            for _ in range(16)]  # fmt: skip
+
+    def run(sampled):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        kwargs = {"overhead_budget": 0.05} if sampled else {}
+        mon = PhaseMonitor(opt, model=model, log_every=8,
+                           lenses=[lenses.NoiseScale("per_sample", decay=0.5)], **kwargs)  # fmt: skip
+        mon.sampler.every = 4 if sampled else 1
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        mon.close()
+        return mon.history.records[-1]
+
+    monkeypatch.setattr(Sampler, "adapt", _fixed(4))
+    plain, sampled = run(False), run(True)
+    assert sampled["noise_scale"] == pytest.approx(plain["noise_scale"], rel=1e-12)
