@@ -100,12 +100,14 @@ class PhaseMonitorCallback(_Base):
     keys carry ``opt<i>/`` after the prefix. An optimizer that already has a monitor (for
     example ``PhaseMonitor.wrap`` in ``configure_optimizers``) is adopted, not replaced.
 
-    Logged keys (with the default prefix; ``<layer>`` is a module name such as ``net.0``):
-    ``sgdlens/grad_snr``, ``sgdlens/grad_snr/<layer>``, ``sgdlens/grad_mean[/<layer>]``,
+    Logged keys (with the default prefix; ``<layer>`` is a layer as ``layers=`` groups them,
+    a module name such as ``net.0`` for small models): ``sgdlens/grad_snr``,
+    ``sgdlens/grad_snr/<layer>``, ``sgdlens/grad_mean[/<layer>]``,
     ``sgdlens/grad_std[/<layer>]``, ``sgdlens/grad_norm[/<layer>]``,
-    ``sgdlens/weight_norm[/<layer>]``, ``sgdlens/weight_dist[/<layer>]``,
-    ``sgdlens/update_size[/<layer>]``, ``sgdlens/update_ratio[/<layer>]``,
-    ``sgdlens/nonfinite_steps`` and ``sgdlens/loss`` — whatever numeric keys the lenses produce.
+    ``sgdlens/weight_norm[/<layer>]``, ``sgdlens/update_size[/<layer>]``,
+    ``sgdlens/update_ratio[/<layer>]``, ``sgdlens/nonfinite_steps`` and ``sgdlens/loss`` —
+    whatever numeric keys the lenses produce (``sgdlens/weight_dist[/<layer>]`` with
+    ``lenses.WeightNorms()`` or ``lenses.full()``).
     Phase names are strings and do not go to loggers; they are printed as events, kept in
     ``callback.monitor.history`` and written by the ``sinks`` (e.g. ``JSONLSink``).
 

@@ -96,9 +96,9 @@ class PhaseMonitorCallback(TrainerCallback):
     Logged keys (default prefix): ``sgdlens/grad_snr``, ``sgdlens/grad_snr/<layer>``,
     ``sgdlens/grad_mean[/<layer>]``, ``sgdlens/grad_std[/<layer>]``,
     ``sgdlens/grad_norm[/<layer>]``, ``sgdlens/weight_norm[/<layer>]``,
-    ``sgdlens/weight_dist[/<layer>]``, ``sgdlens/update_size[/<layer>]``,
-    ``sgdlens/update_ratio[/<layer>]``, ``sgdlens/nonfinite_steps`` and (with :func:`attach`)
-    ``sgdlens/loss``. The phase strings stay in ``callback.monitor.history`` and the sinks.
+    ``sgdlens/update_size[/<layer>]``, ``sgdlens/update_ratio[/<layer>]``,
+    ``sgdlens/nonfinite_steps`` and (with :func:`attach`) ``sgdlens/loss``
+    (``sgdlens/weight_dist[/<layer>]`` with ``lenses.WeightNorms()`` or ``lenses.full()``). The phase strings stay in ``callback.monitor.history`` and the sinks.
 
     Args:
         log_every: optimizer steps between records; ``None`` for the Trainer's logging
