@@ -98,7 +98,8 @@ class PhaseMonitorCallback(TrainerCallback):
     ``sgdlens/grad_norm[/<layer>]``, ``sgdlens/weight_norm[/<layer>]``,
     ``sgdlens/update_size[/<layer>]``, ``sgdlens/update_ratio[/<layer>]``,
     ``sgdlens/nonfinite_steps`` and (with :func:`attach`) ``sgdlens/loss``
-    (``sgdlens/weight_dist[/<layer>]`` with ``lenses.WeightNorms()`` or ``lenses.full()``). The phase strings stay in ``callback.monitor.history`` and the sinks.
+    (``sgdlens/weight_dist[/<layer>]`` with ``lenses.WeightNorms()`` or ``lenses.full()``).
+    The phase strings stay in ``callback.monitor.history`` and the sinks.
 
     Args:
         log_every: optimizer steps between records; ``None`` for the Trainer's logging
