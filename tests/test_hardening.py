@@ -490,3 +490,29 @@ def test_a_resumed_run_keeps_its_run_id(tmp_path):
     assert second.run_id == first.run_id
     assert len(sgdlens.runs(path)) == 1
     assert sgdlens.load(path)["step"].tolist() == [2.0, 4.0, 6.0, 8.0]
+
+
+def test_a_resumed_auto_noise_scale_keeps_its_estimator():
+    """NoiseScale('auto') chooses its estimator at the first step; a resumed run keeps that
+    choice even if its first step after the resume would choose the other one."""
+
+    def monitor():
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, opt, PhaseMonitor(opt, model=model, lenses=[NoiseScale()], log_every=2)
+
+    model, opt, first = monitor()
+    x, y = _batch()
+    for _ in range(2):  # two micro-batches a step: the accumulation estimator
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            nn.functional.cross_entropy(model(xs), ys).backward()
+        opt.step()
+    assert first.lenses[0]._mode == "accumulation"
+    saved = first.state_dict()
+    first.close()
+    model, opt, second = monitor()
+    second.load_state_dict(saved)
+    _train(model, opt, 1)  # one backward: a fresh 'auto' would pick per-sample norms
+    assert second.lenses[0]._mode == "accumulation"
+    second.close()

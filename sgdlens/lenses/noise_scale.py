@@ -292,6 +292,7 @@ class NoiseScale(Lens):
             "n": torch.zeros((), dtype=view.dtype, device=view.device),  # finite steps fed
             "batch": torch.zeros((), dtype=view.dtype, device=view.device),  # B of last step
             "feeds": 0,
+            "mode": self._mode,  # the estimator in use (auto: chosen at the first step)
         }
 
     def attach(self, model: nn.Module | None, view: ParamView) -> list[Any]:
@@ -408,10 +409,12 @@ class NoiseScale(Lens):
         return [f"{view.layers[view.layer_of[i]]}[{i}]"
                 for i, c in enumerate(self._covered) if not c]  # fmt: skip
 
-    def _choose(self, view: ParamView) -> str:
-        """``auto``: accumulation if the first step had several backward passes."""
-        fires = max(self._micro.fires) if self._micro is not None else 0
-        mode = "accumulation" if fires >= 2 or self._engine is None else "per_sample"
+    def _choose(self, view: ParamView, mode: str | None = None) -> str:
+        """``auto``: accumulation if the first step had several backward passes (or the
+        choice a checkpoint carries: a resumed run keeps its estimator)."""
+        if mode is None:
+            fires = max(self._micro.fires) if self._micro is not None else 0
+            mode = "accumulation" if fires >= 2 or self._engine is None else "per_sample"
         drop = "per_sample" if mode == "accumulation" else "accumulation"
         for h in self._handles.pop(drop, []):
             h.remove()
@@ -427,7 +430,7 @@ class NoiseScale(Lens):
     def update(self, state: State, step: Step) -> State:
         view = step.view
         if self._mode is None:
-            self._mode = self._choose(view)
+            self._mode = state["mode"] = self._choose(view, state.get("mode"))
         try:
             if self._mode == "ranks":
                 self._update_ranks(state, step)
