@@ -201,3 +201,54 @@ def test_fsdp1_parameters_the_monitor_cannot_reduce_are_refused(monkeypatch, str
     monkeypatch.setattr(_torch, "fsdp1_modules", lambda m: fake[:1])  # one NO_SHARD: replicated
     if strategies and strategies[0] == "NO_SHARD":
         assert not PhaseMonitor(opt, model=model).view.sharded
+
+
+def test_noise_scale_from_micro_batches_under_ddp_no_sync(tmp_path):
+    """Gradient accumulation under DDP (``no_sync`` for all but the last micro-batch): the small
+    batches are each rank's micro-batches, the big one the global batch that DDP's all-reduce
+    averages (world × micro-batches × micro-batch size), and the estimates average over ranks.
+    Training equals one process on the global batch."""
+    from sgdlens.lenses.noise_scale import two_batch_estimates
+    from tests._dist_worker import worker_noise_scale_no_sync
+
+    world, decay, micro = 2, 0.5, 2
+    mp.spawn(worker_noise_scale_no_sync, args=(world, str(tmp_path / "init"), str(tmp_path), decay),
+             nprocs=world, join=True)  # fmt: skip
+    model = model_without_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layers = {"fc1": [model.fc1.weight, model.fc1.bias], "fc2": [model.fc2.weight, model.fc2.bias]}
+
+    def layer_sq():
+        return torch.stack(
+            [sum(p.grad.double().square().sum() for p in ps) for ps in layers.values()]
+        )
+
+    b = GLOBAL_BATCH // world // micro
+    g2 = tr = torch.zeros(2, dtype=torch.float64)
+    expected = {}
+    for step, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH), 1):
+        small = []  # every rank's every micro-batch
+        for xr, yr in zip(x.chunk(world), y.chunk(world)):
+            for xs, ys in zip(xr.chunk(micro), yr.chunk(micro)):
+                opt.zero_grad()
+                F.cross_entropy(model(xs), ys).backward()
+                small.append(layer_sq())
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        est = two_batch_estimates(torch.stack(small).mean(0), layer_sq(), b, world * micro * b)
+        g2, tr = g2.lerp(est[0], 1 - decay), tr.lerp(est[1], 1 - decay)
+        opt.step()
+        if step % LOG_EVERY == 0:
+            corr = 1 - decay**step
+            expected[step] = (tr / corr) / (g2 / corr), tr.sum() / g2.sum()
+    for r in range(world):
+        result = torch.load(tmp_path / f"accum{r}.pt", weights_only=True)
+        for got, p in zip(result["params"], model.parameters()):
+            torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6)
+        records = result["records"]
+        assert [rec["step"] for rec in records] == sorted(expected)
+        for rec in records:
+            per_layer, total = expected[rec["step"]]
+            assert rec["noise_scale/fc1"] == pytest.approx(float(per_layer[0]), rel=1e-4)
+            assert rec["noise_scale/fc2"] == pytest.approx(float(per_layer[1]), rel=1e-4)
+            assert rec["noise_scale"] == pytest.approx(float(total), rel=1e-4)
