@@ -184,11 +184,11 @@ def worker_noise_scale(rank: int, world: int, init_file: str, out_dir: str, deca
 
 
 def worker_noise_scale_no_sync(
-    rank: int, world: int, init_file: str, out_dir: str, decay: float
+    rank: int, world: int, init_file: str, out_dir: str, decay: float, estimator: str
 ) -> None:
-    """DDP with gradient accumulation: two micro-batches a step, the first under no_sync, and
-    NoiseScale('accumulation') reading this rank's micro-batches against the all-reduced
-    gradient of the global batch."""
+    """DDP with NoiseScale reading this rank's small batches against the all-reduced gradient
+    of the global batch: 'accumulation' over two micro-batches a step, the first under
+    no_sync; 'per_sample' over the rank's samples in one backward."""
     from sgdlens.lenses import NoiseScale
 
     init(rank, world, init_file)
@@ -196,19 +196,23 @@ def worker_noise_scale_no_sync(
         model = model_without_dropout()
         ddp = DDP(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        lens = NoiseScale("accumulation", decay=decay)
+        lens = NoiseScale(estimator, decay=decay)
         mon = PhaseMonitor(opt, model=model, lenses=[lens], log_every=LOG_EVERY, detector=False)
         for x, y in batches(STEPS, size=GLOBAL_BATCH):
-            halves = list(zip(x.chunk(world)[rank].chunk(2), y.chunk(world)[rank].chunk(2)))
+            xr, yr = x.chunk(world)[rank], y.chunk(world)[rank]
             opt.zero_grad()
-            with ddp.no_sync():
-                (F.cross_entropy(ddp(halves[0][0]), halves[0][1]) / 2).backward()
-            (F.cross_entropy(ddp(halves[1][0]), halves[1][1]) / 2).backward()
+            if estimator == "per_sample":
+                F.cross_entropy(ddp(xr), yr).backward()
+            else:
+                halves = list(zip(xr.chunk(2), yr.chunk(2)))
+                with ddp.no_sync():
+                    (F.cross_entropy(ddp(halves[0][0]), halves[0][1]) / 2).backward()
+                (F.cross_entropy(ddp(halves[1][0]), halves[1][1]) / 2).backward()
             opt.step()
         mon.close()
         result = {"records": mon.history.records,
                   "params": [p.detach().clone() for p in model.parameters()]}  # fmt: skip
-        torch.save(result, os.path.join(out_dir, f"accum{rank}.pt"))
+        torch.save(result, os.path.join(out_dir, f"{estimator}{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

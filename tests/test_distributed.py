@@ -203,16 +203,19 @@ def test_fsdp1_parameters_the_monitor_cannot_reduce_are_refused(monkeypatch, str
         assert not PhaseMonitor(opt, model=model).view.sharded
 
 
-def test_noise_scale_from_micro_batches_under_ddp_no_sync(tmp_path):
-    """Gradient accumulation under DDP (``no_sync`` for all but the last micro-batch): the small
-    batches are each rank's micro-batches, the big one the global batch that DDP's all-reduce
-    averages (world × micro-batches × micro-batch size), and the estimates average over ranks.
-    Training equals one process on the global batch."""
+@pytest.mark.parametrize("estimator", ["accumulation", "per_sample"])
+def test_noise_scale_from_local_batches_under_ddp(tmp_path, estimator):
+    """Under DDP the small batches are each rank's micro-batches (gradient accumulation with
+    ``no_sync`` for all but the last) or samples, the big one the global batch that DDP's
+    all-reduce averages (world × local), and the estimates average over ranks. Training equals
+    one process on the global batch."""
     from sgdlens.lenses.noise_scale import two_batch_estimates
     from tests._dist_worker import worker_noise_scale_no_sync
 
-    world, decay, micro = 2, 0.5, 2
-    mp.spawn(worker_noise_scale_no_sync, args=(world, str(tmp_path / "init"), str(tmp_path), decay),
+    world, decay = 2, 0.5
+    micro = 2 if estimator == "accumulation" else GLOBAL_BATCH // world  # small batches a rank
+    mp.spawn(worker_noise_scale_no_sync,
+             args=(world, str(tmp_path / "init"), str(tmp_path), decay, estimator),
              nprocs=world, join=True)  # fmt: skip
     model = model_without_dropout()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -242,7 +245,7 @@ def test_noise_scale_from_micro_batches_under_ddp_no_sync(tmp_path):
             corr = 1 - decay**step
             expected[step] = (tr / corr) / (g2 / corr), tr.sum() / g2.sum()
     for r in range(world):
-        result = torch.load(tmp_path / f"accum{r}.pt", weights_only=True)
+        result = torch.load(tmp_path / f"{estimator}{r}.pt", weights_only=True)
         for got, p in zip(result["params"], model.parameters()):
             torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6)
         records = result["records"]
