@@ -35,7 +35,7 @@ def short(value: Any) -> str:
 
 
 def check_like(current: Any, loaded: Any, path: str) -> None:
-    """Raise if ``loaded`` cannot be loaded into ``current`` (see :func:`_load_into`)."""
+    """Raise if ``loaded`` cannot be loaded into ``current`` (see :func:`load_into`)."""
     if isinstance(current, Tensor):
         if not isinstance(loaded, Tensor) or loaded.shape != current.shape:
             raise ValueError(f"load_state_dict: {path} does not match this monitor's parameters")
@@ -55,23 +55,16 @@ def check_like(current: Any, loaded: Any, path: str) -> None:
             check_like(c, x, f"{path}[{j}]")
 
 
-def load_into(current: Any, loaded: Any, path: str) -> Any:
-    """Copy ``loaded`` into the structure of ``current``, tensors in place (keeping devices)."""
+def load_into(current: Any, loaded: Any) -> Any:
+    """Copy ``loaded`` into the structure of ``current``, tensors in place (keeping devices).
+
+    ``loaded`` has passed :func:`check_like` against ``current``."""
     if isinstance(current, Tensor):
-        if not isinstance(loaded, Tensor) or loaded.shape != current.shape:
-            raise ValueError(f"load_state_dict: {path} does not match this monitor's parameters")
-        current.copy_(loaded)
-        return current
+        return current.copy_(loaded)
     if isinstance(current, dict):
-        if not isinstance(loaded, Mapping) or set(loaded) != set(current):
-            raise ValueError(f"load_state_dict: {path} has other entries than this monitor's")
         for k in current:
-            current[k] = load_into(current[k], loaded[k], f"{path}[{k!r}]")
+            current[k] = load_into(current[k], loaded[k])
         return current
-    if isinstance(current, list) and isinstance(loaded, (list, tuple)):
-        if len(loaded) != len(current):
-            raise ValueError(
-                f"load_state_dict: {path} holds {len(loaded)} entries, not {len(current)}"
-            )
-        return [load_into(c, x, f"{path}[{j}]") for j, (c, x) in enumerate(zip(current, loaded))]
+    if isinstance(current, list):
+        return [load_into(c, x) for c, x in zip(current, loaded)]
     return loaded

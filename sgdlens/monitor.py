@@ -392,7 +392,7 @@ class PhaseMonitor:
             self._read = None
             self.sampler.begin()
             with torch.no_grad():
-                self._skip(Step(self.view, self.step, False))
+                self._update_lenses(Step(self.view, self.step, False), every_step_only=True)
             self.sampler.end(read=False)
             return
         self.sampler.begin()
@@ -409,13 +409,7 @@ class PhaseMonitor:
 
     def _update(self, step: Step) -> Step:
         """Every lens's per-step update, the finite-step count and the per-step trace."""
-        try:
-            for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
-                self.states[i] = lens.update(state, step)
-        finally:
-            engine = self.view.shared.get("per_sample")
-            if engine is not None:  # one per-sample pass, read by every lens that needs it
-                engine.reset()
+        self._update_lenses(step)
         self._finite.add_(step.ok)
         if len(self._trace):  # (loss, squared gradient norm) of this step
             at = self._updates % len(self._trace)
@@ -424,16 +418,16 @@ class PhaseMonitor:
         self._updates += 1
         return step
 
-    def _skip(self, step: Step) -> None:
-        """A step the sampler leaves out: only lenses that accumulate through hooks update
-        (they must see every step), and the shared per-sample pass is reset."""
+    def _update_lenses(self, step: Step, every_step_only: bool = False) -> None:
+        """The lenses' updates (at a step the sampler leaves out, only those that accumulate
+        through hooks and must see every step), then the shared per-sample pass is reset."""
         try:
             for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
-                if getattr(lens, "every_step", False):
+                if not every_step_only or getattr(lens, "every_step", False):
                     self.states[i] = lens.update(state, step)
         finally:
             engine = self.view.shared.get("per_sample")
-            if engine is not None:
+            if engine is not None:  # one per-sample pass, read by every lens that needs it
                 engine.reset()
 
     def _check_param_groups(self) -> None:
@@ -652,7 +646,7 @@ class PhaseMonitor:
 
     def _load(self, state_dict: Mapping[str, Any]) -> None:
         for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
-            self.states[i] = load_into(state, loaded, f"states[{i}]")
+            self.states[i] = load_into(state, loaded)
         self.step = int(state_dict["step"])
         self._finite.copy_(state_dict["finite"])
         if self.detector is not None and state_dict.get("detector") is not None:
@@ -666,8 +660,8 @@ class PhaseMonitor:
             steps = state_dict.get("trace_steps")
             self._trace_steps = (
                 [int(t) for t in steps] if steps is not None and len(steps) == len(self._trace)
-                else [(self._updates - 1 - (self._updates - 1 - r) % len(self._trace)) + 1
-                      for r in range(len(self._trace))]
+                else [self._updates - (self._updates - 1 - r) % len(self._trace)
+                      for r in range(len(self._trace))]  # older files: row r held step r+1 mod n
             )  # fmt: skip
         self._last_loss.copy_(state_dict["last_loss"])
         if state_dict.get("run_id") and not getattr(self, "_header_sent", False):
