@@ -123,11 +123,6 @@ def _blocks(model: nn.Module) -> tuple[list[str], int]:
     return blocks, depth
 
 
-def _count_modules(model: nn.Module, params: Sequence[Tensor]) -> int:
-    owners = _owners(model)
-    return len({owners[id(p)][0] for p in params if id(p) in owners})
-
-
 def group_names(
     model: nn.Module | None, params: Sequence[Tensor], layers: LayersArg = "auto",
     fallback: Sequence[str] = (),
@@ -141,21 +136,18 @@ def group_names(
     fallback = list(fallback) or [f"param{i}" for i in range(len(params))]
     owners = _owners(model) if model is not None else {}
     by = spec.by
-    if by == "auto":
-        small = model is None or _count_modules(model, params) <= AUTO_MODULES
+    if by == "auto":  # modules with parameters, counted
+        small = len({owners[id(p)][0] for p in params if id(p) in owners}) <= AUTO_MODULES
         by = "modules" if small else "blocks"
     blocks, depth = _blocks(model) if by == "blocks" and model is not None else ([], -1)
     out: list[str | None] = []
     matched = {pat: False for pat in (*spec.include, *spec.exclude)}
     for i, p in enumerate(params):
         mod, pname = owners.get(id(p), (None, fallback[i]))
-        for pat in matched:
-            if fnmatch.fnmatchcase(pname, pat):
-                matched[pat] = True
-        if spec.include and not any(fnmatch.fnmatchcase(pname, pat) for pat in spec.include):
-            out.append(None)
-            continue
-        if any(fnmatch.fnmatchcase(pname, pat) for pat in spec.exclude):
+        hits = {pat for pat in matched if fnmatch.fnmatchcase(pname, pat)}
+        matched.update(dict.fromkeys(hits, True))
+        not_included = bool(spec.include) and hits.isdisjoint(spec.include)
+        if not_included or not hits.isdisjoint(spec.exclude):
             out.append(None)
             continue
         if callable(by):
