@@ -198,10 +198,15 @@ class PerSampleEngine:
             raise
         return handles
 
+    def _training_pass(self) -> bool:
+        """Whether the forward pass running now may be the step's: armed, with gradients,
+        not the engine's own re-run, a ``torch.func`` transform or a probe."""
+        return (not self._busy and self.live and torch.is_grad_enabled()
+                and not _transformed() and not probing_now())  # fmt: skip
+
     def _on_model(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """The batch size: dimension 0 of the model's first tensor input."""
-        if not self._busy and self.live and torch.is_grad_enabled() and not _transformed() \
-                and not probing_now():  # fmt: skip
+        if self._training_pass():
             leaf = next((t for t in pytree.tree_leaves((args, kwargs))
                          if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
             self.batch = None if leaf is None else int(leaf.shape[0])
@@ -228,10 +233,7 @@ class PerSampleEngine:
     # -- hooks ---------------------------------------------------------------------------
 
     def _on_forward(self, unit: _Unit, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        if self._busy or not self.live or not torch.is_grad_enabled() or _transformed() \
-                or probing_now():  # fmt: skip
-            return
-        if unit.excluded:
+        if not self._training_pass() or unit.excluded:
             return
         if unit.result is not None:  # the previous backward is over
             unit.uses, unit.result = [], None
