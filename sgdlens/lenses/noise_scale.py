@@ -44,8 +44,14 @@ from torch import Tensor, nn
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
 from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
-from sgdlens.lenses.per_sample import MODES, Disarm, PerSampleEngine, index_sums, shared_engine
-from sgdlens.lenses.per_sample.engine import eager
+from sgdlens.lenses.per_sample import (
+    MODES,
+    Disarm,
+    PerSampleEngine,
+    eager,
+    index_sums,
+    shared_engine,
+)
 
 __all__ = ["NoiseScale", "two_batch_estimates"]
 
@@ -585,4 +591,3 @@ def _replicas(view: ParamView) -> int:
     DDP's all-reduce is the gradient of the global batch, ``world`` times the local one.
     """
     return 1 if view.sharded else _dist.rank_and_size()[1]
-

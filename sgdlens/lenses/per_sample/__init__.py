@@ -57,6 +57,12 @@ sequence-first attention out, with a warning).
 """
 
 from sgdlens.lenses.per_sample._common import MODES
-from sgdlens.lenses.per_sample.engine import Disarm, PerSampleEngine, index_sums, shared_engine
+from sgdlens.lenses.per_sample.engine import (
+    Disarm,
+    PerSampleEngine,
+    eager,
+    index_sums,
+    shared_engine,
+)
 
-__all__ = ["MODES", "Disarm", "PerSampleEngine", "index_sums", "shared_engine"]
+__all__ = ["MODES", "Disarm", "PerSampleEngine", "eager", "index_sums", "shared_engine"]
