@@ -118,8 +118,50 @@ def test_a_crashed_rank_fails_the_run_with_its_error(tmp_path):
     assert not os.path.exists(tmp_path / "result0.pt")
 
 
-def test_noise_scale_from_ranks_matches_the_two_batch_reference(tmp_path):
+def _noise_scale_reference(decay, split, b_small, b_big):
+    """One process on the global batches: the two-batch estimates per layer with the small
+    batches ``split(x, y)`` gives, EMA-smoothed as NoiseScale does. Returns the model, its
+    optimizer and {log step: (per-layer noise scale, whole-model noise scale)}."""
     from sgdlens.lenses.noise_scale import two_batch_estimates
+
+    model = model_without_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layers = {"fc1": [model.fc1.weight, model.fc1.bias], "fc2": [model.fc2.weight, model.fc2.bias]}
+
+    def layer_sq():
+        return torch.stack(
+            [sum(p.grad.double().square().sum() for p in ps) for ps in layers.values()]
+        )
+
+    g2 = tr = torch.zeros(2, dtype=torch.float64)
+    expected = {}
+    for step, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH), 1):
+        small = []
+        for xs, ys in split(x, y):
+            opt.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            small.append(layer_sq())
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        est = two_batch_estimates(torch.stack(small).mean(0), layer_sq(), b_small, b_big)
+        g2, tr = g2.lerp(est[0], 1 - decay), tr.lerp(est[1], 1 - decay)
+        opt.step()
+        if step % LOG_EVERY == 0:
+            corr = 1 - decay**step
+            expected[step] = (tr / corr) / (g2 / corr), tr.sum() / g2.sum()
+    return model, opt, expected
+
+
+def _assert_noise_records(records, expected):
+    assert [rec["step"] for rec in records] == sorted(expected)
+    for rec in records:
+        per_layer, total = expected[rec["step"]]
+        assert rec["noise_scale/fc1"] == pytest.approx(float(per_layer[0]), rel=1e-4)
+        assert rec["noise_scale/fc2"] == pytest.approx(float(per_layer[1]), rel=1e-4)
+        assert rec["noise_scale"] == pytest.approx(float(total), rel=1e-4)
+
+
+def test_noise_scale_from_ranks_matches_the_two_batch_reference(tmp_path):
     from tests._dist_worker import worker_noise_scale
 
     world, decay = 2, 0.5
@@ -130,32 +172,10 @@ def test_noise_scale_from_ranks_matches_the_two_batch_reference(tmp_path):
         join=True,
     )
     # reference: one process; each rank's local gradient and the full-batch one, per layer
-    model = model_without_dropout()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    layers = {"fc1": [model.fc1.weight, model.fc1.bias], "fc2": [model.fc2.weight, model.fc2.bias]}
-
-    def layer_sq():
-        return torch.stack(
-            [sum(p.grad.double().square().sum() for p in ps) for ps in layers.values()]
-        )
-
     b = GLOBAL_BATCH // world
-    g2 = tr = torch.zeros(2, dtype=torch.float64)
-    expected = {}
-    for step, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH), 1):
-        small = []
-        for xs, ys in zip(x.chunk(world), y.chunk(world)):
-            opt.zero_grad()
-            F.cross_entropy(model(xs), ys).backward()
-            small.append(layer_sq())
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        est = two_batch_estimates(torch.stack(small).mean(0), layer_sq(), b, world * b)
-        g2, tr = g2.lerp(est[0], 1 - decay), tr.lerp(est[1], 1 - decay)
-        opt.step()
-        if step % LOG_EVERY == 0:
-            corr = 1 - decay**step
-            expected[step] = (tr / corr) / (g2 / corr), tr.sum() / g2.sum()
+    model, opt, expected = _noise_scale_reference(
+        decay, lambda x, y: zip(x.chunk(world), y.chunk(world)), b, world * b
+    )
     x, y = batches(1, seed=5, size=GLOBAL_BATCH)[0]  # the step after the monitor closed
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -166,12 +186,9 @@ def test_noise_scale_from_ranks_matches_the_two_batch_reference(tmp_path):
             torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
         assert not result["recorded_after_close"].any()
         records = result["records"]
-        assert [rec["step"] for rec in records] == sorted(expected)
+        _assert_noise_records(records, expected)
         for rec in records:
-            per_layer, total = expected[rec["step"]]
-            assert rec["noise_scale/fc1"] == pytest.approx(float(per_layer[0]), rel=1e-4)
-            assert rec["noise_scale/fc2"] == pytest.approx(float(per_layer[1]), rel=1e-4)
-            assert rec["noise_scale"] == pytest.approx(float(total), rel=1e-4)
+            _, total = expected[rec["step"]]
             assert rec["batch_over_noise_scale"] == pytest.approx(
                 GLOBAL_BATCH / float(total), rel=1e-4
             )
@@ -209,7 +226,6 @@ def test_noise_scale_from_local_batches_under_ddp(tmp_path, estimator):
     ``no_sync`` for all but the last) or samples, the big one the global batch that DDP's
     all-reduce averages (world × local), and the estimates average over ranks. Training equals
     one process on the global batch."""
-    from sgdlens.lenses.noise_scale import two_batch_estimates
     from tests._dist_worker import worker_noise_scale_no_sync
 
     world, decay = 2, 0.5
@@ -217,41 +233,15 @@ def test_noise_scale_from_local_batches_under_ddp(tmp_path, estimator):
     mp.spawn(worker_noise_scale_no_sync,
              args=(world, str(tmp_path / "init"), str(tmp_path), decay, estimator),
              nprocs=world, join=True)  # fmt: skip
-    model = model_without_dropout()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    layers = {"fc1": [model.fc1.weight, model.fc1.bias], "fc2": [model.fc2.weight, model.fc2.bias]}
 
-    def layer_sq():
-        return torch.stack(
-            [sum(p.grad.double().square().sum() for p in ps) for ps in layers.values()]
-        )
+    def every_micro_batch(x, y):  # every rank's every micro-batch (or sample)
+        for xr, yr in zip(x.chunk(world), y.chunk(world)):
+            yield from zip(xr.chunk(micro), yr.chunk(micro))
 
     b = GLOBAL_BATCH // world // micro
-    g2 = tr = torch.zeros(2, dtype=torch.float64)
-    expected = {}
-    for step, (x, y) in enumerate(batches(STEPS, size=GLOBAL_BATCH), 1):
-        small = []  # every rank's every micro-batch
-        for xr, yr in zip(x.chunk(world), y.chunk(world)):
-            for xs, ys in zip(xr.chunk(micro), yr.chunk(micro)):
-                opt.zero_grad()
-                F.cross_entropy(model(xs), ys).backward()
-                small.append(layer_sq())
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        est = two_batch_estimates(torch.stack(small).mean(0), layer_sq(), b, world * micro * b)
-        g2, tr = g2.lerp(est[0], 1 - decay), tr.lerp(est[1], 1 - decay)
-        opt.step()
-        if step % LOG_EVERY == 0:
-            corr = 1 - decay**step
-            expected[step] = (tr / corr) / (g2 / corr), tr.sum() / g2.sum()
+    model, _, expected = _noise_scale_reference(decay, every_micro_batch, b, world * micro * b)
     for r in range(world):
         result = torch.load(tmp_path / f"{estimator}{r}.pt", weights_only=True)
         for got, p in zip(result["params"], model.parameters()):
             torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6)
-        records = result["records"]
-        assert [rec["step"] for rec in records] == sorted(expected)
-        for rec in records:
-            per_layer, total = expected[rec["step"]]
-            assert rec["noise_scale/fc1"] == pytest.approx(float(per_layer[0]), rel=1e-4)
-            assert rec["noise_scale/fc2"] == pytest.approx(float(per_layer[1]), rel=1e-4)
-            assert rec["noise_scale"] == pytest.approx(float(total), rel=1e-4)
+        _assert_noise_records(result["records"], expected)
