@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,20 @@ def init(rank: int, world: int, init_file: str) -> None:
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+
+
+def leave() -> None:
+    """End a rank whose group is already destroyed without finalising the interpreter.
+
+    Under load a rank sometimes aborted (SIGABRT, "terminate called without an active
+    exception") after its results were written and the group destroyed: gloo's threads may
+    still hold futures of DDP's Python comm hooks while the interpreter tears down (see
+    pytorch/pytorch#179291). That is torch's teardown, not what the tests check, so a rank
+    that got this far exits at once with status 0; a rank that raised never reaches here.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def probe_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -149,6 +164,7 @@ def worker(
         dist.barrier()  # nobody tears the group down while another rank still uses it
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def worker_noise_scale(rank: int, world: int, init_file: str, out_dir: str, decay: float) -> None:
@@ -181,6 +197,7 @@ def worker_noise_scale(rank: int, world: int, init_file: str, out_dir: str, deca
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def worker_noise_scale_no_sync(
@@ -216,3 +233,4 @@ def worker_noise_scale_no_sync(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave()
