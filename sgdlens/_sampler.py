@@ -1,10 +1,13 @@
 """Which steps the lenses read: all of them, or a sample under ``overhead_budget=``.
 
 With ``PhaseMonitor(overhead_budget=b)`` the monitor times (host clock, no device
-synchronisation) the work its hooks do at the steps the lenses read, and the time between
-steps outside the monitor, over each log interval; at each log point it sets ``every`` so that
-the reads cost about ``b`` of a step: the lenses then read every ``every``-th step, every log
-step, and every step a lens declares due (``GradSNR`` closing a window). Lenses that
+synchronisation) everything its hooks do over each log interval: the steps the lenses read,
+the steps they skip, and the log point's own work; the rest of the interval is the training
+step itself. At each log point it sets ``every`` so that the whole monitor costs about ``b``
+of a step: with ``r`` the time of a read step, ``s`` that of a skipped one and ``l`` the log
+work per step, it reads a fraction ``f`` of the steps with ``f·r + (1 − f)·s + l ≤ b·step``.
+The lenses then read every ``every``-th step, every log step, and every step a lens declares
+due (``GradSNR`` closing a window), and at least 4 steps per log interval. Lenses that
 accumulate through hooks (``every_step = True``: the per-sample and micro-batch estimators)
 still update at every step.
 """
@@ -41,19 +44,18 @@ class Sampler:
         self._t0 = 0.0
         self._step_time = 0.0  # this step's time in the pre-step hook
         self._mark: float | None = None  # start of the current log interval
-        self._busy = 0.0  # time in the hooks this interval
+        self._busy = 0.0  # time in the per-step hook work this interval
         self._read_time = 0.0  # of which at the steps the lenses read
         self._reads = 0
         self._steps = 0
+        self._ended: float | None = None  # when the last step's per-step work ended
+        self.due: list[Any] = []  # the lenses that declare steps they must read (``due``)
 
     def reads(self, index: int, lenses: Sequence[Any], states: Sequence[Any]) -> bool:
         """Whether the lenses read step ``index`` (log steps are read regardless)."""
         if self.every == 1 or index % self.every == 0:
             return True
-        return any(
-            getattr(lens, "due", None) is not None and lens.due(state, index)
-            for lens, state in zip(lenses, states)
-        )
+        return any(lenses[i].due(states[i], index) for i in self.due)
 
     def begin(self) -> None:
         """A hook starts (the pre-step or the post-step hook of one step)."""
@@ -71,7 +73,8 @@ class Sampler:
         """The post-step hook's per-step work ends (before any log-point work)."""
         if self.budget is None:
             return
-        spent = self._step_time + time.perf_counter() - self._t0
+        self._ended = time.perf_counter()
+        spent = self._step_time + self._ended - self._t0
         self._step_time = 0.0
         self._busy += spent
         self._steps += 1
@@ -80,15 +83,19 @@ class Sampler:
             self._reads += 1
 
     def adapt(self) -> None:
-        """At a log point: set ``every`` from the interval that ends here."""
+        """At a log point, after its work: set ``every`` from the interval that ends here."""
         if self.budget is None:
             return
         now = time.perf_counter()
         if self._mark is not None and self._reads and self._steps:
-            bare = (now - self._mark - self._busy) / self._steps  # a step outside the hooks
-            per_read = self._read_time / self._reads
+            log = now - self._ended if self._ended is not None else 0.0
+            n, skips = self._steps, self._steps - self._reads
+            bare = (now - self._mark - self._busy - log) / n  # a step outside the monitor
+            read = self._read_time / self._reads
+            skip = (self._busy - self._read_time) / skips if skips else 0.0
+            spare = self.budget * bare - skip - log / n  # per step, for the reads
             if bare > 0:
-                want = math.ceil(per_read / (self.budget * bare))
+                want = math.ceil((read - skip) / spare) if spare > 0 else self.limit
                 self.every = max(1, min(self.limit, want))
         self._mark = now
         self._busy = self._read_time = 0.0

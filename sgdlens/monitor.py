@@ -191,6 +191,11 @@ class PhaseMonitor:
             ) from None
         self.lenses = lens_list
         self.states = [lens.init(self.view) for lens in lens_list]
+        # what a step the sampler leaves out still runs: the lenses that must see every step
+        # (they accumulate through hooks) and those that name steps they must read
+        indices = range(len(lens_list))
+        self._every_step = [i for i in indices if getattr(lens_list[i], "every_step", False)]
+        self.sampler.due = [i for i in indices if callable(getattr(lens_list[i], "due", None))]
         # lenses that watch more than the optimizer (module or gradient hooks) attach here
         self._lens_handles = []
         try:
@@ -391,8 +396,9 @@ class PhaseMonitor:
         if self._read is SKIPPED:  # sampled out: only the lenses that need every step
             self._read = None
             self.sampler.begin()
-            with torch.no_grad():
-                self._update_lenses(Step(self.view, self.step, False), every_step_only=True)
+            if self._every_step:
+                with torch.no_grad():
+                    self._update_lenses(Step(self.view, self.step, False), every_step_only=True)
             self.sampler.end(read=False)
             return
         self.sampler.begin()
@@ -422,9 +428,8 @@ class PhaseMonitor:
         """The lenses' updates (at a step the sampler leaves out, only those that accumulate
         through hooks and must see every step), then the shared per-sample pass is reset."""
         try:
-            for i, (lens, state) in enumerate(zip(self.lenses, self.states)):
-                if not every_step_only or getattr(lens, "every_step", False):
-                    self.states[i] = lens.update(state, step)
+            for i in self._every_step if every_step_only else range(len(self.lenses)):
+                self.states[i] = self.lenses[i].update(self.states[i], step)
         finally:
             engine = self.view.shared.get("per_sample")
             if engine is not None:  # one per-sample pass, read by every lens that needs it
