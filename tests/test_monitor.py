@@ -190,8 +190,12 @@ def test_sparse_gradients(decay, mask_path):
     assert rec["grad_norm"] == pytest.approx(float(grads[-1].norm()), rel=1e-6)
 
 
-@pytest.mark.parametrize("lens_list", [None, [lenses.GradSNR(decay=0.95), lenses.WeightNorms()]])
+@pytest.mark.parametrize(
+    "lens_list", [None, [lenses.GradSNR(decay=0.95), lenses.WeightNorms()], "full"]
+)
 def test_resume_from_checkpoint_gives_identical_records(lens_list):
+    """Everything a lens carries across steps is in its state: a fresh monitor with fresh
+    lenses ("full": every lens, per-sample ones included) resumes mid-window exactly."""
     data = batches(60)
 
     def run(model, opt, mon, chunk):
@@ -205,7 +209,8 @@ def test_resume_from_checkpoint_gives_identical_records(lens_list):
     def fresh():
         model = make_model()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        return model, opt, PhaseMonitor(opt, model=model, lenses=lens_list, log_every=10)
+        chosen = lenses.full() if lens_list == "full" else lens_list
+        return model, opt, PhaseMonitor(opt, model=model, lenses=chosen, log_every=10)
 
     torch.manual_seed(5)
     model, opt, mon = fresh()
