@@ -260,18 +260,24 @@ def test_pytorch_lightning_trainer_accepts_the_same_callback(tmp_path):
             self.net = nn.Linear(6, 2)
 
         def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            self.log("train_loss", loss)
+            return loss
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     cb = PhaseMonitorCallback(log_every=4)
     assert isinstance(cb, ptl.Callback) and isinstance(cb, pl.Callback)
-    trainer = ptl.Trainer(accelerator="cpu", max_epochs=1, logger=False,
+    logger = ptl.loggers.CSVLogger(tmp_path, name="old")
+    trainer = ptl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, log_every_n_steps=4,
                           enable_progress_bar=False, enable_checkpointing=False,
                           enable_model_summary=False, callbacks=[cb])  # fmt: skip
     trainer.fit(Old(), _data())
     assert cb.monitor.step == 8 and "grad_snr/net" in cb.monitor.history.records[-1]
+    rows = _csv_rows(logger)  # one row per logged step, the module's and the sgdlens keys
+    assert [(r["step"], bool(r["train_loss"]), bool(r["sgdlens/grad_snr"])) for r in rows] == [
+        ("3", True, True), ("7", True, True)]  # fmt: skip
 
 
 def test_events_printed_once_and_user_sinks_fed(tmp_path, capsys):
@@ -358,3 +364,23 @@ def test_records_between_lightnings_log_steps_still_reach_the_logger(tmp_path):
     rows = _csv_rows(logger)
     steps = [int(r["step"]) for r in rows if r.get("sgdlens/grad_snr")]
     assert steps == [r["step"] - 1 for r in cb.monitor.history.records] == [2, 5, 8, 11, 14]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_csv_rows_hold_the_modules_metrics_and_the_sgdlens_keys_together(tmp_path, accumulate):
+    """Issue 13 item 5: where sgdlens's log_every and Lightning's log_every_n_steps coincide,
+    the module's self.log metrics and the sgdlens keys share one metrics.csv row."""
+    logger = CSVLogger(tmp_path, name="rows")
+    cb = PhaseMonitorCallback(log_every=4)  # the Trainer's log_every_n_steps is 4 too
+    trainer = _trainer(tmp_path, logger=logger, callbacks=[cb], max_epochs=4,
+                       accumulate_grad_batches=accumulate)  # fmt: skip
+    trainer.fit(Net(), _data())
+    rows = _csv_rows(logger)
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps))  # one row per step index
+    ours = [r for r in rows if r.get("sgdlens/grad_snr")]
+    assert ours and all(r.get("train_loss") for r in ours)  # no row with sgdlens keys only
+    assert all(r.get("sgdlens/grad_snr") for r in rows if r.get("train_loss"))
+    # optimizer step s (the record's "step") lands at Lightning's step index s - 1
+    expected = [r["step"] - 1 for r in cb.monitor.history.records]
+    assert [int(r["step"]) for r in ours] == expected == list(range(3, 32 // accumulate, 4))

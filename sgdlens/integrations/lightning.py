@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from sgdlens.integrations import (
@@ -84,10 +85,13 @@ class PhaseMonitorCallback(_Base):
       the gradient-accumulation division and the 16-mixed loss scale), handed to the monitor of
       the optimizer that steps next in ``on_before_optimizer_step`` — before the step, so a record
       averages exactly the losses of the batches that drove its steps;
-    * logs each record through ``trainer.loggers`` (``log_metrics``, numeric keys only, under
-      ``prefix``) from rank 0 only, at the step index Lightning's own ``self.log`` uses for the
-      same batch (``trainer.global_step - 1`` with one optimizer), so a ``CSVLogger`` row holds
-      both; and prints each phase event once (the run's header record goes to ``sinks`` only);
+    * logs each record to ``trainer.loggers`` (numeric keys only, under ``prefix``) from rank 0
+      only, at the step index Lightning's own ``self.log`` uses for the same batch
+      (``trainer.global_step - 1`` with one optimizer): on a batch whose ``self.log`` metrics
+      Lightning sends to its loggers (``log_every_n_steps``) through ``pl_module.log_dict`` in
+      ``on_train_batch_end``, so they join the module's metrics in one ``log_metrics`` call (one
+      ``CSVLogger`` row); on any other batch through each logger's ``log_metrics`` at that step
+      index. It prints each phase event once (the run's header record goes to ``sinks`` only);
     * saves the monitors' state in Lightning checkpoints (``state_dict``/``load_state_dict``),
       so ``trainer.fit(..., ckpt_path=...)`` continues the step count and every running
       statistic;
@@ -152,6 +156,7 @@ class PhaseMonitorCallback(_Base):
         self._index: dict[int, int] = {}
         self._losses: list[Tensor] = []
         self._buffer: list[tuple[int, Record]] = []
+        self._logged: set[str] = set()  # keys sent through pl_module.log at the last batch
         self._pending_state: dict[str, Any] | None = None
         self._attached = False
         self._zero = True
@@ -174,7 +179,7 @@ class PhaseMonitorCallback(_Base):
         kwargs = dict(self._kwargs)
         kwargs.setdefault("log_every", max(1, int(getattr(trainer, "log_every_n_steps", 50))))
         self.monitors, self._adopted, self._index = [], [], {}
-        self._losses, self._buffer = [], []
+        self._losses, self._buffer, self._logged = [], [], set()
         optimizers = list(trainer.optimizers)
         if not optimizers:
             warnings.warn(
@@ -258,22 +263,48 @@ class PhaseMonitorCallback(_Base):
             except Exception as e:  # a broken sink must not stop training
                 warnings.warn(f"sink {sink!r} failed: {e!r}", stacklevel=2)
 
-    def _flush(self, trainer: Any) -> None:
+    def _flush(self, trainer: Any, pl_module: Any = None) -> None:
+        """Send the buffered records to the loggers. In ``on_train_batch_end`` of a batch whose
+        ``self.log`` metrics Lightning sends to its loggers, they go through ``pl_module.log``
+        and share Lightning's ``log_metrics`` call (one ``CSVLogger`` row); else straight to
+        each logger at the step index Lightning uses for that batch."""
+        self._forget_logged(trainer)
         buffer, self._buffer = self._buffer, []
-        if not buffer or not trainer.is_global_zero:
+        if not buffer or not trainer.is_global_zero or not trainer.loggers:
             return
         several = len(self.monitors) > 1
         step = _log_step(trainer)
+        join = pl_module is not None and _lightning_logs_now(trainer, pl_module)
         for index, record in buffer:
             prefix = f"{self.prefix}opt{index}/" if several else self.prefix
             metrics = numeric_metrics(record, prefix)
+            if join and not self._logged & metrics.keys():
+                # a second record of one optimizer in this batch (its keys already logged)
+                # goes direct; float64 on the CPU: no rounding, no device copy
+                values = {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+                pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1,
+                                   rank_zero_only=True)  # fmt: skip
+                self._logged |= metrics.keys()
+                continue
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def _forget_logged(self, trainer: Any) -> None:
+        """Lightning sends a ``self.log`` step value again at each of its later log steps of
+        the epoch; mark the keys logged at an earlier batch as reset so that stale values do
+        not reach the loggers."""
+        if not self._logged:
+            return
+        results: Any = getattr(trainer, "_results", None) or {}  # Lightning's _ResultCollection
+        for result in results.values():
+            if result.meta.fx == "on_train_batch_end" and result.meta.name in self._logged:
+                result.reset()
+        self._logged = set()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._flush(trainer)
+        self._flush(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._flush(trainer)
@@ -335,3 +366,15 @@ def _log_step(trainer: Any) -> int:
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     stepped = getattr(loop, "_batches_that_stepped", None)
     return int(stepped) if isinstance(stepped, int) else max(int(trainer.global_step) - 1, 0)
+
+
+def _lightning_logs_now(trainer: Any, pl_module: Any) -> bool:
+    """Whether Lightning sends this batch's ``self.log`` step metrics to its loggers after
+    ``on_train_batch_end``: the test of ``_LoggerConnector.update_train_step_metrics``. ``False``
+    where the Trainer lacks those internals."""
+    try:
+        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
+            return False
+        return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+    except AttributeError:
+        return False
