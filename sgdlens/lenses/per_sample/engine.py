@@ -40,7 +40,10 @@ def index_sums(
     """``out[i]`` = the sum of every entry of ``parts[i]`` (0-d or 1-D tensors; of their
     squares with ``square``) in ``dtype`` on ``device``: one concatenation and one
     ``index_add_``, the index tensor of each layout kept in ``cache``."""
-    flat = [t.reshape(-1).to(device) for ts in parts for t in ts]
+    # no op per part where none is needed (the parts are 1-D on the device): the per-step
+    # path must not launch more as the parameters grow
+    flat = [t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
+            for ts in parts for t in ts]  # fmt: skip
     out = torch.zeros(len(parts), dtype=dtype, device=device)
     if not flat:
         return out

@@ -1,0 +1,78 @@
+"""The per-step path: its aten operations do not grow with the number of parameters."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sgdlens import PhaseMonitor, lenses
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _step_ops(n_layers: int, lens_list, budget=None, skipped=False) -> int:
+    """The aten ops of ``opt.step()`` at the 3rd step (not a log step) of a monitored MLP with
+    ``2 * n_layers`` parameter tensors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(n_layers)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = PhaseMonitor(opt, model=model, lenses=lens_list, log_every=50, layers="params",
+                       overhead_budget=budget)  # fmt: skip
+    x = torch.randn(4, 3)
+    for i in range(3):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        if i == 2:
+            if skipped:
+                mon.sampler.every = 7  # step 3 is neither sampled nor due nor a log step
+            with _Ops() as ops:
+                opt.step()
+        else:
+            opt.step()
+    mon.close()
+    return len(ops.names)
+
+
+def _bare_ops(n_layers: int) -> int:
+    """The same for an unmonitored step: the optimizer's own ops, counted out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(n_layers)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    with _Ops() as ops:
+        opt.step()
+    return len(ops.names)
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize(
+    ("name", "make", "budget", "skipped", "most"),
+    [  # most: a ceiling a little above today's counts (host / device path: 10/13, 13/15,
+        # 48/50, 0/0), so that a regression shows
+        ("lenses=[]", lambda: [], None, False, 14),
+        ("default", lambda: None, None, False, 16),
+        ("every lens", lenses.full, None, False, 52),
+        ("sampled out", lambda: None, 0.03, True, 0),
+    ],
+)
+def test_monitor_ops_per_step_do_not_grow_with_the_parameters(
+    path, name, make, budget, skipped, most, monkeypatch
+):
+    from sgdlens import _torch
+
+    if path == "device":  # the accelerator path: no host reads of device flags
+        monkeypatch.setattr(_torch, "FREE_HOST_READ", set())
+    counts = []
+    for n_layers in (2, 8, 32):
+        counts.append(_step_ops(n_layers, make(), budget, skipped) - _bare_ops(n_layers))
+    assert counts[0] == counts[1] == counts[2], f"{name} ({path}): {counts}"
+    assert counts[0] <= most, f"{name} ({path}): {counts[0]} ops per step"
