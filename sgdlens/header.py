@@ -5,7 +5,7 @@ The monitor emits it once, before its first record, to every sink. Its keys:
 ==================  ==========================================================================
 key                 value
 ==================  ==========================================================================
-``header``          the header format version (1)
+``header``          the header format version (2; 1 had no ``schema``)
 ``run``             the run id, e.g. ``"20261201-143423-5f2c9a"`` (UTC start, then random hex)
 ``step``, ``time``  the optimizer step and Unix time when the header was written
 ``started``         when the monitor attached, as ISO 8601 UTC text
@@ -24,6 +24,10 @@ key                 value
 ``versions``        ``{"sgdlens": ..., "torch": ..., "python": ...}``
 ``device``          where the parameters live, e.g. ``"cuda:0"``
 ``world_size``      the number of torch.distributed processes (1 without)
+``schema``          per metric the records carry: ``source`` (lens class, ``"monitor"``,
+                    ``"probe <name>"``, ``"PhaseDetector"``, ``"observe"``), ``doc``,
+                    ``scale``, ``whole`` (the key ``<metric>`` is written) and ``layers`` (the
+                    keys ``<metric>/<layer>`` are): see :mod:`sgdlens.schema`
 ==================  ==========================================================================
 
 Example:
@@ -52,10 +56,11 @@ import torch
 
 from sgdlens import _dist
 from sgdlens.records import Record
+from sgdlens.schema import run_schema
 
 __all__ = ["header_once", "new_run_id", "run_header", "use_run_id"]
 
-HEADER_VERSION = 1
+HEADER_VERSION = 2
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -137,6 +142,7 @@ def run_header(monitor: Any, *, run_id: str | None = None) -> Record:
         "device": str(view.device),
         "world_size": _dist.rank_and_size()[1],
         "pid": os.getpid(),
+        "schema": run_schema(monitor),
     }
 
 

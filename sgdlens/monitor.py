@@ -212,6 +212,7 @@ class PhaseMonitor:
         self._n_params = len(self.view.params)
         self._finite = torch.zeros((), dtype=self.view.dtype, device=self.view.device)
         self._observed: dict[str, list[Any]] = {}  # name -> [device sum, count]
+        self._observed_names: dict[str, None] = {}  # every name observed (the header's schema)
         self._warned: set[str] = set()
         self.detector = found
         self.probes = (
@@ -503,6 +504,7 @@ class PhaseMonitor:
         """
         names = sorted(self._observed)
         self._observed, observed = {}, self._observed
+        self._observed_names.update(dict.fromkeys(names))
         if not names:
             return {}
         sums = torch.stack([observed[n][0] for n in names])

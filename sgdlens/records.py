@@ -1,7 +1,8 @@
 """Records: one flat ``{key: number}`` dict per log point, and reading runs back.
 
 A record always holds ``step`` (optimizer steps seen so far) and ``time`` (Unix seconds), then
-flat metric keys ``"<metric>/<layer>"`` per layer and ``"<metric>"`` for the whole model.
+flat metric keys ``"<metric>/<layer>"`` per layer and ``"<metric>"`` for the whole model; the
+header's ``schema`` lists each metric and its exact keys (:mod:`sgdlens.schema`).
 Values are plain Python numbers; non-finite values stay ``nan``/``inf`` in memory.
 
 A run starts with a *header* record (a ``"header"`` key; see :mod:`sgdlens.header`) that says
@@ -26,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from sgdlens.schema import key_index, split_key
 
 Value = int | float | str | list[Any] | dict[str, Any] | None
 Record = dict[str, Value]
@@ -70,6 +73,7 @@ class History:
         self._keys: dict[str, None] = {}
         self._columns: dict[str, np.ndarray] = {}
         self._seen = 0
+        self._index: tuple[object, dict[str, tuple[str, str]]] = (None, {})
         for r in records:
             self(r)
 
@@ -135,10 +139,28 @@ class History:
         """One key's raw values (strings included), ``None`` where a record lacks it."""
         return [r.get(key) for r in self.records]
 
+    def split(self, key: str) -> tuple[str, str]:
+        """``(metric, layer)`` of a record key (layer ``""``: the whole model), looked up in the
+        header's schema (:mod:`sgdlens.schema`) when it lists the key, else split at the first
+        ``/`` (runs written before schemas, undeclared keys).
+
+        Example:
+            >>> History([{"step": 1}]).split("grad_snr/fc1")
+            ('grad_snr', 'fc1')
+        """
+        if self._index[0] is not self.header:
+            self._index = (self.header, key_index(self.header))
+        return split_key(key, self._index[1])
+
     def layers(self, metric: str) -> list[str]:
-        """The layer names that ``"<metric>/<layer>"`` keys carry, in order of appearance."""
-        prefix = metric + "/"
-        return [k[len(prefix) :] for k in self.keys() if k.startswith(prefix)]
+        """The layer names that ``"<metric>/<layer>"`` keys carry, in order of appearance
+        (see :meth:`split`)."""
+        out = []
+        for k in self.keys():
+            m, layer = self.split(k)
+            if m == metric and layer:
+                out.append(layer)
+        return out
 
     def to_pandas(self) -> Any:
         """The records as a ``pandas.DataFrame`` (needs pandas)."""

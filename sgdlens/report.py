@@ -122,8 +122,7 @@ def figures(history: History) -> list[tuple[str, str, str, Any]]:
     """
     plot = _plot_module()
     out: list[tuple[str, str, str, Any]] = []
-    keys = history.keys()
-    if any(k == "phase" or k.startswith("phase/") for k in keys):
+    if "phase" in history or history.layers("phase"):
         out.append(
             (
                 "timeline",
@@ -216,7 +215,8 @@ def report_html(
     Figures are embedded as base64 PNG (``data:`` URIs); the page loads nothing from the
     network. Sections (``<section id=...>``): ``summary``, ``timeline`` (the timeline figure
     and the transition table, when the run has phases), ``figures``, ``layers`` (last values
-    per layer) and ``events`` (one table row per event record). Needs matplotlib.
+    per layer), ``keys`` (the run's record schema, when its header has one: what each key
+    means) and ``events`` (one table row per event record). Needs matplotlib.
 
     Args:
         history: the run.
@@ -274,6 +274,14 @@ def report_html(
         "</section>",
     ]
     eh, er = _event_rows(history)
+    schema = (history.header or {}).get("schema")
+    if isinstance(schema, dict):  # what each key means, as the run's lenses declared it
+        rows = [[m, str(e.get("source", "")), str(e.get("doc", "")),
+                 _keys_text(m, e), str(e.get("scale", ""))]
+                for m, e in schema.items() if isinstance(e, dict)]  # fmt: skip
+        parts += ['<section id="keys"><h2>Record keys</h2>',
+                  _html_table(["metric", "from", "meaning", "keys", "scale"], rows, "keys"),
+                  "</section>"]  # fmt: skip
     parts += ['<section id="events"><h2>Events</h2>']
     parts += [_html_table(eh, er, "events")] if er else ["<p>No events recorded.</p>"]
     parts += [
@@ -282,6 +290,12 @@ def report_html(
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _keys_text(metric: str, entry: dict[str, Any]) -> str:
+    layers = entry.get("layers") if isinstance(entry.get("layers"), list) else []
+    whole = [metric] if entry.get("whole") else []
+    return ", ".join(whole + ([f"{metric}/<layer> ({len(layers)} layers)"] if layers else []))
 
 
 def write_report(

@@ -75,7 +75,8 @@ def _steps(history: History) -> list[float]:
 
 def layers(history: History) -> list[str]:
     """Layer names of a run: every ``<metric>/<layer>`` of the known per-layer metrics and
-    ``phase/<layer>``, in order of first appearance.
+    ``phase/<layer>``, in order of first appearance (keys read as :meth:`History.split` does:
+    by the run's schema when it has one).
 
     Example:
         >>> layers(History([{"step": 1, "grad_snr/fc1": 1.0, "weight_norm/fc2": 2.0}]))
@@ -85,8 +86,8 @@ def layers(history: History) -> list[str]:
     keys = history.keys()
     metrics = (*LAYER_METRICS, "phase", "update_size", "batch_over_noise_scale")
     for k in keys:
-        metric, sep, layer = k.partition("/")
-        if sep and metric in metrics:
+        metric, layer = history.split(k)
+        if layer and metric in metrics:
             seen.setdefault(layer, None)
     return list(seen)
 

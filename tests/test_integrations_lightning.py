@@ -291,7 +291,7 @@ def test_events_printed_once_and_user_sinks_fed(tmp_path, capsys):
     assert lines[0].startswith("sgdlens: step 4: ")
     metric = [r for r in seen if "event" not in r and "header" not in r]
     assert len(metric) == 2  # both records reached the sink, after the run's header
-    assert seen[0]["header"] == 1 and seen[0]["run"] == cb.monitor.run_id
+    assert seen[0]["header"] == 2 and seen[0]["run"] == cb.monitor.run_id
 
 
 def test_rank_zero_only_logs_and_prints(tmp_path, capsys, monkeypatch):

@@ -166,7 +166,7 @@ def test_events_printed_once(tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith("sgdlens:")]
     assert len(lines) == len(cb.monitor.events) == len(set(lines))
     assert len([r for r in seen if "event" not in r and "header" not in r]) == 2
-    assert seen[0]["header"] == 1 and seen[0]["run"] == cb.monitor.run_id  # the run's header
+    assert seen[0]["header"] == 2 and seen[0]["run"] == cb.monitor.run_id  # the run's header
 
 
 def test_console_lines_stay_the_trainers_own(tmp_path, capsys):

@@ -166,7 +166,7 @@ def test_header_describes_the_run(tmp_path):
     path = tmp_path / "h.jsonl"
     mon = train(path)
     first = json.loads(path.read_text().splitlines()[0])
-    assert first["header"] == 1 and first["run"] == mon.run_id
+    assert first["header"] == 2 and first["run"] == mon.run_id
     assert first["optimizer"] == "Adam" and first["param_groups"][0]["lr"] == 0.01
     assert first["param_groups"][0]["betas"] == [0.9, 0.999]
     assert first["param_groups"][0]["params"] == 4 and first["parameters"] == 3 * 4 + 4 + 4 + 1

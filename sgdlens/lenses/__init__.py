@@ -6,7 +6,7 @@ sum); ``full()`` adds the distance from the attach-time weights, the gradient no
 the within-batch SNR (per-sample hooks on logged steps).
 """
 
-from sgdlens.lenses.base import Lens, ParamView, Step
+from sgdlens.lenses.base import Key, Lens, ParamView, Step
 from sgdlens.lenses.batch_snr import BatchSNR
 from sgdlens.lenses.grad_norm import GradNorm
 from sgdlens.lenses.grad_snr import GradSNR
@@ -17,6 +17,7 @@ __all__ = [
     "BatchSNR",
     "GradNorm",
     "GradSNR",
+    "Key",
     "Lens",
     "NoiseScale",
     "ParamView",

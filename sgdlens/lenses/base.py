@@ -16,6 +16,10 @@ A lens that needs more than the optimizer sees (module forward/backward hooks, p
 ``attach(model, view) -> list[RemovableHandle]``; the monitor calls it once after ``init`` and
 removes the handles in ``close()``.
 
+A lens declares what it logs in ``keys`` (:class:`~sgdlens.schema.Key`: whole-model and/or
+per-layer, a description, a scale; ``metrics`` alone gives per-layer and whole-model keys), which
+the monitor writes into the run header's schema (:mod:`sgdlens.schema`).
+
 State is a ``dict`` of tensors, lists of tensors and plain numbers: the monitor saves and
 restores it in ``state_dict``. Lenses never copy to the host; the monitor does that once per log.
 """
@@ -32,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
+from sgdlens.schema import Key, declared
 
 State = dict[str, Any]
 
@@ -244,6 +249,9 @@ class Lens:
     name: str = "lens"
     #: the metric names it logs, as ``"<metric>"`` and ``"<metric>/<layer>"`` keys
     metrics: tuple[str, ...] = ()
+    #: what each metric is (whole-model and/or per-layer, description, scale: the run header's
+    #: schema, :mod:`sgdlens.schema`); a name of ``metrics`` left out is per-layer and whole
+    keys: tuple[Key, ...] = ()
     #: whether it must update at every step (it accumulates through hooks), even when
     #: ``PhaseMonitor(overhead_budget=...)`` has the other lenses read a sample of the steps
     every_step: bool = False
@@ -256,6 +264,12 @@ class Lens:
         and its parameters) once its monitor closes; its settings stay."""
         for name in [n for n in vars(self) if n.startswith("_")]:
             delattr(self, name)
+
+    def logged(self, view: ParamView) -> tuple[tuple[Key, ...], list[str]]:
+        """The keys this lens, as configured and attached, logs, and the layers of its
+        per-layer keys (for the run header's schema). Default: every declared key, every
+        layer; a lens that logs fewer overrides it."""
+        return declared(self), list(view.layers)
 
     def update(self, state: State, step: Step) -> State:
         return state

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sgdlens import _torch
-from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
+from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
 from sgdlens.lenses.per_sample import MODES, Disarm, PerSampleEngine, shared_engine
 
 __all__ = ["BatchSNR", "batch_snr_from_sums"]
@@ -90,7 +90,13 @@ class BatchSNR(Lens):
     """
 
     name = "batch_snr"
-    metrics = ("batch_snr", "gsnr", "adam_snr", "adam_gsnr")
+    keys = (
+        Key("batch_snr", "mean² over variance of the batch's per-example gradients", scale="snr"),
+        Key("gsnr", "Cockpit's mean GSNR over the entries, from the per-example gradients"),
+        Key("adam_snr", "squared mean over variance from Adam's moments (across steps)"),
+        Key("adam_gsnr", "mean GSNR over the entries from Adam's moments (across steps)"),
+    )
+    metrics = tuple(k.name for k in keys)
     every_step = True
     source: str
     eps: float
@@ -131,6 +137,17 @@ class BatchSNR(Lens):
             f"BatchSNR({self.source!r}, eps={self.eps}, reduction={self.reduction!r}, "
             f"per_sample={self.per_sample!r})"
         )
+
+    def logged(self, view: ParamView) -> tuple[tuple[Key, ...], list[str]]:
+        adam = self.source == "optimizer"
+        keys = tuple(k for k in self.keys if k.name.startswith("adam_") == adam)
+        if adam:  # the parameters the optimizer holds moments for, as compute() reads them
+            state = view.optimizer.state
+            which = [i for i, p in enumerate(view.params) if "exp_avg" in state.get(p, {})]
+        else:
+            covered = getattr(self, "_covered", [True] * len(view.params))
+            which = [i for i, c in enumerate(covered) if c]
+        return keys, [view.layers[j] for j in sorted({view.layer_of[i] for i in which})]
 
     def init(self, view: ParamView) -> State:
         self._view = view

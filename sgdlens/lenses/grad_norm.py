@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
+from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
 
 __all__ = ["GradNorm"]
 
@@ -26,6 +26,7 @@ class GradNorm(Lens):
     """
 
     name = "grad_norm"
+    keys = (Key("grad_norm", "norm of the gradient the optimizer used at the log step"),)
     metrics = ("grad_norm",)
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from sgdlens import _torch
-from sgdlens.lenses.base import Lens, ParamView, State, Step, Subset, per_layer_keys
+from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, Subset, per_layer_keys
 
 __all__ = ["GradSNR", "gradient_snr", "snr_from_moments"]
 
@@ -95,7 +95,12 @@ class GradSNR(Lens):
     """
 
     name = "grad_snr"
-    metrics = ("grad_mean", "grad_std", "grad_snr")
+    keys = (
+        Key("grad_mean", "norm of the mean gradient over the SNR window (or EMA)"),
+        Key("grad_std", "sqrt(tr Cov) of the gradients over the SNR window (or EMA)"),
+        Key("grad_snr", "grad_mean / grad_std: above 1 drift, below 1 diffusion", scale="snr"),
+    )
+    metrics = tuple(k.name for k in keys)
 
     def __init__(
         self, window: int | None = None, *, decay: float | None = None, weights_only: bool = False
@@ -122,6 +127,10 @@ class GradSNR(Lens):
     def __repr__(self) -> str:
         mode = f"decay={self.decay}" if self.decay is not None else f"window={self.window}"
         return f"GradSNR({mode}, weights_only={self.weights_only})"
+
+    def logged(self, view: ParamView) -> tuple[tuple[Key, ...], list[str]]:
+        sub = getattr(self, "_sub", None)  # the layers of the parameters it reads
+        return self.keys, list(view.layers) if sub is None else sub.layers
 
     def _subset(self, view: ParamView) -> Subset:
         if self.weights_only and any(_torch.is_flat_param(p) for p in view.params):

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
-from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
+from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
 from sgdlens.lenses.per_sample import (
     MODES,
     Disarm,
@@ -214,7 +214,13 @@ class NoiseScale(Lens):
     """
 
     name = "noise_scale"
-    metrics = ("noise_scale", "grad_noise_tr", "grad_sq_norm", "batch_over_noise_scale")
+    keys = (
+        Key("noise_scale", "B_simple = EMA(tr Σ) / EMA(|G|²), McCandlish's noise scale"),
+        Key("grad_noise_tr", "EMA(tr Σ), the per-example gradient noise"),
+        Key("grad_sq_norm", "EMA(|G|²), the true gradient's squared norm"),
+        Key("batch_over_noise_scale", "B / B_simple, about the minibatch gradient SNR²"),
+    )
+    metrics = tuple(k.name for k in keys)
     every_step = True
     estimator: str
     batch_size: int | None
@@ -280,6 +286,11 @@ class NoiseScale(Lens):
         )
 
     # -- set-up --------------------------------------------------------------------------
+
+    def logged(self, view: ParamView) -> tuple[tuple[Key, ...], list[str]]:
+        covered = getattr(self, "_covered", [True] * len(view.params))
+        which = {view.layer_of[i] for i, c in enumerate(covered) if c}
+        return self.keys, [view.layers[j] for j in sorted(which)]
 
     def init(self, view: ParamView) -> State:
         self._view = view

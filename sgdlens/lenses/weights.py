@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from sgdlens import _torch
-from sgdlens.lenses.base import Lens, ParamView, State, Step, per_layer_keys
+from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
 
 __all__ = ["WeightNorms"]
 
@@ -45,7 +45,13 @@ class WeightNorms(Lens):
     """
 
     name = "weights"
-    metrics = ("weight_norm", "weight_dist", "update_size", "update_ratio")
+    keys = (
+        Key("weight_norm", "norm of the weights after the logged update"),
+        Key("weight_dist", "distance of the weights from those at attach time"),
+        Key("update_size", "norm of the logged step's update"),
+        Key("update_ratio", "update_size / weight_norm"),
+    )
+    metrics = tuple(k.name for k in keys)
 
     def __init__(self, *, distance: bool = True) -> None:
         if not isinstance(distance, bool):
@@ -54,6 +60,10 @@ class WeightNorms(Lens):
 
     def __repr__(self) -> str:
         return "WeightNorms()" if self.distance else "WeightNorms(distance=False)"
+
+    def logged(self, view: ParamView) -> tuple[tuple[Key, ...], list[str]]:
+        keys = tuple(k for k in self.keys if self.distance or k.name != "weight_dist")
+        return keys, list(view.layers)
 
     def init(self, view: ParamView) -> State:
         with torch.no_grad():

@@ -10,7 +10,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.colors import LinearSegmentedColormap, LogNorm
+from matplotlib.colors import LinearSegmentedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from sgdlens.records import History
@@ -93,6 +93,13 @@ def _positive(y: np.ndarray) -> np.ndarray:
     """``y`` with non-positive and non-finite entries as nan (for log axes)."""
     y = np.asarray(y, dtype=float).copy()
     y[~(np.isfinite(y) & (y > 0))] = np.nan
+    return y
+
+
+def _finite(y: np.ndarray) -> np.ndarray:
+    """``y`` with non-finite entries as nan."""
+    y = np.asarray(y, dtype=float).copy()
+    y[~np.isfinite(y)] = np.nan
     return y
 
 
@@ -275,19 +282,25 @@ def heatmap_axes(
     *,
     snr: bool = False,
     label: str = "",
+    linear: bool = False,
 ) -> Any:
     """Draw ``metric/<layer>`` as a layer x step heatmap on ``ax`` (log step axis, log colour
-    scale) with the whole model's phase changes as dotted lines; with ``snr`` the scale is
-    diverging and centred at 1 and each layer's phase changes are marked on its row (▼ into
-    diffusion, ▲ into drift). Returns the mesh."""
+    scale, linear with ``linear``) with the whole model's phase changes as dotted lines; with
+    ``snr`` the scale is diverging and centred at 1 and each layer's phase changes are marked
+    on its row (▼ into diffusion, ▲ into drift). Returns the mesh."""
     x = h["step"]
     keep = np.isfinite(x) & (x > 0)
     order = np.argsort(x[keep], kind="stable")
     steps = x[keep][order]
-    z = np.vstack([_positive(h[f"{metric}/{n}"])[keep][order] for n in names])
+    values = _finite if linear else _positive
+    z = np.vstack([values(h[f"{metric}/{n}"])[keep][order] for n in names])
     finite = z[np.isfinite(z)]
     cmap: Any
-    if snr:
+    norm: Any
+    if linear:
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm, cmap = Normalize(lo, hi if hi > lo else lo + 1.0), matplotlib.colormaps["viridis"]
+    elif snr:
         r = float(np.max(np.abs(np.log10(finite)))) if finite.size else 1.0
         r = min(max(r, 0.5), 4.0)
         norm, cmap = LogNorm(10**-r, 10**r), SNR_CMAP

@@ -22,6 +22,7 @@ from sgdlens.plot._base import (
     heatmap_axes,
 )
 from sgdlens.records import History
+from sgdlens.schema import scale_of
 from sgdlens.summary import phase_spans
 
 #: Above this many rows the phase timeline is drawn as one coloured grid, not bars.
@@ -39,7 +40,7 @@ def available(run: Run) -> list[str]:
     keys = set(h.keys())
 
     def per_layer(metric: str) -> bool:
-        return any(k.startswith(metric + "/") for k in keys)
+        return bool(h.layers(metric))
 
     out = []
     if per_layer("grad_mean") and per_layer("grad_std"):
@@ -62,10 +63,12 @@ def available(run: Run) -> list[str]:
 def heatmap(run: Run, metric: str = "grad_snr", *, layers: Sequence[str] | None = None) -> Figure:
     """Any per-layer metric as a layer x step heatmap (one row per layer, first at the top).
 
-    Log step axis and log colour scale; ``grad_snr`` (and ``batch_snr``) on a diverging scale
-    centred at 1 (blue below: diffusion, orange above: drift) with each layer's phase changes
-    marked on its row (▼ into diffusion, ▲ into drift; gid ``sgdlens-event``). The whole
-    model's phase changes are dotted vertical lines. Readable at hundreds of layers.
+    Log step axis; the colour scale is the metric's scale in the run's schema
+    (:mod:`sgdlens.schema`; without one, ``"snr"`` for ``grad_snr`` and ``batch_snr``, else
+    ``"log"``): log, linear, or for an SNR diverging and centred at 1 (blue below: diffusion,
+    orange above: drift) with each layer's phase changes marked on its row (▼ into diffusion,
+    ▲ into drift; gid ``sgdlens-event``). The whole model's phase changes are dotted vertical
+    lines. Readable at hundreds of layers.
 
     Args:
         run: a History or a JSONL path.
@@ -85,7 +88,8 @@ def heatmap(run: Run, metric: str = "grad_snr", *, layers: Sequence[str] | None 
         raise ValueError(f"heatmap needs '{metric}/<layer>' keys in the records; the run has none")
     fig = Figure(figsize=(8.5, min(2.4 + 0.09 * len(names), 9.0)), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    heatmap_axes(fig, ax, h, metric, names, snr=metric in ("grad_snr", "batch_snr"))
+    scale = scale_of(h.header, metric)
+    heatmap_axes(fig, ax, h, metric, names, snr=scale == "snr", linear=scale == "linear")
     ax.set_title(f"{metric} per layer", fontsize=11)
     ax.set_ylabel(f"layer ({len(names)})")
     return fig

@@ -35,6 +35,7 @@ from sgdlens.probes.interpolate import interpolate
 from sgdlens.probes.restore import preserved
 from sgdlens.probes.sharpness import sharpness
 from sgdlens.probes.trace import hessian_trace
+from sgdlens.schema import Key
 
 __all__ = ["Probe", "ProbeScheduler", "barrier_probe", "sharpness_probe", "trace_probe"]
 
@@ -53,6 +54,9 @@ class Probe:
         state: a dict that ``fn`` keeps between runs (e.g. a warm start), saved in the
             monitor's checkpoint (``PhaseMonitor.state_dict``) and put back by
             ``load_state_dict``, so a resumed run continues as the uninterrupted one would.
+        keys: the keys ``fn`` returns, as whole-model :class:`~sgdlens.schema.Key` s
+            (``per_layer=False``), for the run header's schema; names alone are taken as
+            undescribed keys on a log scale.
 
     Example:
         >>> probe = Probe(lambda model, opt: {"w0": float(next(model.parameters())[0, 0])},
@@ -68,6 +72,7 @@ class Probe:
         per_decade: int | None = None,
         on_event: bool = False,
         state: dict[str, Any] | None = None,
+        keys: Sequence[Key | str] = (),
     ) -> None:
         if not callable(fn):
             raise TypeError(f"Probe(fn=...) must be callable as fn(model, optimizer), got {fn!r}")
@@ -90,6 +95,7 @@ class Probe:
                 f"{type(state).__name__}"
             )
         self.fn, self.name = fn, name
+        self.keys = tuple(k if isinstance(k, Key) else Key(k, per_layer=False) for k in keys)
         self.state: dict[str, Any] = {} if state is None else state
         self.every, self.per_decade, self.on_event = every, per_decade, on_event
 
@@ -270,7 +276,13 @@ def sharpness_probe(
             out["eos_ratio"] = eos_ratio(res, real)
         return out
 
-    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event, state=last)
+    keys = (
+        Key("sharpness", "top Hessian eigenvalue (Adam/AdamW: preconditioned)", per_layer=False),
+        Key("sharpness_hvps", "Hessian-vector products it took", per_layer=False, scale="linear"),
+        Key("eos_ratio", "sharpness over the edge-of-stability threshold", per_layer=False),
+    )
+    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event, state=last,
+                 keys=keys)  # fmt: skip
 
 
 def trace_probe(
@@ -305,7 +317,11 @@ def trace_probe(
         res = hessian_trace(model, loss_fn, data, method="hutch++", samples=samples)
         return {"hessian_trace": float(res.trace), "hessian_trace_stderr": float(res.stderr)}
 
-    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event)
+    keys = (
+        Key("hessian_trace", "Hutch++ estimate of tr H", per_layer=False, scale="linear"),
+        Key("hessian_trace_stderr", "its standard error", per_layer=False),
+    )
+    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event, keys=keys)
 
 
 def barrier_probe(
@@ -356,8 +372,12 @@ def barrier_probe(
             f"error_barrier/{name}": float(res.error_barrier),
         }
 
+    keys = (
+        Key(f"barrier/{name}", "loss above the chord (Entezari)", False, scale="linear"),
+        Key(f"error_barrier/{name}", "loss above the ends (Frankle)", False, scale="linear"),
+    )
     return Probe(fn, name=f"barrier/{name}".replace("/", "-"), every=every, per_decade=per_decade,
-                 on_event=on_event, state=state)  # fmt: skip
+                 on_event=on_event, state=state, keys=keys)  # fmt: skip
 
 
 def _snapshot(reference: Any) -> dict[str, torch.Tensor]:

@@ -200,7 +200,8 @@ def numeric(record: Mapping[str, Value], prefix: str = "") -> dict[str, float]:
 
 
 def flat_header(header: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A header record as flat ``{key: scalar}`` (``param_groups.0.lr``), for trackers' configs.
+    """A header record as flat ``{key: scalar}`` (``param_groups.0.lr``), for trackers' configs;
+    the record schema (``schema``, what each key means) is left out.
 
     Example:
         >>> flat_header({"run": "r1", "param_groups": [{"lr": 0.1, "betas": [0.9, 0.99]}]})
@@ -208,6 +209,8 @@ def flat_header(header: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for k, v in header.items():
+        if k == "schema" and "header" in header:
+            continue
         if isinstance(v, Mapping):
             out.update(flat_header(v, f"{prefix}{k}."))
         elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
