@@ -6,7 +6,7 @@ Everything here is sync-free: inputs and outputs stay on their devices.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -143,47 +143,15 @@ def distances(
 
 
 # Devices where reading a 0-d tensor costs no host-device synchronisation. On these the
-# masked updates branch in Python and use one fused foreach op; elsewhere they select with
-# torch.where per tensor, which never synchronises. Tests empty this set to cover both paths.
+# running statistics read the finite flag in Python and skip a non-finite step exactly;
+# elsewhere they update unconditionally with fused foreach ops and find a non-finite step in
+# their sums at the next log point. Tests empty this set to cover both paths.
 FREE_HOST_READ = {"cpu"}
 
 
-def _host_flag(ok: Tensor) -> bool | None:
+def host_flag(ok: Tensor) -> bool | None:
     """The value of a 0-d bool tensor where reading it is free (see FREE_HOST_READ), else None."""
     return bool(ok) if ok.device.type in FREE_HOST_READ else None
-
-
-# Elements per concatenated bucket of the sync-free masked updates (128 MB of float32).
-BUCKET = 1 << 25
-
-
-def _masked_buckets(
-    bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor
-) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    """``(bufs, pieces)`` per bucket, ``pieces[i] = where(ok, tensors[i], 0)`` shaped and typed
-    like ``bufs[i]``: one ``cat`` and one ``where`` per bucket instead of one ``where`` per
-    tensor, so the launches do not grow with the number of parameters."""
-    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], list[tuple[Tensor, Tensor]]]
-    groups = defaultdict(list)
-    for b, t in zip(bufs, tensors):
-        groups[(t.device, t.dtype, b.dtype)].append((b, t))
-    for pairs in groups.values():
-        start = 0
-        while start < len(pairs):
-            end, n = start + 1, pairs[start][1].numel()
-            while end < len(pairs) and n + pairs[end][1].numel() <= BUCKET:
-                n += pairs[end][1].numel()
-                end += 1
-            chunk = pairs[start:end]
-            start = end
-            if len(chunk) == 1:  # no concatenation (a copy) for a single tensor
-                b, t = chunk[0]
-                yield [b], [torch.where(ok, t, 0).to(b.dtype)]
-                continue
-            flat = torch.cat([t.reshape(-1) for _, t in chunk])
-            flat = torch.where(ok, flat, 0).to(chunk[0][0].dtype)
-            pieces = flat.split([t.numel() for _, t in chunk])
-            yield [b for b, _ in chunk], [x.view(b.shape) for (b, _), x in zip(chunk, pieces)]
 
 
 def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -> None:
@@ -197,7 +165,7 @@ def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -
     NaN: no multiplicative mask can drop the step; an exact skip needs a ``torch.where`` per
     tensor or a copy of every gradient, which the per-step path cannot afford.)
     """
-    flag = _host_flag(ok)
+    flag = host_flag(ok)
     if flag is False:
         return
     dense = [(b, t) for b, t in zip(bufs, tensors) if not t.is_sparse]
@@ -210,21 +178,11 @@ def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -
             buf.add_(t.coalesce().to(buf.dtype))
 
 
-def masked_lerp_(
-    bufs: Sequence[Tensor], tensors: Sequence[Tensor], weight: float, ok: Tensor
-) -> None:
-    """``buf ← buf + weight·(t − buf)`` where ``ok`` holds, else unchanged (exactly)."""
-    flag = _host_flag(ok)
-    if flag is False or not bufs:
-        return
-    dense = [t.to_dense() if t.is_sparse else t for t in tensors]
-    if flag:
+def lerp_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], weight: float) -> None:
+    """``buf ← buf + weight·(t − buf)`` for every pair, in one fused op (sparse ``t`` densified)."""
+    if bufs:
+        dense = [t.to_dense() if t.is_sparse else t for t in tensors]
         torch._foreach_lerp_(list(bufs), [t.to(b.dtype) for b, t in zip(bufs, dense)], weight)
-        return
-    for bs, pieces in _masked_buckets(bufs, dense, ok):  # lerp(buf, 0, 0) = buf where not ok
-        w = ok.to(bs[0].dtype) * weight  # in the buffers' dtype: 0.1 must not pass float32
-        for buf, piece in zip(bs, pieces):
-            buf.lerp_(piece, w)
 
 
 def zero_(tensors: Sequence[Tensor]) -> None:
@@ -232,7 +190,7 @@ def zero_(tensors: Sequence[Tensor]) -> None:
         torch._foreach_zero_(list(tensors))
 
 
-def mul_(tensors: Sequence[Tensor], factor: Tensor) -> None:
+def scale_(tensors: Sequence[Tensor], factor: float) -> None:
     """``t *= factor`` for every tensor, in one fused op."""
     if tensors:
         torch._foreach_mul_(list(tensors), factor)

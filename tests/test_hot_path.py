@@ -61,6 +61,7 @@ def _bare_ops(n_layers: int) -> int:
         ("lenses=[]", lambda: [], None, False, 14),
         ("default", lambda: None, None, False, 16),
         ("every lens", lenses.full, None, False, 52),
+        ("GradSNR(decay)", lambda: [lenses.GradSNR(decay=0.9)], None, False, 16),
         ("sampled out", lambda: None, 0.03, True, 0),
     ],
 )

@@ -67,11 +67,12 @@ class GradSNR(Lens):
     The gradient read is the one each ``step()`` uses, taken at the moving weights of the
     training run itself (the cheap choice, see docs/science.md; the authors' code and Saxe et
     al.'s compute extra gradients for the statistic). A parameter without a gradient at a
-    step counts as a zero gradient. Steps with non-finite gradients never move the moving
-    averages. In window mode, on the CPU they are skipped exactly (they do not count towards
-    the ``K`` samples); on an accelerator, where the per-step path may not read the device,
-    the window sums take one fused add per step and a window holding a non-finite step reports
-    non-finite values (the count is in ``nonfinite_steps``; the next window starts clean).
+    step counts as a zero gradient. On the CPU a step with non-finite gradients is skipped
+    exactly (it is not one of the ``K`` samples and does not move the averages). On an
+    accelerator, where the per-step path may not read the device, the sums (window) or
+    averages (EMA) take one fused op per step whatever the step: the window holding a
+    non-finite step, or the EMA's next log point, reports non-finite values (the count is in
+    ``nonfinite_steps``) and the next window, or the restarted EMA, starts clean.
 
     State: one running buffer per parameter (float32, or wider if the parameter is) and a few
     per-layer float64 scalars. ``tr Var = E‖g‖² − ‖E g‖²`` is formed in float64; the float32
@@ -172,15 +173,13 @@ class GradSNR(Lens):
             state["n"].add_(ok)
             if step.index % state["window"] == 0:
                 self._close_window(state)
-        else:
+        elif _torch.host_flag(ok) is not False:  # the CPU skips a non-finite step exactly
             beta = self.decay
             # A missing gradient is a zero gradient: decay its buffer too.
-            absent = [b for b, g in zip(state["buf"], grads) if g is None]
-            if absent:
-                _torch.mul_(absent, torch.where(ok, beta, 1.0).to(absent[0].dtype))
-            _torch.masked_lerp_(bufs, present, 1.0 - beta, ok)
-            state["sq"].copy_(torch.where(ok, state["sq"].lerp(sq, 1.0 - beta), state["sq"]))
-            state["n"].add_(ok)
+            _torch.scale_([b for b, g in zip(state["buf"], grads) if g is None], beta)
+            _torch.lerp_(bufs, present, 1.0 - beta)
+            state["sq"].lerp_(sq, 1.0 - beta)
+            state["n"].add_(1)
         return state
 
     def due(self, state: State, index: int) -> bool:
@@ -214,6 +213,14 @@ class GradSNR(Lens):
             corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
             buf_sq, sq = self._layer_sums(state)
             mean_sq, second = buf_sq / corr.square(), sq / corr
+            if not bool(torch.isfinite(state["sq"]).all()):
+                # On an accelerator a non-finite step entered the averages (read here, at a
+                # log point, not at every step): this record reports non-finite values and
+                # the averages start again.
+                mean_sq, second = mean_sq.clone(), second.clone()
+                _torch.zero_(state["buf"])
+                state["sq"].zero_()
+                n.zero_()
         mean, std, snr = snr_from_moments(mean_sq, second)
         layers = self._sub.layers
         out = {
