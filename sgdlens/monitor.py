@@ -348,6 +348,7 @@ class PhaseMonitor:
         taken = {m for lens in self.lenses for m in getattr(lens, "metrics", ())}
         if self.probes is not None:
             taken.update(p.name for p in self.probes.probes)
+            taken.update(k.name for p in self.probes.probes for k in p.keys)
         if "/" in name or name in RESERVED or name in taken:
             raise ValueError(
                 f"observe({name}=...): {name!r} is a key the monitor writes itself "

@@ -267,6 +267,18 @@ def test_observe_refuses_reserved_names(name):
     monitor.close()
 
 
+def test_observe_refuses_a_scheduled_probes_keys():
+    model = _mlp()
+    probe = probes.sharpness_probe(lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+                                   _batch())  # fmt: skip
+    monitor = PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                           probes=[probe])  # fmt: skip
+    for name in ("sharpness", "sharpness_hvps", "eos_ratio"):  # the probe's name and its keys
+        with pytest.raises(ValueError, match=f"observe\\({name}="):
+            monitor.observe(**{name: 1.0})
+    monitor.close()
+
+
 # -- 12: load_state_dict validates everything, then loads atomically ----------------------------
 
 
