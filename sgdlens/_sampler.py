@@ -7,7 +7,9 @@ step itself. At each log point it sets ``every`` so that the whole monitor costs
 of a step: with ``r`` the time of a read step, ``s`` that of a skipped one and ``l`` the log
 work per step, it reads a fraction ``f`` of the steps with ``f·r + (1 − f)·s + l ≤ b·step``.
 The lenses then read every ``every``-th step, every log step, and every step a lens declares
-due (``GradSNR`` closing a window), and at least 4 steps per log interval. Lenses that
+due (``GradSNR`` closing a window), and at least 4 steps per log interval. Under
+torch.distributed every rank takes rank 0's ``every`` (one broadcast per log point), so that
+the ranks read the same steps. Lenses that
 accumulate through hooks (``every_step = True``: the per-sample and micro-batch estimators)
 still update at every step.
 """
@@ -19,6 +21,8 @@ import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from sgdlens import _dist
 
 __all__ = ["SKIPPED", "Sampler"]
 
@@ -97,6 +101,8 @@ class Sampler:
             if bare > 0:
                 want = math.ceil((read - skip) / spare) if spare > 0 else self.limit
                 self.every = max(1, min(self.limit, want))
+        # every rank reads the same steps (under FSDP a read step holds a collective): rank 0's
+        self.every = int(_dist.broadcast_object(self.every))
         self._mark = now
         self._busy = self._read_time = 0.0
         self._reads = self._steps = 0

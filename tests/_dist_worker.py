@@ -234,3 +234,27 @@ def worker_noise_scale_no_sync(
     finally:
         dist.destroy_process_group()
     leave()
+
+
+def worker_sampled(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """FSDP2 with PhaseMonitor(overhead_budget=...) set differently on each rank: rank 0 can
+    afford every step, rank 1 almost none."""
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, world, init_file)
+    try:
+        model = model_without_dropout()
+        net = fully_shard(model)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        mon = PhaseMonitor(opt, model=model, log_every=LOG_EVERY * 2, detector=False,
+                           overhead_budget=1.0 if rank == 0 else 1e-6)  # fmt: skip
+        for x, y in batches(STEPS, size=GLOBAL_BATCH):
+            opt.zero_grad()
+            F.cross_entropy(net(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+            opt.step()
+        mon.close()
+        torch.save(mon.history.records, os.path.join(out_dir, f"sampled{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    leave()

@@ -245,3 +245,19 @@ def test_noise_scale_from_local_batches_under_ddp(tmp_path, estimator):
         for got, p in zip(result["params"], model.parameters()):
             torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6)
         _assert_noise_records(result["records"], expected)
+
+
+def test_sampling_ranks_read_the_same_steps(tmp_path):
+    """Each rank times its own steps, but all of them read the steps rank 0 chooses: under
+    FSDP a read step holds a collective, and the records must agree."""
+    from tests._dist_worker import worker_sampled
+
+    mp.spawn(worker_sampled, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)  # fmt: skip
+    records = [torch.load(tmp_path / f"sampled{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["update_every"] for r in records[0]] == [1, 1]  # rank 0 affords every step
+
+    def untimed(recs):
+        return [{k: v for k, v in r.items() if k != "time"} for r in recs]
+
+    assert untimed(records[0]) == untimed(records[1])
