@@ -3,9 +3,11 @@
 Each rank trains two identical DDP copies of the MLP of ``overhead.py`` (784-512-512-10, a
 global batch of 128, so 64 per rank) side by side, steps interleaved; one copy has a monitor
 that observes the loss (so each record costs the monitor's one all-reduce). Rank 0 prints the
-median over pairs of monitored/bare step time.
+median over pairs of monitored/bare step time. ``--overhead-budget 0.03`` gives the monitor
+that argument (the lenses read a sample of the steps, the same steps on every rank).
 
 Usage: python benchmarks/distributed.py [--steps 300] [--world 2] [--log-every 50]
+    [--overhead-budget 0.03]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from overhead import mlp
 from sgdlens import PhaseMonitor
 
 
-def run(rank: int, world: int, init: str, steps: int, log_every: int) -> None:
+def run(rank: int, world: int, init: str, steps: int, log_every: int, budget: float | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
@@ -39,7 +41,7 @@ def run(rank: int, world: int, init: str, steps: int, log_every: int) -> None:
     models[1].load_state_dict(models[0].state_dict())
     ddps = [DDP(m) for m in models]
     opts = [torch.optim.SGD(d.parameters(), lr=0.01, momentum=0.9) for d in ddps]
-    mon = PhaseMonitor(opts[1], model=models[1], log_every=log_every)
+    mon = PhaseMonitor(opts[1], model=models[1], log_every=log_every, overhead_budget=budget)
     g = torch.Generator().manual_seed(rank)
     x, y = (
         torch.randn(128 // world, 1, 28, 28, generator=g),
@@ -60,7 +62,7 @@ def run(rank: int, world: int, init: str, steps: int, log_every: int) -> None:
                 times[j].append(time.perf_counter() - t0)
     if rank == 0:
         ratio = statistics.median(m / b for b, m in zip(*times))
-        print(f"| mlp 784-512-512-10, global batch 128 | {world} | sgd-momentum | "
+        print(f"| mlp 784-512-512-10, global batch 128 | {world} | sgd-momentum | {budget} | "
               f"{statistics.median(times[0]) * 1e3:.2f} | {ratio:.3f} |")  # fmt: skip
     mon.close()
     dist.destroy_process_group()
@@ -73,13 +75,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--overhead-budget", type=float, default=None)
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, gloo on CPU, 1 thread per rank, {args.steps} interleaved steps"
     )
-    print("| model | ranks | optimizer | bare step (ms) | median ratio |\n|---|---|---|---|---|")
+    print("| model | ranks | optimizer | `overhead_budget` | bare step (ms) | median ratio |\n"
+          "|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(run, args=(args.world, os.path.join(tmp, "init"), args.steps, args.log_every),
+        init = os.path.join(tmp, "init")
+        mp.spawn(run, args=(args.world, init, args.steps, args.log_every, args.overhead_budget),
                  nprocs=args.world, join=True)  # fmt: skip
 
 
