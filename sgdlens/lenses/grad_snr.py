@@ -12,10 +12,13 @@ and for the whole model the same statistic of the concatenated gradient:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from sgdlens import _torch
+from sgdlens.lenses._optimizer_moments import OptimizerMoments
 from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, Subset, per_layer_keys
 
 __all__ = ["GradSNR", "gradient_snr", "snr_from_moments"]
@@ -55,7 +58,7 @@ def snr_from_moments(mean_sq: Tensor, second: Tensor) -> tuple[Tensor, Tensor, T
 class GradSNR(Lens):
     """Per-layer gradient mean, std and SNR across steps, as Shwartz-Ziv & Tishby define them.
 
-    Two estimators:
+    Three estimators:
 
     * ``GradSNR(window=K)`` (default ``K`` = the monitor's ``log_every``): exactly the paper's
       statistic over non-overlapping windows of ``K`` optimizer steps. A log point reports the
@@ -63,20 +66,34 @@ class GradSNR(Lens):
     * ``GradSNR(decay=β)``: exponential moving averages of ``g`` and ‖g‖², bias-corrected as
       Adam does (divide by ``1 − β^t``), so ``E g`` and ``E‖g‖²`` weight recent steps by
       ``(1 − β) β^age``; roughly a window of ``2/(1 − β) − 1`` steps.
+    * ``GradSNR(decay="optimizer")``: the same EMA form with the optimizer's own running mean
+      of the gradient as E g (SGD's momentum buffer, weights ``μ^age`` normalised, or Adam's
+      and AdamW's ``exp_avg``, bias-corrected): no parameter-sized buffer of its own, the
+      optimizer's β₁ or μ as time constant. It keeps E‖g‖² with the buffer's own recursion
+      (two float64 numbers per parameter tensor) and reads the buffer at log points. Refused
+      (``ValueError`` at attach) where the buffer is not a running mean of ``.grad``: other
+      optimizers, SGD without momentum, L2 ``weight_decay`` in SGD or Adam (AdamW's decoupled
+      decay is fine), and an optimizer that already holds state (a history the lens did not
+      see). A parameter without a gradient at a step is skipped, as the optimizer skips it;
+      a step with non-finite gradients is left out of E‖g‖² (a fused optimizer under a
+      ``GradScaler`` skips it too; one that takes it has a non-finite buffer, and non-finite
+      records, from then on). It reads every step, also under ``overhead_budget``.
 
     The gradient read is the one each ``step()`` uses, taken at the moving weights of the
     training run itself (the cheap choice, see docs/science.md; the authors' code and Saxe et
-    al.'s compute extra gradients for the statistic). A parameter without a gradient at a
-    step counts as a zero gradient. On the CPU a step with non-finite gradients is skipped
-    exactly (it is not one of the ``K`` samples and does not move the averages). On an
-    accelerator, where the per-step path may not read the device, the sums (window) or
-    averages (EMA) take one fused op per step whatever the step: the window holding a
-    non-finite step, or the EMA's next log point, reports non-finite values (the count is in
-    ``nonfinite_steps``) and the next window, or the restarted EMA, starts clean.
+    al.'s compute extra gradients for the statistic). In the window and ``decay=β`` forms a
+    parameter without a gradient at a step counts as a zero gradient; on the CPU a step with
+    non-finite gradients is skipped exactly (it is not one of the ``K`` samples and does not
+    move the averages). On an accelerator, where the per-step path may not read the device,
+    the sums (window) or averages (EMA) take one fused op per step whatever the step: the
+    window holding a non-finite step, or the EMA's next log point, reports non-finite values
+    (the count is in ``nonfinite_steps``) and the next window, or the restarted EMA, starts
+    clean.
 
-    State: one running buffer per parameter (float32, or wider if the parameter is) and a few
-    per-layer float64 scalars. ``tr Var = E‖g‖² − ‖E g‖²`` is formed in float64; the float32
-    buffer bounds its relative accuracy to about ``1e-7 · SNR²``.
+    State (window, ``decay=β``): one running buffer per parameter (float32, or wider if the
+    parameter is) and a few per-layer float64 scalars. ``tr Var = E‖g‖² − ‖E g‖²`` is formed
+    in float64; the float32 buffer bounds its relative accuracy to about ``1e-7 · SNR²`` (with
+    ``decay="optimizer"`` the buffer is the optimizer's, in the parameter's dtype).
 
     Logged keys (``<l>`` for every layer with a monitored parameter):
     ``grad_mean/<l>``, ``grad_std/<l>``, ``grad_snr/<l>``, ``grad_mean``, ``grad_std``,
@@ -84,7 +101,8 @@ class GradSNR(Lens):
 
     Args:
         window: steps per window (positive int); ``None`` uses the monitor's ``log_every``.
-        decay: EMA factor in (0, 1) instead of windows. Give ``window`` or ``decay``, not both.
+        decay: EMA factor in (0, 1) instead of windows, or ``"optimizer"`` for the optimizer's
+            own. Give ``window`` or ``decay``, not both.
         weights_only: only parameters with ``dim >= 2`` (weight matrices, conv kernels), biases
             and norm-layer parameters skipped, as the authors' plotting code does.
 
@@ -104,7 +122,11 @@ class GradSNR(Lens):
     metrics = tuple(k.name for k in keys)
 
     def __init__(
-        self, window: int | None = None, *, decay: float | None = None, weights_only: bool = False
+        self,
+        window: int | None = None,
+        *,
+        decay: float | Literal["optimizer"] | None = None,
+        weights_only: bool = False,
     ) -> None:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
             raise TypeError(f"GradSNR(window=...) must be an int, got {window!r}; e.g. window=50")
@@ -115,18 +137,26 @@ class GradSNR(Lens):
                 raise ValueError(
                     f"GradSNR(window={window}, decay={decay}): give one of window and decay"
                 )
-            if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-                raise TypeError(f"GradSNR(decay=...) must be a float, got {decay!r}; e.g. 0.99")
-            if not 0.0 < decay < 1.0:
+            if isinstance(decay, str) and decay == "optimizer":
+                pass
+            elif isinstance(decay, bool) or not isinstance(decay, (int, float)):
+                raise TypeError(
+                    f"GradSNR(decay=...) must be a float or 'optimizer', got {decay!r}; e.g. 0.99"
+                )
+            elif not 0.0 < decay < 1.0:
                 raise ValueError(f"GradSNR(decay={decay}) must lie in (0, 1); e.g. decay=0.99")
         if not isinstance(weights_only, bool):
             raise TypeError(f"GradSNR(weights_only=...) must be a bool, got {weights_only!r}")
         self.window = window
-        self.decay = None if decay is None else float(decay)
+        self.decay: float | str | None = (
+            decay if decay is None or isinstance(decay, str) else float(decay)
+        )
         self.weights_only = weights_only
+        #: the optimizer's buffer moves at every step: so must E‖g‖² (also when sampling)
+        self.every_step = self.decay == "optimizer"
 
     def __repr__(self) -> str:
-        mode = f"decay={self.decay}" if self.decay is not None else f"window={self.window}"
+        mode = f"decay={self.decay!r}" if self.decay is not None else f"window={self.window}"
         return f"GradSNR({mode}, weights_only={self.weights_only})"
 
     def logged(self, view: ParamView) -> tuple[tuple[Key, ...], list[str]]:
@@ -144,6 +174,10 @@ class GradSNR(Lens):
 
     def init(self, view: ParamView) -> State:
         sub = self._subset(view)
+        if self.decay == "optimizer":
+            self._moments = OptimizerMoments(sub)
+            self._sub = sub
+            return self._moments.init()
         zeros = torch.zeros(len(sub.layers), dtype=view.dtype, device=view.device)
         state: State = {
             "buf": [
@@ -163,6 +197,9 @@ class GradSNR(Lens):
         return state
 
     def update(self, state: State, step: Step) -> State:
+        if self.decay == "optimizer":
+            self._moments.update(state, step)
+            return state
         sub, ok = self._sub, step.ok
         grads = [step.grads[i] for i in sub.which]
         pairs = [(b, g) for b, g in zip(state["buf"], grads) if g is not None]
@@ -174,7 +211,7 @@ class GradSNR(Lens):
             if step.index % state["window"] == 0:
                 self._close_window(state)
         elif _torch.host_flag(ok) is not False:  # the CPU skips a non-finite step exactly
-            beta = self.decay
+            beta = float(self.decay)
             # A missing gradient is a zero gradient: decay its buffer too.
             _torch.scale_([b for b, g in zip(state["buf"], grads) if g is None], beta)
             _torch.lerp_(bufs, present, 1.0 - beta)
@@ -204,7 +241,9 @@ class GradSNR(Lens):
         return both[: len(buf_sq)], both[len(buf_sq) :]
 
     def compute(self, state: State, step: Step) -> dict[str, Tensor]:
-        if self.decay is None:
+        if self.decay == "optimizer":
+            mean_sq, second = self._moments.moments(state)
+        elif self.decay is None:
             if state["done"] == 0:
                 return {}
             mean_sq, second = state["mean_sq"], state["second"]
