@@ -26,6 +26,16 @@ def all_sum_(t: Tensor) -> Tensor:
     return t
 
 
+def replicas(sharded: bool) -> int:
+    """How many ranks' batches the optimizer's gradient averages: the world size under data
+    parallelism with replicated parameters (DDP averages the ranks' gradients), else 1.
+
+    The micro-batch and per-sample estimators read this rank's batches, but ``.grad`` after
+    DDP's all-reduce is the gradient of the global batch, ``world`` times the local one.
+    """
+    return 1 if sharded else rank_and_size()[1]
+
+
 def broadcast_(t: Tensor) -> Tensor:
     """Rank 0's ``t`` on every rank (in place), or ``t`` itself in one process."""
     if rank_and_size()[1] > 1:

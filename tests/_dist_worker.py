@@ -258,3 +258,26 @@ def worker_sampled(rank: int, world: int, init_file: str, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     leave()
+
+
+def worker_batch_snr(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """DDP training with BatchSNR reading each rank's samples."""
+    from sgdlens.lenses import BatchSNR
+
+    init(rank, world, init_file)
+    try:
+        model = model_without_dropout()
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR()], log_every=LOG_EVERY,
+                           detector=False)  # fmt: skip
+        for x, y in batches(STEPS, size=GLOBAL_BATCH):
+            opt.zero_grad()
+            F.cross_entropy(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+            opt.step()
+        mon.close()
+        torch.save(mon.history.records, os.path.join(out_dir, f"batch_snr{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    leave()

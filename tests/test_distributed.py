@@ -261,3 +261,31 @@ def test_sampling_ranks_read_the_same_steps(tmp_path):
         return [{k: v for k, v in r.items() if k != "time"} for r in recs]
 
     assert untimed(records[0]) == untimed(records[1])
+
+
+def test_batch_snr_under_ddp_is_the_global_batchs(tmp_path):
+    """Under DDP ``.grad`` is the mean over every rank's batch; BatchSNR's per-sample sums
+    cover every rank's samples too, so the records equal one process on the global batch."""
+    from sgdlens.lenses import BatchSNR
+    from tests._dist_worker import worker_batch_snr
+
+    mp.spawn(worker_batch_snr, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)  # fmt: skip
+    model = model_without_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR()], log_every=LOG_EVERY,
+                       detector=False)  # fmt: skip
+    for x, y in batches(STEPS, size=GLOBAL_BATCH):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    mon.close()
+    want = mon.history.records
+    keys = [k for k in want[-1] if k.startswith(("batch_snr", "gsnr"))]
+    assert len(keys) == 6  # whole model and two layers, two metrics
+    for r in range(2):
+        got = torch.load(tmp_path / f"batch_snr{r}.pt", weights_only=True)
+        assert [g["step"] for g in got] == [w["step"] for w in want]
+        for g, w in zip(got, want):
+            for k in keys:
+                assert g[k] == pytest.approx(w[k], rel=1e-4), (r, g["step"], k)

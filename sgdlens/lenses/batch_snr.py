@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sgdlens import _torch
+from sgdlens import _dist, _torch
 from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
 from sgdlens.lenses.per_sample import MODES, Disarm, PerSampleEngine, shared_engine
 
@@ -56,7 +56,8 @@ class BatchSNR(Lens):
     sequence/conv inputs, layer norms and the ``torch.func`` fallback: every layer is
     supported, at different cost. ``reduction`` tells
     how ``.grad`` relates to the per-example gradients (``"mean"``: their mean over the
-    step's examples; ``"sum"``: their sum).
+    step's examples; ``"sum"``: their sum). Under DDP, whose ``.grad`` is the mean over every
+    rank's batch, the per-sample sums are added up over the ranks at each logged step.
 
     With ``source="optimizer"`` the lens reads Adam-family state (``torch.optim.Adam``,
     ``AdamW``, ``NAdam``, ``RAdam``: anything with ``exp_avg``, ``exp_avg_sq`` and
@@ -214,17 +215,25 @@ class BatchSNR(Lens):
         gscale = 1.0 if self.reduction == "mean" else 1.0 / n  # ḡ = gscale · .grad
         gsq = step.grad_sq.index_select(0, idx)
         sum_sq = view.per_layer(sq * k2, which)
+        elems = [engine.elem[i] for i in which]
+        # Under DDP .grad is the mean over every rank's batch, so are the sums: every rank's
+        # samples, one all-reduce of the per-layer sums and one of the elementwise ones
+        replicas = _dist.replicas(view.sharded)
+        if replicas > 1:
+            sum_sq = _dist.all_sum_(sum_sq)
+            elems = _all_sum_list(elems)
+        n_all = n * replicas
         mean_sq = view.per_layer(gsq * gscale**2, which)
-        snr, _ = batch_snr_from_sums(sum_sq, mean_sq, n)
+        snr, _ = batch_snr_from_sums(sum_sq, mean_sq, n_all)
         ratios, sizes = [], []
-        for i in which:
-            p, e, g = view.params[i], engine.elem[i], step.grads[i]
+        for i, e in zip(which, elems):
+            p, g = view.params[i], step.grads[i]
             if e is None or g is None:
                 ratios.append(zero)
                 sizes.append(0)
                 continue
             gbar = (g.to_dense() if g.is_sparse else g).to(e.dtype) * gscale
-            second = e * (k2 / n) * inv.to(e.dtype)  # (1/n) Σ_i g_ik²
+            second = e * (k2 / n_all) * inv.to(e.dtype)  # (1/N) Σ_i g_ik² over all N examples
             var = second - gbar.square()
             ratios.append((gbar.square() / (var + self.eps)).sum().to(view.dtype))
             sizes.append(p.numel())
@@ -233,7 +242,7 @@ class BatchSNR(Lens):
         ok = step.ok
         state["snr"].copy_(torch.where(ok, snr, state["snr"]))
         state["gsnr"].copy_(torch.where(ok, ratio / size, state["gsnr"]))
-        total = torch.stack([mean_sq.sum() / ((sum_sq.sum() - n * mean_sq.sum()) / (n - 1)),
+        total = torch.stack([mean_sq.sum() / ((sum_sq.sum() - n_all * mean_sq.sum()) / (n_all - 1)),
                              ratio.sum() / size.sum()])  # fmt: skip
         state["all"].copy_(torch.where(ok, total, state["all"]))
         state["done"] += 1
@@ -287,3 +296,14 @@ class BatchSNR(Lens):
             "adam_snr": ms.sum() / vs.sum(),
             "adam_gsnr": rs.sum() / ns.sum(),
         }
+
+
+def _all_sum_list(tensors: list[Tensor | None]) -> list[Tensor | None]:
+    """Every rank's sum of each tensor (``None`` kept), in one all-reduce per dtype."""
+    present = [t for t in tensors if t is not None]
+    for dtype in dict.fromkeys(t.dtype for t in present):  # the same order on every rank
+        same = [t for t in present if t.dtype == dtype]
+        flat = _dist.all_sum_(torch.cat([t.reshape(-1) for t in same]))
+        for t, part in zip(same, flat.split([t.numel() for t in same])):
+            t.copy_(part.view_as(t))
+    return tensors

@@ -498,7 +498,7 @@ class NoiseScale(Lens):
             small = acc * m
         else:  # G_small_j = Δ_j / b, G_big = .grad / (m b)
             small, big = acc / (m * b * b), big / (n_total * n_total)
-        self.feed_two_batch(state, small, big, b, _replicas(view) * n_total, step.ok)
+        self.feed_two_batch(state, small, big, b, _dist.replicas(view.sharded) * n_total, step.ok)
 
     def _update_ranks(self, state: State, step: Step) -> None:
         world = _dist.rank_and_size()[1]
@@ -526,7 +526,7 @@ class NoiseScale(Lens):
             small = s * n
         else:  # g_s = c_s, ḡ = .grad / n
             small, big = s / n, big / (n * n)
-        self.feed_two_batch(state, small, big, 1, _replicas(view) * n, step.ok)
+        self.feed_two_batch(state, small, big, 1, _dist.replicas(view.sharded) * n, step.ok)
 
     def feed_two_batch(
         self, state: State, small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float,
@@ -568,7 +568,7 @@ class NoiseScale(Lens):
         n = state["n"]
         corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
         g2, tr = state["g2"] / corr, state["tr"] / corr
-        if self._mode == "ranks" or _replicas(view) > 1:
+        if self._mode == "ranks" or _dist.replicas(view.sharded) > 1:
             # average |G_small|² over ranks (each rank's own small batches): the EMAs are
             # linear in it; one all-reduce per record
             world = _dist.rank_and_size()[1]
@@ -592,13 +592,3 @@ class NoiseScale(Lens):
             "grad_sq_norm": g2_all,
             "batch_over_noise_scale": batch / ns_all,
         }
-
-
-def _replicas(view: ParamView) -> int:
-    """How many ranks' batches the optimizer's gradient averages: the world size under data
-    parallelism with replicated parameters (DDP averages the ranks' gradients), else 1.
-
-    The micro-batch and per-sample estimators read this rank's batches, but ``.grad`` after
-    DDP's all-reduce is the gradient of the global batch, ``world`` times the local one.
-    """
-    return 1 if view.sharded else _dist.rank_and_size()[1]
