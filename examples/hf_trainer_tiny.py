@@ -6,9 +6,13 @@ text is generated here from a small grammar ("the red cat sees a small dog."), t
 characters. ``attach(trainer)`` places sgdlens's callback before the ``report_to``
 integrations and feeds it each batch's loss. The script prints, at logging steps, the
 Trainer's loss beside sgdlens's (the same number, measured independently) and the gradient
-SNR for the whole model and two layers: above 1 for the first ~20 steps while the loss falls
-fast (drift), then well below 1 (diffusion). It also prints the phase events as they happen
-and a sentence the trained model writes.
+SNR for the whole model and two layers. The whole model's reads above 1 for the first ~20
+steps while the loss falls fast (drift: the token embedding and the final LayerNorm carry
+it, and the detector calls them and the model drift at step 10), then well below 1
+(diffusion). The two block layers shown read below 1 from the first record: the blocks never
+drift here, and the detector, which smooths over 250 steps, calls them diffusion when its
+250-step warm-up ends, and the whole model at about step 140. It also prints the phase
+events as they happen and a sentence the trained model writes.
 
 Run: ``OMP_NUM_THREADS=1 python examples/hf_trainer_tiny.py`` (about 30 s on one CPU core).
 Needs: ``pip install "sgdlens[transformers]"``.
