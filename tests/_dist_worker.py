@@ -236,47 +236,34 @@ def worker_noise_scale_no_sync(
     leave()
 
 
-def worker_sampled(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """FSDP2 with PhaseMonitor(overhead_budget=...) set differently on each rank: rank 0 can
-    afford every step, rank 1 almost none."""
+def worker_records(rank: int, world: int, init_file: str, out_dir: str, name: str) -> None:
+    """Train on this rank's share of the global batches; save the records as ``<name><rank>.pt``.
+
+    ``"sampled"``: FSDP2 with ``overhead_budget`` set differently on each rank (rank 0 can
+    afford every step, rank 1 almost none). ``"batch_snr"``: DDP with BatchSNR reading each
+    rank's samples.
+    """
     from torch.distributed.fsdp import fully_shard
 
-    init(rank, world, init_file)
-    try:
-        model = model_without_dropout()
-        net = fully_shard(model)
-        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        mon = PhaseMonitor(opt, model=model, log_every=LOG_EVERY * 2, detector=False,
-                           overhead_budget=1.0 if rank == 0 else 1e-6)  # fmt: skip
-        for x, y in batches(STEPS, size=GLOBAL_BATCH):
-            opt.zero_grad()
-            F.cross_entropy(net(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
-            opt.step()
-        mon.close()
-        torch.save(mon.history.records, os.path.join(out_dir, f"sampled{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    leave()
-
-
-def worker_batch_snr(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """DDP training with BatchSNR reading each rank's samples."""
     from sgdlens.lenses import BatchSNR
 
     init(rank, world, init_file)
     try:
         model = model_without_dropout()
-        ddp = DDP(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR()], log_every=LOG_EVERY,
-                           detector=False)  # fmt: skip
+        if name == "sampled":
+            net: torch.nn.Module = fully_shard(model)
+            kwargs: dict = {"log_every": LOG_EVERY * 2,
+                            "overhead_budget": 1.0 if rank == 0 else 1e-6}  # fmt: skip
+        else:
+            net, kwargs = DDP(model), {"log_every": LOG_EVERY, "lenses": [BatchSNR()]}
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        mon = PhaseMonitor(opt, model=model, detector=False, **kwargs)
         for x, y in batches(STEPS, size=GLOBAL_BATCH):
             opt.zero_grad()
-            F.cross_entropy(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+            F.cross_entropy(net(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
             opt.step()
         mon.close()
-        torch.save(mon.history.records, os.path.join(out_dir, f"batch_snr{rank}.pt"))
+        torch.save(mon.history.records, os.path.join(out_dir, f"{name}{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -250,10 +250,10 @@ def test_noise_scale_from_local_batches_under_ddp(tmp_path, estimator):
 def test_sampling_ranks_read_the_same_steps(tmp_path):
     """Each rank times its own steps, but all of them read the steps rank 0 chooses: under
     FSDP a read step holds a collective, and the records must agree."""
-    from tests._dist_worker import worker_sampled
+    from tests._dist_worker import worker_records
 
-    mp.spawn(worker_sampled, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)  # fmt: skip
+    mp.spawn(worker_records, args=(2, str(tmp_path / "init"), str(tmp_path), "sampled"),
+             nprocs=2, join=True)  # fmt: skip
     records = [torch.load(tmp_path / f"sampled{r}.pt", weights_only=True) for r in range(2)]
     assert [r["update_every"] for r in records[0]] == [1, 1]  # rank 0 affords every step
 
@@ -267,10 +267,10 @@ def test_batch_snr_under_ddp_is_the_global_batchs(tmp_path):
     """Under DDP ``.grad`` is the mean over every rank's batch; BatchSNR's per-sample sums
     cover every rank's samples too, so the records equal one process on the global batch."""
     from sgdlens.lenses import BatchSNR
-    from tests._dist_worker import worker_batch_snr
+    from tests._dist_worker import worker_records
 
-    mp.spawn(worker_batch_snr, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)  # fmt: skip
+    mp.spawn(worker_records, args=(2, str(tmp_path / "init"), str(tmp_path), "batch_snr"),
+             nprocs=2, join=True)  # fmt: skip
     model = model_without_dropout()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR()], log_every=LOG_EVERY,
