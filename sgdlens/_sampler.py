@@ -9,9 +9,8 @@ work per step, it reads a fraction ``f`` of the steps with ``f·r + (1 − f)·s
 The lenses then read every ``every``-th step, every log step, and every step a lens declares
 due (``GradSNR`` closing a window), and at least 4 steps per log interval. Under
 torch.distributed every rank takes rank 0's ``every`` (one broadcast per log point), so that
-the ranks read the same steps. Lenses that
-accumulate through hooks (``every_step = True``: the per-sample and micro-batch estimators)
-still update at every step.
+the ranks read the same steps. Lenses that accumulate through hooks (``every_step = True``:
+the per-sample and micro-batch estimators) still update at every step.
 """
 
 from __future__ import annotations
