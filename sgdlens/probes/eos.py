@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sgdlens._optim import unwrap_optimizer
-from sgdlens.probes._common import (
-    check_int,
-)
-from sgdlens.probes.sharpness import SharpnessResult
+from sgdlens.probes._common import LossFn, check_int, own_generator
+from sgdlens.probes.hvp import Operator
+from sgdlens.probes.restore import preserved
+from sgdlens.probes.sharpness import SharpnessResult, adam_preconditioner, solve
 
 __all__ = ["eos_ratio", "eos_threshold"]
 
 
-def _group(opt: torch.optim.Optimizer, group: int | None) -> dict[str, Any]:
-    keys = ("lr", "momentum", "nesterov", "dampening", "betas", "weight_decay")
+def _group(
+    opt: torch.optim.Optimizer, group: int | None, ignore: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    every = ("lr", "momentum", "nesterov", "dampening", "betas", "weight_decay")
+    keys = [k for k in every if k not in ignore]
     if group is None:
         first = opt.param_groups[0]
         for i, g in enumerate(opt.param_groups[1:], start=1):
@@ -151,3 +155,50 @@ def eos_ratio(
     if isinstance(opt, torch.optim.SGD):
         value += float(_num(_group(opt, group).get("weight_decay", 0.0)) or 0.0)
     return value / thr
+
+
+def per_group_rates(opt: torch.optim.Optimizer) -> bool:
+    """Whether the groups' learning rates (for SGD, or weight decays) differ, so that the
+    ratio needs :func:`rate_weighted_ratio`; ValueError where another hyper-parameter of the
+    threshold (momentum, betas, ...) differs: no one threshold applies then."""
+    _group(opt, None, ignore=("lr", "weight_decay"))
+    adam = isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
+    keys = ("lr",) if adam else ("lr", "weight_decay")
+    return any(
+        _num(g.get(k)) != _num(opt.param_groups[0].get(k)) for g in opt.param_groups for k in keys
+    )
+
+
+def rate_weighted_ratio(
+    model: nn.Module, loss_fn: LossFn, data: Any, opt: torch.optim.Optimizer,
+    params: list[Tensor], adam: bool, tol: float, v0: Mapping[str, Tensor] | None,
+) -> tuple[float, SharpnessResult]:  # fmt: skip
+    """The edge-of-stability ratio under per-group learning rates (and, for SGD, weight decays).
+
+    Gradient descent with a learning rate ``η_i`` per parameter on a quadratic of Hessian ``H``
+    (plus weight decay ``w_i``) is stable while every eigenvalue of
+    ``η^{1/2} (H + diag w) η^{1/2}`` stays below 2: no single rate's ``2/η`` is the edge. With
+    ``r_i = η_i/η_max`` that is ``λ_max(r^{1/2} (H + diag w) r^{1/2}) < 2/η_max``, and
+    momentum (one β for every group) moves the bound to :func:`eos_threshold` at ``η_max``.
+    Adam's per-parameter rate is ``η_i / P_i``: ``λ_max(r^{1/2} P^{-1/2} H P^{-1/2} r^{1/2})``
+    against the threshold at ``η_max``. Returns the ratio and the result it came from.
+    """
+    groups = opt.param_groups
+    top = max(range(len(groups)), key=lambda i: float(_num(groups[i]["lr"])))
+    threshold = eos_threshold(opt, group=top)
+    lr_max = float(_num(groups[top]["lr"]))
+    where = {id(p): g for g in groups for p in g["params"]}
+    with preserved(model):
+        op = Operator(model, loss_fn, data, "eval", params=params)
+        rate = {id(p): float(_num(where[id(p)]["lr"])) / lr_max for p in params}
+        decay = {id(p): float(_num(where[id(p)].get("weight_decay", 0.0)) or 0.0) for p in params}
+        ones = [torch.ones_like(p) for p in params]
+        r = op.space.flatten([rate[id(p)] * o for p, o in zip(params, ones)])
+        if adam:
+            pre = adam_preconditioner(model, opt, op.space.names)
+            op.scale = (r / op.space.flatten([pre[n] for n in op.space.names])).sqrt()
+        else:
+            op.scale = r.sqrt()
+            op.shift = r * op.space.flatten([decay[id(p)] * o for p, o in zip(params, ones)])
+        res = solve(op, 1, "LA", tol, None, "lanczos", v0, own_generator(None), True)
+    return res.value / threshold, res

@@ -17,7 +17,7 @@ per batch; a finite-difference HVP is two forward and two backward passes per ba
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +52,9 @@ class _NoDoubleBackward(Exception):
 
 
 class Operator:
-    """Hessian (optionally preconditioned, ``D H D``) of the mean loss, as a flat matvec."""
+    """Hessian of the mean loss as a flat matvec: ``H v``, or ``D H D v + c v`` with the
+    diagonal ``scale`` D and ``shift`` c when set; over the trainable parameters, or those of
+    them in ``params`` (the others held at their values)."""
 
     def __init__(
         self,
@@ -63,9 +65,13 @@ class Operator:
         method: str = "auto",
         fd_step: float | None = None,
         scale: Tensor | None = None,
+        params: Collection[Tensor] | None = None,
     ) -> None:
         self.batches = as_batches(data)
         self.items = trainable(model)
+        if params is not None:
+            ids = {id(p) for p in params}
+            self.items = [(n, p) for n, p in self.items if id(p) in ids]
         self.space = Space.of(self.items)
         self.theta = [p.detach() for _, p in self.items]
         self.theta_flat = self.space.flatten(self.theta)
@@ -78,6 +84,7 @@ class Operator:
         self.fd_step_arg = fd_step
         self.fd_step: float | None = None
         self.scale = scale
+        self.shift: Tensor | None = None
         self.hvps = 0
         set_mode(model, mode)
 
@@ -185,15 +192,14 @@ class Operator:
 
     def matvec(self, v: Tensor) -> Tensor:
         self.hvps += 1
-        if self.scale is None:
-            try:
-                return self._hessian_matvec(v)
-            except _NoDoubleBackward as e:
-                raise RuntimeError(_exact_failed(e)) from e
         try:
-            return self.scale * self._hessian_matvec(self.scale * v)
+            if self.scale is None:
+                out = self._hessian_matvec(v)
+            else:
+                out = self.scale * self._hessian_matvec(self.scale * v)
         except _NoDoubleBackward as e:
             raise RuntimeError(_exact_failed(e)) from e
+        return out if self.shift is None else out + self.shift * v
 
 
 def _exact_failed(e: Exception) -> str:

@@ -15,7 +15,6 @@ the schedule; every record carries ``probe_time_fraction``, the fraction spent s
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
@@ -29,11 +28,12 @@ from torch import nn
 
 from sgdlens import _dist, _torch
 from sgdlens._optim import unwrap_optimizer
-from sgdlens.probes._common import check_fn, check_int, check_positive, fixed_data
-from sgdlens.probes.eos import eos_ratio
+from sgdlens.probes._common import check_fn, check_int, check_positive, fixed_data, own_generator
+from sgdlens.probes.eos import eos_ratio, per_group_rates, rate_weighted_ratio
+from sgdlens.probes.hvp import Operator
 from sgdlens.probes.interpolate import interpolate
 from sgdlens.probes.restore import preserved
-from sgdlens.probes.sharpness import sharpness
+from sgdlens.probes.sharpness import adam_preconditioner, held_params, solve
 from sgdlens.probes.trace import hessian_trace
 from sgdlens.schema import Key
 
@@ -57,6 +57,11 @@ class Probe:
         keys: the keys ``fn`` returns, as whole-model :class:`~sgdlens.schema.Key` s
             (``per_layer=False``), for the run header's schema; names alone are taken as
             undescribed keys on a log scale.
+        check: ``check(model)`` raises TypeError/ValueError for a model ``fn`` cannot
+            measure (a reference of another architecture, say); the scheduler calls it once,
+            before the first run (at construction where it is given the model), and a probe
+            it refuses is dropped from the schedule with one warning instead of failing at
+            every log point.
 
     Example:
         >>> probe = Probe(lambda model, opt: {"w0": float(next(model.parameters())[0, 0])},
@@ -73,6 +78,7 @@ class Probe:
         on_event: bool = False,
         state: dict[str, Any] | None = None,
         keys: Sequence[Key | str] = (),
+        check: Callable[[nn.Module], Any] | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"Probe(fn=...) must be callable as fn(model, optimizer), got {fn!r}")
@@ -94,7 +100,9 @@ class Probe:
                 f"Probe(state=...) must be a dict that fn keeps between runs, or None, got "
                 f"{type(state).__name__}"
             )
-        self.fn, self.name = fn, name
+        if check is not None and not callable(check):
+            raise TypeError(f"Probe(check=...) must be callable as check(model), got {check!r}")
+        self.fn, self.name, self.check = fn, name, check
         self.keys = tuple(k if isinstance(k, Key) else Key(k, per_layer=False) for k in keys)
         self.state: dict[str, Any] = {} if state is None else state
         self.every, self.per_decade, self.on_event = every, per_decade, on_event
@@ -122,7 +130,11 @@ class ProbeScheduler:
     """Runs a monitor's probes at log points, within a wall-time budget (used by the monitor)."""
 
     def __init__(
-        self, probes: Sequence[Probe], budget: float, replica: nn.Module | None = None
+        self,
+        probes: Sequence[Probe],
+        budget: float,
+        replica: nn.Module | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         names = [p.name for p in probes]
         if len(set(names)) != len(names):
@@ -134,6 +146,14 @@ class ProbeScheduler:
         self.spent = 0.0
         self.due = [p.next_after(0) for p in self.probes]
         self.cost = [0.0] * len(self.probes)
+        self.checked = [p.check is None for p in self.probes]
+        self.refused = [False] * len(self.probes)
+        target = replica if replica is not None else model
+        if target is not None:  # refuse a probe that cannot measure this model now
+            for p in self.probes:
+                if p.check is not None:
+                    p.check(target)
+            self.checked = [True] * len(self.probes)
 
     def run(
         self, step: int, events: bool, model: nn.Module, optimizer: torch.optim.Optimizer
@@ -141,7 +161,8 @@ class ProbeScheduler:
         out: dict[str, float] = {}
         elapsed = time.perf_counter() - self.start
         wanted = [
-            (step >= self.due[i] or (events and p.on_event))
+            not self.refused[i]
+            and (step >= self.due[i] or (events and p.on_event))
             # postponed while over budget: the schedule stretches until the budget allows it
             and self.spent + self.cost[i] <= self.budget * (elapsed + self.cost[i])
             for i, p in enumerate(self.probes)
@@ -164,7 +185,18 @@ class ProbeScheduler:
                 continue
             t0 = time.perf_counter()
             values = {}
-            if here:
+            if here and not self.checked[i] and probe.check is not None:
+                self.checked[i] = True
+                try:
+                    probe.check(target)
+                except (TypeError, ValueError) as e:
+                    self.refused[i] = True
+                    warnings.warn(
+                        f"probe {probe.name!r} cannot run on this model and is dropped from the "
+                        f"schedule: {e}",
+                        stacklevel=4,
+                    )
+            if here and not self.refused[i]:
                 try:
                     with torch.enable_grad(), preserved(target, opt):
                         values = dict(probe.fn(target, opt))
@@ -239,8 +271,19 @@ def sharpness_probe(
     ``sharpness`` is the preconditioned sharpness λ_max(P^{-1/2} H P^{-1/2}) that Cohen et al.
     2022 compare with the threshold; for every other optimizer (SGD, and also NAdam, RAdam,
     Adamax, Adagrad, RMSprop, ... which have no threshold here) it is the plain λ_max(H),
-    without ``eos_ratio``. Each run warm-starts Lanczos from the previous top eigenvector,
-    which the monitor's checkpoint carries.
+    without ``eos_ratio``. The Hessian is taken over the parameters the optimizer holds (a
+    frozen body, or one another optimizer trains, is held fixed): those are the ones whose
+    steps the threshold is about, and only they have Adam state to precondition with.
+
+    With per-group learning rates (or, for SGD, per-group weight decays) no one group's
+    threshold is the edge: gradient descent with a rate ``η_i`` per parameter is stable while
+    ``λ_max(η^{1/2} (H + diag w) η^{1/2}) < 2``, and the top eigenvector mixes the groups. So
+    ``eos_ratio`` is then exact for that: ``λ_max(r^{1/2} (H + diag w) r^{1/2})`` with
+    ``r = η/η_max`` (Adam: ``r^{1/2} P^{-1/2} H P^{-1/2} r^{1/2}``) over the threshold at
+    ``η_max``, from a second Lanczos run (twice the cost; ``sharpness`` stays as above).
+    Groups that differ in momentum or betas have no one threshold: ``eos_ratio`` is left out,
+    with one warning. Each run warm-starts Lanczos from the previous top eigenvector, which the
+    monitor's checkpoint carries.
 
     Cost: one Hessian-vector product (1 forward + 2 backward per batch of ``data``) per Lanczos
     iteration, typically 5-20.
@@ -264,16 +307,37 @@ def sharpness_probe(
     data = fixed_data(data)
     tol = check_positive(tol, "tol", "; the relative residual at which Lanczos stops, e.g. 1e-3")
     last: dict[str, Any] = {}
+    warned: list[bool] = []
 
     def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
         real = unwrap_optimizer(opt)
         adam = isinstance(real, (torch.optim.Adam, torch.optim.AdamW)) and bool(real.state)
-        res = sharpness(model, loss_fn, data, tol=tol, v0=last.get("v"), return_vectors=True,
-                        preconditioner=real if adam else None)  # fmt: skip
+        held = held_params(model, real)
+        with preserved(model):  # over the parameters the optimizer holds
+            op = Operator(model, loss_fn, data, "eval", params=held)
+            if adam:
+                pre = adam_preconditioner(model, real, op.space.names)
+                op.scale = op.space.flatten([pre[n] for n in op.space.names]).rsqrt()
+            res = solve(op, 1, "LA", tol, None, "lanczos", _start(last, "v", op.space.names),
+                        own_generator(None), True)  # fmt: skip
         last["v"] = {k: v.clone() for k, v in res.vector(0).items()}
         out = {"sharpness": float(res.value), "sharpness_hvps": float(res.hvps)}
-        with contextlib.suppress(TypeError, ValueError):  # no threshold for this optimizer
-            out["eos_ratio"] = eos_ratio(res, real)
+        if not (adam or isinstance(real, torch.optim.SGD)):
+            return out  # no threshold for this optimizer (or Adam before its first step)
+        try:
+            if not per_group_rates(real):
+                out["eos_ratio"] = eos_ratio(res, real)
+                return out
+            v0 = _start(last, "v_rates", op.space.names)
+            ratio, scaled = rate_weighted_ratio(model, loss_fn, data, real, held, adam, tol, v0)
+        except ValueError as e:  # groups differ in momentum or betas, or lr = 0
+            if not warned:
+                warned.append(True)
+                warnings.warn(f"{name}: no eos_ratio in the records: {e}", stacklevel=2)
+            return out
+        last["v_rates"] = {k: v.clone() for k, v in scaled.vector(0).items()}
+        out["eos_ratio"] = ratio
+        out["sharpness_hvps"] += scaled.hvps
         return out
 
     keys = (
@@ -283,6 +347,12 @@ def sharpness_probe(
     )
     return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event, state=last,
                  keys=keys)  # fmt: skip
+
+
+def _start(last: Mapping[str, Any], key: str, names: list[str]) -> Any:
+    """The previous run's eigenvector as a warm start, if it covers these parameters."""
+    v = last.get(key)
+    return v if v is not None and all(n in v for n in names) else None
 
 
 def trace_probe(
@@ -350,6 +420,10 @@ def barrier_probe(
         TypeError, ValueError: at construction, for a ``reference`` that is neither a state
             dict of tensors nor a module, a ``loss_fn`` that is not callable, empty or
             unreadable ``data``, ``steps < 2``, an empty ``name``, or a bad schedule.
+        ValueError: a ``reference`` whose names or shapes are not the model's (another
+            architecture), once: when the scheduler is built with the model, or else at the
+            first log point, where the probe is dropped from the schedule with one warning
+            naming the first mismatch.
 
     Example:
         >>> import torch
@@ -365,6 +439,20 @@ def barrier_probe(
         raise ValueError(f"barrier_probe(name={name!r}) must be a non-empty string, e.g. 'init'")
     state = {"reference": _snapshot(reference)}
 
+    def check(model: nn.Module) -> None:
+        ref = state["reference"]
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        bad = [k for k, t in own.items() if k not in ref or ref[k].shape != t.shape]
+        if bad:
+            k = bad[0]
+            theirs = tuple(ref[k].shape) if k in ref else "absent"
+            raise ValueError(
+                f"barrier_probe(reference=...) is not a state of the model's architecture: "
+                f"{k!r} is {theirs} in the reference and {tuple(own[k].shape)} in the model "
+                f"({len(bad)} of {len(own)} entries differ); pass a state dict of this model, "
+                "e.g. copy.deepcopy(model.state_dict()) saved at initialisation"
+            )
+
     def fn(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
         res = interpolate(state["reference"], model, loss_fn, data, steps=steps, model=model)
         return {
@@ -377,7 +465,7 @@ def barrier_probe(
         Key(f"error_barrier/{name}", "loss above the ends (Frankle)", False, scale="linear"),
     )
     return Probe(fn, name=f"barrier/{name}".replace("/", "-"), every=every, per_decade=per_decade,
-                 on_event=on_event, state=state, keys=keys)  # fmt: skip
+                 on_event=on_event, state=state, keys=keys, check=check)  # fmt: skip
 
 
 def _snapshot(reference: Any) -> dict[str, torch.Tensor]:

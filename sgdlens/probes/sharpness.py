@@ -171,7 +171,10 @@ def sharpness(
     ``|Hy - λy| <= tol * |λ|`` (an upper bound on each eigenvalue's error). With
     ``preconditioner=`` an Adam/AdamW optimizer, the eigenvalues are those of
     ``P^{-1/2} H P^{-1/2}`` with ``P = diag(sqrt(v̂) + ε)`` from its state — Adam's
-    preconditioned sharpness (Cohen et al. 2022), to compare with :func:`eos_threshold`.
+    preconditioned sharpness (Cohen et al. 2022), to compare with :func:`eos_threshold` —
+    with ``H`` over the parameters the optimizer holds, the model's other trainable
+    parameters held fixed (a frozen body, or one another optimizer trains): Adam only moves
+    its own, so the block of the Hessian over them sets its stability.
 
     Cost: one HVP per iteration (``result.hvps``; about 10-20 for ``k=1`` at ``tol=1e-3`` on
     typical networks), each one forward and two backward passes per batch; memory for
@@ -190,7 +193,8 @@ def sharpness(
             does; largest magnitude only).
         v0: starting vector (dict or flat), e.g. the previous probe's eigenvector.
         generator: for the random starting vector.
-        preconditioner: ``None`` or an Adam/AdamW optimizer (preconditioned sharpness).
+        preconditioner: ``None`` or an Adam/AdamW optimizer (preconditioned sharpness, over
+            the parameters it holds).
         return_vectors: keep the Ritz vectors in the result.
         method: HVP method, ``"auto"``, ``"exact"`` or ``"fd"`` (see :func:`hvp`).
         mode: ``"eval"`` (default) or ``"train"``.
@@ -225,39 +229,59 @@ def sharpness(
     mode = check_mode(mode)
     fd_step = check_fd_step(fd_step)
     generator = check_generator(generator)
-    if preconditioner is not None:
-        unwrap_optimizer(preconditioner, "preconditioner")
+    held = None if preconditioner is None else held_params(model, preconditioner)
     with preserved(model):
         generator = own_generator(generator)
-        op = Operator(model, loss_fn, data, mode, method, fd_step)
+        op = Operator(model, loss_fn, data, mode, method, fd_step, params=held)
         if preconditioner is not None:
-            pre = adam_preconditioner(model, preconditioner)
+            pre = adam_preconditioner(model, preconditioner, op.space.names)
             op.scale = op.space.flatten([pre[n] for n in op.space.names]).rsqrt()
-        n = op.n
-        if k > n:
-            raise ValueError(f"k={k} exceeds the number of trainable parameters ({n})")
-        if v0 is None:
-            start = random_unit(n, op.theta_flat, generator)
-        else:
-            start = as_flat(v0, op.space, "v0").to(op.theta_flat.device)
-            if float(start.norm()) == 0.0:
-                raise ValueError("v0 is the zero vector; pass a nonzero start or None")
-        iters = max_iter if max_iter is not None else max(100, 4 * k)
-        if algorithm == "lanczos":
-            evals, vecs, res, _, conv = lanczos(op.matvec, start, k, iters, tol, which, generator)
-        else:
-            evals, vecs, res, _, conv = power_iteration(op.matvec, start, k, iters, tol, generator)
-        return SharpnessResult(
-            eigenvalues=evals.to(torch.float64).cpu(),
-            residuals=res.to(torch.float64).cpu(),
-            hvps=op.hvps,
-            converged=conv,
-            method=str(op.method),
-            algorithm=algorithm,
-            which=which,
-            preconditioned=op.scale is not None,
-            eigenvectors=vecs.detach() if return_vectors else None,
-            names=tuple(op.space.names),
-            shapes=tuple(op.space.shapes),
-            fallback_reason=op.fallback_reason,
+        return solve(op, k, which, tol, max_iter, algorithm, v0, generator, return_vectors)
+
+
+def held_params(model: nn.Module, optimizer: Any) -> list[Tensor]:
+    """The model's trainable parameters that ``optimizer`` holds (the ones it updates)."""
+    opt = unwrap_optimizer(optimizer, "preconditioner")
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    out = [p for _, p in trainable(model) if id(p) in ids]
+    if not out:
+        raise ValueError(
+            f"the {type(opt).__name__} holds none of the model's trainable parameters; pass the "
+            "optimizer that trains this model"
         )
+    return out
+
+
+def solve(
+    op: Operator, k: int, which: str, tol: float, max_iter: int | None, algorithm: str,
+    v0: Mapping[str, Tensor] | Tensor | None, generator: torch.Generator, return_vectors: bool,
+) -> SharpnessResult:  # fmt: skip
+    """Top-``k`` eigenpairs of the operator ``op`` (see :func:`sharpness`)."""
+    n = op.n
+    if k > n:
+        raise ValueError(f"k={k} exceeds the number of trainable parameters ({n})")
+    if v0 is None:
+        start = random_unit(n, op.theta_flat, generator)
+    else:
+        start = as_flat(v0, op.space, "v0").to(op.theta_flat.device)
+        if float(start.norm()) == 0.0:
+            raise ValueError("v0 is the zero vector; pass a nonzero start or None")
+    iters = max_iter if max_iter is not None else max(100, 4 * k)
+    if algorithm == "lanczos":
+        evals, vecs, res, _, conv = lanczos(op.matvec, start, k, iters, tol, which, generator)
+    else:
+        evals, vecs, res, _, conv = power_iteration(op.matvec, start, k, iters, tol, generator)
+    return SharpnessResult(
+        eigenvalues=evals.to(torch.float64).cpu(),
+        residuals=res.to(torch.float64).cpu(),
+        hvps=op.hvps,
+        converged=conv,
+        method=str(op.method),
+        algorithm=algorithm,
+        which=which,
+        preconditioned=op.scale is not None,
+        eigenvectors=vecs.detach() if return_vectors else None,
+        names=tuple(op.space.names),
+        shapes=tuple(op.space.shapes),
+        fallback_reason=op.fallback_reason,
+    )
