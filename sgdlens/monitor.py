@@ -196,6 +196,11 @@ class PhaseMonitor:
         indices = range(len(lens_list))
         self._every_step = [i for i in indices if getattr(lens_list[i], "every_step", False)]
         self.sampler.due = [i for i in indices if callable(getattr(lens_list[i], "due", None))]
+        # built before any hook is attached: a probe it refuses leaves nothing behind
+        self.probes = (
+            ProbeScheduler(probe_list, float(probe_budget), probe_model, model=model)
+            if probe_list else None
+        )  # fmt: skip
         # lenses that watch more than the optimizer (module or gradient hooks) attach here
         self._lens_handles = []
         try:
@@ -215,9 +220,6 @@ class PhaseMonitor:
         self._observed_names: dict[str, None] = {}  # every name observed (the header's schema)
         self._warned: set[str] = set()
         self.detector = found
-        self.probes = (
-            ProbeScheduler(probe_list, float(probe_budget), probe_model) if probe_list else None
-        )
         self._callbacks: list[Callable[[PhaseEvent], Any]] = []
         # ring of (last observed loss, squared gradient norm) per updated step, on device, and
         # the step index of each row, on the host

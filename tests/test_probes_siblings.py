@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgdlens import PhaseMonitor, probes
+from sgdlens import PhaseMonitor, lenses, probes
 from sgdlens.probes.scheduled import ProbeScheduler
 from tests._train import batches, make_model
 
@@ -156,23 +156,33 @@ def test_barrier_reference_of_another_architecture_is_refused_with_the_model(ref
         ProbeScheduler([probe], budget=1.0, model=make_model())
 
 
-def test_barrier_reference_of_another_architecture_warns_once_in_a_monitor():
-    """Without the model at construction the monitor's first log point refuses it: one
-    warning, then the probe leaves the schedule (it warned at every log point before)."""
+def test_barrier_reference_of_another_architecture_is_refused_by_the_monitor():
+    """The monitor hands its model to the probe schedule before it attaches any hook: the
+    wrong reference is refused at construction and leaves no hook behind (it warned at every
+    log point before)."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = probes.barrier_probe(loss_ce, batches(1), other_width().state_dict(), every=2)
-    mon = PhaseMonitor(opt, model=model, log_every=2, probes=[probe], probe_budget=1.0)
+    with pytest.raises(ValueError, match=r"barrier_probe\(reference=\.\.\.\).*\(9, 5\)"):
+        PhaseMonitor(opt, model=model, lenses=[lenses.NoiseScale("per_sample")], log_every=2,
+                     probes=[probe], probe_budget=1.0)  # fmt: skip
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_barrier_reference_of_another_architecture_warns_once_without_the_model():
+    """A schedule built without the model refuses it at its first run: one warning, then the
+    probe leaves the schedule."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = probes.barrier_probe(loss_ce, batches(1), other_width().state_dict(), every=1)
+    schedule = ProbeScheduler([probe], budget=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for x, y in batches(8):
-            opt.zero_grad()
-            loss_ce(model, (x, y)).backward()
-            opt.step()
-    mon.close()
+        for step in (1, 2, 3):
+            assert not any(k.startswith("barrier") for k in schedule.run(step, False, model, opt))
     msgs = [str(w.message) for w in caught if "barrier" in str(w.message)]
     assert len(msgs) == 1 and "dropped from the schedule" in msgs[0] and "(9, 5)" in msgs[0]
-    assert not any("barrier/init" in r for r in mon.history.records)
 
 
 def test_barrier_reference_of_the_architecture_still_runs():
