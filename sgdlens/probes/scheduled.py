@@ -269,10 +269,11 @@ def sharpness_probe(
     :func:`~sgdlens.probes.eos_threshold` at the current learning rate, for the optimizers that
     have one) and ``sharpness_hvps``. For ``Adam``/``AdamW`` (once they have state)
     ``sharpness`` is the preconditioned sharpness λ_max(P^{-1/2} H P^{-1/2}) that Cohen et al.
-    2022 compare with the threshold; for every other optimizer (SGD, and also NAdam, RAdam,
-    Adamax, Adagrad, RMSprop, ... which have no threshold here) it is the plain λ_max(H),
-    without ``eos_ratio``. The Hessian is taken over the parameters the optimizer holds (a
-    frozen body, or one another optimizer trains, is held fixed): those are the ones whose
+    2022 compare with the threshold; for every other optimizer it is the plain λ_max(H),
+    with ``eos_ratio`` for SGD (see :func:`~sgdlens.probes.eos_threshold`) and without it
+    for those that have no threshold here (NAdam, RAdam, Adamax, Adagrad, RMSprop, ...). The
+    Hessian is taken over the parameters the optimizer holds (a frozen body, or one another
+    optimizer trains, is held fixed): those are the ones whose
     steps the threshold is about, and only they have Adam state to precondition with.
 
     With per-group learning rates (or, for SGD, per-group weight decays) no one group's
