@@ -99,6 +99,24 @@ def test_adam_over_part_of_the_model_preconditions_its_own_parameters(cls):
     assert res.names == ("a",) and res.value == pytest.approx(want, rel=1e-8)
 
 
+def test_adam_holding_a_parameter_it_never_moved_preconditions_the_others():
+    """Adam holds ``a`` and ``b``, but ``b`` never got a gradient (no Adam state): the probe
+    takes ``λ_max(P^{-1/2} H_aa P^{-1/2})`` over ``a``, ``b`` held fixed."""
+    model = quadratic()
+    opt = torch.optim.Adam([model.a, model.b], lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    for _ in range(3):
+        opt.zero_grad()
+        qloss(model, DATA).backward()
+        model.b.grad = None  # b gets no gradient: Adam skips it and keeps no state for it
+        opt.step()
+    assert not opt.state.get(model.b)
+    st = opt.state[model.a]
+    P = (st["exp_avg_sq"] / (1 - 0.99 ** float(st["step"]))).sqrt() + 1e-8
+    want = top(model.H[:2, :2] / P.sqrt()[:, None] / P.sqrt()[None, :])
+    out = run_probe(probes.sharpness_probe(qloss, DATA, every=1, tol=1e-10), model, opt)
+    assert all(o["sharpness"] == pytest.approx(want, rel=1e-8) for o in out)
+
+
 def test_sgd_over_part_of_the_model_takes_the_hessian_of_its_parameters():
     """The plain sharpness too is the block the optimizer moves: ``λ_max(H_bb)``."""
     model = quadratic()

@@ -314,6 +314,8 @@ def sharpness_probe(
         real = unwrap_optimizer(opt)
         adam = isinstance(real, (torch.optim.Adam, torch.optim.AdamW)) and bool(real.state)
         held = held_params(model, real)
+        if adam:  # a parameter Adam holds but has never moved (no gradient yet) is held fixed
+            held = [p for p in held if "exp_avg_sq" in real.state.get(p, {})] or held
         with preserved(model):  # over the parameters the optimizer holds
             op = Operator(model, loss_fn, data, "eval", params=held)
             if adam:
