@@ -1,9 +1,10 @@
 """Learning-rate schedules that act on the phase detector.
 
-:class:`PhaseLR` decays the learning rate when the whole model enters the diffusion phase,
-instead of at hand-picked milestones: the idea of statistical stationarity tests for SGD
-(Pflug 1983; Yaida 2018; Lang, Xiao & Zhang, *Using Statistics to Automate Stochastic
-Optimization*, NeurIPS 2019), with sgdlens's drift/diffusion detector as the test.
+:class:`PhaseLR` decays the learning rate when the whole model goes from the drift phase to
+the diffusion phase, instead of at hand-picked milestones: the idea of statistical
+stationarity tests for SGD (Pflug 1983; Yaida 2018; Lang, Xiao & Zhang, *Using Statistics to
+Automate Stochastic Optimization*, NeurIPS 2019), with sgdlens's drift/diffusion detector as
+the test.
 """
 
 from __future__ import annotations
@@ -35,17 +36,25 @@ def _steps(name: str, value: object) -> int:
 
 
 class PhaseLR(LRScheduler):
-    """Multiply every group's learning rate by ``factor`` when the whole model enters diffusion.
+    """Multiply every group's learning rate by ``factor`` when the model goes drift → diffusion.
 
     Call ``scheduler.step()`` after ``optimizer.step()``, every step or every epoch, as with
     any torch scheduler. At each call it reads ``monitor.phase`` (the whole-model phase of the
     monitor's :class:`~sgdlens.phase.PhaseDetector`) and ``monitor.step``. The rate is
-    decayed once per *diffusion episode*: when the model has been in diffusion for at least
-    ``patience_steps`` steps (counted from the first call that saw it there), and at least
-    ``cooldown_steps`` steps have passed since the last decay. A later episode (after the
-    model went back to drift, e.g. after a loss spike) decays again; an episode that starts
-    within the cooldown decays once the cooldown is over, if the model is still diffusing.
-    Rates never go below ``min_lr``.
+    decayed once per *diffusion episode* that the run entered **from drift** (the detector's
+    whole-model event ``drift → diffusion``, a loss-spike kick's return included): when the
+    model has been in diffusion for at least ``patience_steps`` steps (counted from the first
+    call that saw it there), and at least ``cooldown_steps`` steps have passed since the last
+    decay. A later episode (after the model went back to drift, e.g. after a loss spike)
+    decays again; an episode that starts within the cooldown decays once the cooldown is
+    over, if the model is still diffusing. Rates never go below ``min_lr``.
+
+    An episode entered straight from the detector's warm-up (``warmup → diffusion``: the
+    gradient SNR was below 1 from the first records, so the run has shown no transition)
+    does not decay unless ``from_warmup=True``. Measured in ``docs/phase_lr.md``: on three
+    small tasks whose SNR is below 1 from the start, cutting at the warm-up's end lost to the
+    constant rate on all three, and none of the loss-stationarity triggers tried did
+    reliably better than the constant rate.
 
     It is chainable: it multiplies the rate in ``group["lr"]`` as it finds it, so it composes
     with warm-up (``LinearLR``) or any other chainable scheduler stepped beside it, or inside
@@ -65,6 +74,9 @@ class PhaseLR(LRScheduler):
         patience_steps: steps the model must stay in diffusion before the decay. 0: the
             detector's dwell already confirms the phase.
         cooldown_steps: steps after a decay during which no other decay happens. 0.
+        from_warmup: also decay in a diffusion episode entered straight from the warm-up
+            (the earlier rule: a cut at the warm-up's end whenever the run starts with SNR
+            below 1). False.
         last_epoch: as for every torch scheduler (-1: start afresh).
 
     Raises:
@@ -93,6 +105,8 @@ class PhaseLR(LRScheduler):
     decayed: bool
     last_decay: int | None
     decays: int
+    from_warmup: bool
+    entered_from: str | None
 
     def __init__(
         self,
@@ -102,6 +116,7 @@ class PhaseLR(LRScheduler):
         min_lr: float | Sequence[float] = 0.0,
         patience_steps: int = 0,
         cooldown_steps: int = 0,
+        from_warmup: bool = False,
         last_epoch: int = -1,
     ) -> None:
         opt = unwrap_optimizer(optimizer, "PhaseLR(optimizer=...)")
@@ -129,6 +144,11 @@ class PhaseLR(LRScheduler):
                 f"PhaseLR(factor={factor!r}): factor must lie in (0, 1) (it multiplies the "
                 "rate at each decay); pass e.g. factor=0.1"
             )
+        if not isinstance(from_warmup, bool):
+            raise TypeError(
+                f"PhaseLR(from_warmup={from_warmup!r}): from_warmup must be a bool; "
+                "pass from_warmup=False (decay only after drift) or True"
+            )
         n = len(opt.param_groups)
         mins = list(min_lr) if isinstance(min_lr, Sequence) else [min_lr] * n
         if len(mins) != n or not all(
@@ -147,18 +167,32 @@ class PhaseLR(LRScheduler):
         self.decayed = False  # this diffusion episode has had its decay
         self.last_decay = None  # monitor step of the last decay
         self.decays = 0
+        self.from_warmup = from_warmup
+        self.entered_from = None  # the phase this diffusion episode came from
         super().__init__(opt, last_epoch)
 
     def _due(self) -> bool:
         """Whether this call should decay (updates the episode bookkeeping)."""
         t = self.monitor.step
         if self.monitor.phase != "diffusion":
-            self.diffusing_since, self.decayed = None, False
+            self.diffusing_since, self.decayed, self.entered_from = None, False, None
             return False
         if self.diffusing_since is None:
             self.diffusing_since = t
+        if self.entered_from is None:  # once per episode (or a state saved before this key)
+            self.entered_from = self._entry()
+        if self.entered_from != "drift" and not self.from_warmup:
+            return False
         cooled = self.last_decay is None or t - self.last_decay >= self.cooldown_steps
         return not self.decayed and cooled and t - self.diffusing_since >= self.patience_steps
+
+    def _entry(self) -> str:
+        """The phase the whole model left for its current diffusion episode (its last event
+        into diffusion; ``"warmup"`` when the events hold none)."""
+        for event in reversed(self.monitor.events):
+            if event.layer == "" and event.new == "diffusion":
+                return event.old
+        return "warmup"
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """The rates for this step: the current ones, times ``factor`` at a decay."""

@@ -1,4 +1,4 @@
-"""PhaseLR: torch's scheduler protocol, decays at diffusion entries, clear errors."""
+"""PhaseLR: torch's scheduler protocol, decays at drift → diffusion entries, clear errors."""
 
 from __future__ import annotations
 
@@ -77,6 +77,64 @@ def test_each_later_entry_decays_again_after_the_cooldown():
     mon.close()
 
 
+def whole_model(mon, new="diffusion"):
+    return [(e.step, e.old) for e in mon.events if e.layer == "" and e.new == new]
+
+
+def test_no_decay_when_the_run_enters_diffusion_straight_from_the_warm_up():
+    """SNR below 1 from the first record: warmup → diffusion is no transition the run showed."""
+    p, opt, mon = setup()
+    sched = PhaseLR(opt, mon, factor=0.1)
+    lrs = drive(p, opt, mon, [sched], 400, switches=(0,))
+    ((entry, old),) = whole_model(mon)
+    assert old == "warmup" and entry <= 50
+    assert decays(mon) == [] and set(lrs) == {0.5} and sched.decays == 0
+    assert sched.entered_from == "warmup"
+    mon.close()
+    # from_warmup=True: the earlier rule, a cut at the warm-up's end
+    p, opt, mon = setup()
+    sched = PhaseLR(opt, mon, factor=0.1, from_warmup=True)
+    lrs = drive(p, opt, mon, [sched], 400, switches=(0,))
+    assert [e.step for e in decays(mon)] == [entry]
+    assert lrs[entry - 2] == 0.5 and lrs[entry - 1] == pytest.approx(0.05)
+    mon.close()
+
+
+def test_warm_up_entry_then_drift_then_diffusion_decays_at_the_drift_entry_only():
+    p, opt, mon = setup()
+    sched = PhaseLR(opt, mon, factor=0.1)
+    lrs = drive(p, opt, mon, [sched], 800, switches=(0, 300, 500))
+    entries = whole_model(mon)
+    assert [old for _, old in entries] == ["warmup", "drift"]
+    second = entries[1][0]
+    assert 500 < second < 600 and [e.step for e in decays(mon)] == [second]
+    assert lrs[second - 2] == 0.5 and lrs[second - 1] == pytest.approx(0.05)
+    mon.close()
+
+
+def test_the_return_to_diffusion_after_a_loss_spike_kick_decays():
+    """A spike kicks the whole model from diffusion to drift; its return is a drift entry."""
+    p = nn.Parameter(torch.zeros(8))
+    opt = torch.optim.SGD([p], lr=0.5)
+    det = PhaseDetector(window=30, dwell=10, warmup=30, spike_window=200)
+    mon = PhaseMonitor(opt, lenses=[lenses.GradSNR(window=10)], log_every=10, detector=det)
+    sched = PhaseLR(opt, mon, factor=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(600):
+        p.grad = 0.02 + 0.35 * torch.randn(8, generator=gen)  # diffusion throughout
+        loss = 1.0 + 0.01 * float(torch.randn((), generator=gen))
+        mon.observe(loss=loss * (30.0 if 300 <= t < 310 else 1.0))  # one record's jump
+        opt.step()
+        sched.step()
+    spike = next(e.step for e in mon.events if e.new == "spike")
+    entries = whole_model(mon)
+    assert [old for _, old in entries] == ["warmup", "drift"] and entries[1][0] > spike
+    assert whole_model(mon, "drift") == [(spike, "diffusion")]
+    assert [e.step for e in decays(mon)] == [entries[1][0]]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    mon.close()
+
+
 def test_patience_and_min_lr():
     p, opt, mon = setup()
     sched = PhaseLR(opt, mon, factor=0.1, min_lr=0.1, patience_steps=50)
@@ -142,6 +200,40 @@ def test_checkpoint_resume_gives_identical_rates_and_events():
     mon.close()
 
 
+def test_resume_inside_a_warm_up_episode_and_from_an_older_state_dict():
+    """A checkpoint taken inside a warm-up episode (no cut due) resumes to the same rates;
+    so does a state saved before ``entered_from``/``from_warmup`` existed."""
+    steps, cut, switches = 800, 200, (0, 300, 500)
+    p, opt, mon = setup()
+    sched = PhaseLR(opt, mon, factor=0.1)
+    ref = drive(p, opt, mon, [sched], steps, switches, gen=torch.Generator().manual_seed(1))
+    ref_events = mon.events
+    mon.close()
+    assert len(decays(mon)) == 1
+    for old_format in (False, True):
+        p, opt, mon = setup()
+        sched = PhaseLR(opt, mon, factor=0.1)
+        gen = torch.Generator().manual_seed(1)
+        head = drive(p, opt, mon, [sched], cut, switches, gen=gen)
+        state = {"opt": opt.state_dict(), "mon": mon.state_dict(), "sched": sched.state_dict()}
+        assert state["sched"]["entered_from"] == "warmup"
+        if old_format:
+            del state["sched"]["entered_from"], state["sched"]["from_warmup"]
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        mon.close()
+        buf.seek(0)
+        ckpt = torch.load(buf, weights_only=True)
+        p, opt, mon = setup(lr=123.0)
+        sched = PhaseLR(opt, mon, factor=0.1)
+        opt.load_state_dict(ckpt["opt"])
+        mon.load_state_dict(ckpt["mon"])
+        sched.load_state_dict(ckpt["sched"])
+        tail = drive(p, opt, mon, [sched], steps, switches, start=cut, gen=gen)
+        assert head + tail == ref and mon.events == ref_events
+        mon.close()
+
+
 def test_bad_arguments_name_themselves():
     p, opt, mon = setup()
     for factor in (0.0, 1.0, 1.5, -0.1):
@@ -157,6 +249,8 @@ def test_bad_arguments_name_themselves():
         PhaseLR(opt, mon, patience_steps=-1)
     with pytest.raises(TypeError, match="cooldown_steps"):
         PhaseLR(opt, mon, cooldown_steps=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="from_warmup"):
+        PhaseLR(opt, mon, from_warmup="yes")  # type: ignore[arg-type]
     other = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
     with pytest.raises(ValueError, match="another optimizer"):
         PhaseLR(other, mon)
