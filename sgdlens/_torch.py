@@ -5,6 +5,7 @@ Everything here is sync-free: inputs and outputs stay on their devices.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -80,6 +81,7 @@ def acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+@functools.cache  # torch.promote_types is an aten call: once per dtype, not per step
 def buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     """A buffer dtype at least as wide as float32 for accumulating tensors of ``dtype``."""
     return torch.promote_types(dtype, torch.float32)
@@ -149,25 +151,17 @@ def distances(
 FREE_HOST_READ = {"cpu"}
 
 
-def host_flag(ok: Tensor) -> bool | None:
-    """The value of a 0-d bool tensor where reading it is free (see FREE_HOST_READ), else None."""
-    return bool(ok) if ok.device.type in FREE_HOST_READ else None
-
-
-def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], ok: Tensor) -> None:
+def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor]) -> None:
     """``buf += t`` for every pair, for a window sum that is zeroed when the window closes.
 
-    Where reading the 0-d bool ``ok`` is free (the CPU), a step whose ``ok`` is false is
-    skipped exactly. Elsewhere the add is unconditional: one fused ``_foreach_add_`` whatever
-    the number of tensors, with no host synchronisation, no copy of the gradients and no
-    per-tensor operation. A non-finite step then makes the buffers non-finite, so the window
-    that holds it reports non-finite statistics, and the next window starts clean. (NaN·0 is
-    NaN: no multiplicative mask can drop the step; an exact skip needs a ``torch.where`` per
-    tensor or a copy of every gradient, which the per-step path cannot afford.)
+    One fused ``_foreach_add_`` whatever the number of tensors, with no host synchronisation,
+    no copy of the gradients and no per-tensor operation. The caller skips a non-finite step
+    where it can read the flag for free (the CPU, :attr:`Step.flag`); elsewhere the step is
+    added, the buffers become non-finite, the window that holds it reports non-finite
+    statistics, and the next window starts clean. (NaN·0 is NaN: no multiplicative mask can
+    drop the step; an exact skip needs a ``torch.where`` per tensor or a copy of every
+    gradient, which the per-step path cannot afford.)
     """
-    flag = host_flag(ok)
-    if flag is False:
-        return
     dense = [(b, t) for b, t in zip(bufs, tensors) if not t.is_sparse]
     if dense:
         torch._foreach_add_(

@@ -225,6 +225,7 @@ class PhaseMonitor:
         # the step index of each row, on the host
         self._trace = torch.full((int(trace), 2), float("nan"), dtype=self.view.dtype,
                                  device=self.view.device)  # fmt: skip
+        self._trace_rows = self._trace.unbind(0)  # views: a step writes one without indexing
         self._trace_steps: list[int] = [0] * int(trace)
         self._updates = 0  # steps the lenses read (all of them unless overhead_budget samples)
         self._last_loss = torch.full(
@@ -423,7 +424,7 @@ class PhaseMonitor:
         self._finite.add_(step.ok)
         if len(self._trace):  # (loss, squared gradient norm) of this step
             at = self._updates % len(self._trace)
-            torch.stack([self._last_loss, step.grad_sq_total], out=self._trace[at])
+            torch.stack([self._last_loss, step.grad_sq_total], out=self._trace_rows[at])
             self._trace_steps[at] = step.index
         self._updates += 1
         return step

@@ -83,10 +83,9 @@ def test_functional_forms_match_the_python_reference(seed, k, d):
     bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
     half=st.booleans(),
 )
-def test_window_add_and_lerp_match_a_loop_on_both_paths(seed, sizes, bad, half):
-    """``window_add_`` equals a plain loop on both paths; a non-finite step is skipped exactly
-    by the host-flag path and makes the sync-free sums non-finite (the window reports it).
-    ``lerp_`` (mixed dtypes, a weight that is not a float32) equals the loop."""
+def test_window_add_and_lerp_match_a_loop(seed, sizes, bad, half):
+    """``window_add_`` and ``lerp_`` (mixed dtypes, a weight that is not a float32) equal a
+    plain loop, a non-finite entry included (skipping such a step is the caller's job)."""
     from sgdlens import _torch
 
     g = torch.Generator().manual_seed(seed)
@@ -95,29 +94,17 @@ def test_window_add_and_lerp_match_a_loop_on_both_paths(seed, sizes, bad, half):
         ts[0] = ts[0].to(torch.bfloat16)
     if bad is not None:
         ts[-1][0, 0] = bad
-    ok = torch.tensor(bad is None)
     start = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in sizes]
     start[0] = start[0].float() if half else start[0]
-    want_add = [b + t.to(b.dtype) if bad is None else b for b, t in zip(start, ts)]
-    free = set(_torch.FREE_HOST_READ)
-    try:
-        for host in (True, False):
-            _torch.FREE_HOST_READ.clear()
-            _torch.FREE_HOST_READ.update({"cpu"} if host else set())
-            added = [b.clone() for b in start]
-            _torch.window_add_(added, ts, ok)
-            if host or bad is None:
-                for a, w in zip(added, want_add):
-                    assert torch.equal(a, w)
-            else:  # unconditional: the poisoned tensor's sum is non-finite, the others added
-                assert not torch.isfinite(added[-1]).all()
-                for a, b, t in zip(added[:-1], start[:-1], ts[:-1]):
-                    assert torch.equal(a, b + t.to(b.dtype))
-    finally:
-        _torch.FREE_HOST_READ.clear()
-        _torch.FREE_HOST_READ.update(free)
+    added = [b.clone() for b in start]
+    _torch.window_add_(added, ts)
+    for a, b, t in zip(added, start, ts):
+        assert torch.equal(a, b + t.to(b.dtype)) or (bad is not None and a is added[-1])
+    if bad is not None:  # the poisoned tensor's sum is non-finite
+        assert not torch.isfinite(added[-1]).all()
     lerped = [b.clone() for b in start]
     _torch.lerp_(lerped, ts, 0.1)  # 0.1: not a float32
-    for a, b, t in zip(lerped, start, ts):
-        want = b + 0.1 * (t.to(b.dtype) - b)
-        torch.testing.assert_close(a, want, rtol=1e-6, atol=1e-12, equal_nan=True)
+    for a, b, t in zip(lerped, start, ts):  # against float64 arithmetic, to the buffer's dtype
+        want = (b.double() + 0.1 * (t.to(b.dtype).double() - b.double())).to(b.dtype)
+        tol = 1e-6 if b.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(a, want, rtol=tol, atol=tol, equal_nan=True)

@@ -128,7 +128,7 @@ class OptimizerMoments:
 
     def update(self, state: State, step: Step) -> None:
         self.refresh()
-        flag = _torch.host_flag(step.ok)
+        flag = step.flag
         if flag is False:  # the CPU skips a non-finite step exactly
             return
         sub, x = self.sub, state["ema"]

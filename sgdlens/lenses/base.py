@@ -221,6 +221,17 @@ class Step:
         return self.grad_sq.sum()
 
     @cached_property
+    def flag(self) -> bool | None:
+        """:attr:`ok` as a Python bool where reading it is free (the CPU), else ``None``: the
+        running statistics then skip a non-finite step exactly."""
+        view = self.view
+        if view.device.type not in _torch.FREE_HOST_READ:
+            return None
+        if view.sharded:
+            return bool(self.ok)
+        return math.isfinite(self.grad_sq_total.item())  # one read, not isfinite's kernels
+
+    @cached_property
     def ok(self) -> Tensor:
         """0-d bool: every gradient of this step is finite (an overflow of the norm counts too).
 
@@ -228,9 +239,8 @@ class Step:
         skip the same steps, and a non-finite value sits on one rank's shard).
         """
         view = self.view
-        if view.device.type in _torch.FREE_HOST_READ and not view.sharded:
-            # where a host read is free, one read instead of isfinite's four kernels
-            return view.flags[math.isfinite(self.grad_sq_total.item())]
+        if not view.sharded and self.flag is not None:
+            return view.flags[self.flag]
         ok = torch.isfinite(self.grad_sq_total)
         if view.sharded:
             ok = view.reduce_sum((~ok).to(view.dtype)) == 0

@@ -206,11 +206,12 @@ class GradSNR(Lens):
         bufs, present = [b for b, _ in pairs], [g for _, g in pairs]
         sq = sub.take(step.grad_sq)
         if self.decay is None:
-            _torch.window_add_([*bufs, state["sq"]], [*present, sq], ok)
+            if step.flag is not False:  # the CPU skips a non-finite step exactly
+                _torch.window_add_([*bufs, state["sq"]], [*present, sq])
             state["n"].add_(ok)
             if step.index % state["window"] == 0:
                 self._close_window(state)
-        elif _torch.host_flag(ok) is not False:  # the CPU skips a non-finite step exactly
+        elif step.flag is not False:  # the CPU skips a non-finite step exactly
             beta = float(self.decay)
             # A missing gradient is a zero gradient: decay its buffer too.
             _torch.scale_([b for b, g in zip(state["buf"], grads) if g is None], beta)
