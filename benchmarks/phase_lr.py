@@ -26,7 +26,13 @@ the epoch's mean training loss):
 * ``PhaseLR``: ``PhaseMonitor(opt, model=model)`` and ``PhaseLR(opt, monitor)``, all defaults
   (it cuts only in a diffusion episode entered from drift);
 * ``PhaseLR (from warmup)``: the same with ``from_warmup=True``, the earlier rule (it also
-  cuts when the model enters diffusion straight from the detector's warm-up).
+  cuts when the model enters diffusion straight from the detector's warm-up);
+* ``PhaseLR (stationary)``: ``PhaseLR(opt, monitor, trigger="stationary")``, all defaults
+  (SASA's test of Yaida's relation every 100 steps on the most recent half of the steps at the
+  current rate, 95 % interval, at least 1000 steps in the window, i.e. no test before step
+  2000; ×0.1 at each decay);
+* ``PhaseLR (stationary, window ≥ 100)``: the same test with ``min_samples=100`` (first test
+  at step 200).
 """
 
 from __future__ import annotations
@@ -49,9 +55,11 @@ from sgdlens import PhaseMonitor
 from sgdlens.datasets import tishby12
 from sgdlens.demo import tishby_net
 from sgdlens.schedulers import PhaseLR
+from sgdlens.stationarity import StationarityTest
 
 GRID = ([0.3], [0.5], [0.7], [0.5, 0.75], [0.3, 0.6, 0.9])
-SCHEDULES = ("constant", "step (tuned)", "cosine", "plateau", "PhaseLR", "PhaseLR (from warmup)")
+SCHEDULES = ("constant", "step (tuned)", "cosine", "plateau", "PhaseLR", "PhaseLR (from warmup)",
+             "PhaseLR (stationary)", "PhaseLR (stationary, window ≥ 100)")  # fmt: skip
 Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -127,7 +135,11 @@ def train(task: Task, schedule: str, seed: int, data: Data, milestones: list[flo
         sched = ReduceLROnPlateau(opt)
     elif schedule.startswith("PhaseLR"):
         monitor = PhaseMonitor(opt, model=model)
-        sched = PhaseLR(opt, monitor, from_warmup=schedule == "PhaseLR (from warmup)")
+        trigger: Any = "stationary" if schedule == "PhaseLR (stationary)" else "drift"
+        if schedule == "PhaseLR (stationary, window ≥ 100)":
+            trigger = StationarityTest(min_samples=100)
+        sched = PhaseLR(opt, monitor, from_warmup=schedule == "PhaseLR (from warmup)",
+                        trigger=trigger)  # fmt: skip
     drops: list[int] = []  # steps after which the rate fell
     step = 0
     for _ in range(task.epochs):

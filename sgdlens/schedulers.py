@@ -4,7 +4,9 @@
 the diffusion phase, instead of at hand-picked milestones: the idea of statistical
 stationarity tests for SGD (Pflug 1983; Yaida 2018; Lang, Xiao & Zhang, *Using Statistics to
 Automate Stochastic Optimization*, NeurIPS 2019), with sgdlens's drift/diffusion detector as
-the test.
+the test. ``trigger="stationary"`` uses instead the statistical test those papers describe
+(:mod:`sgdlens.stationarity`): Yaida's fluctuation-dissipation relation for ``torch.optim.SGD``,
+tested with SASA's batch-means confidence interval.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from sgdlens._optim import unwrap_optimizer
 from sgdlens.monitor import PhaseMonitor
 from sgdlens.phase import PhaseEvent
+from sgdlens.stationarity import SGDStationarity, StationarityTest
 
 __all__ = ["PhaseLR"]
 
@@ -77,6 +80,13 @@ class PhaseLR(LRScheduler):
         from_warmup: also decay in a diffusion episode entered straight from the warm-up
             (the earlier rule: a cut at the warm-up's end whenever the run starts with SNR
             below 1). False.
+        trigger: ``"drift"`` (the rule above, the default), or ``"stationary"`` /
+            a :class:`~sgdlens.stationarity.StationarityTest`: decay when SASA's test finds
+            the iterates stationary (``torch.optim.SGD`` only; the monitor then needs no
+            detector). The test runs every ``test_every`` steps on the most recent half of
+            the steps since the rates last changed; see :mod:`sgdlens.stationarity` and
+            ``docs/phase_lr.md``. ``patience_steps`` and ``from_warmup`` do not apply to it;
+            ``cooldown_steps`` and ``min_lr`` do.
         last_epoch: as for every torch scheduler (-1: start afresh).
 
     Raises:
@@ -107,6 +117,10 @@ class PhaseLR(LRScheduler):
     decays: int
     from_warmup: bool
     entered_from: str | None
+    trigger: str
+    test: StationarityTest | None
+    tested_at: int
+    last_test: dict[str, float] | None
 
     def __init__(
         self,
@@ -118,6 +132,7 @@ class PhaseLR(LRScheduler):
         cooldown_steps: int = 0,
         from_warmup: bool = False,
         last_epoch: int = -1,
+        trigger: str | StationarityTest = "drift",
     ) -> None:
         opt = unwrap_optimizer(optimizer, "PhaseLR(optimizer=...)")
         if not isinstance(monitor, PhaseMonitor):
@@ -125,7 +140,18 @@ class PhaseLR(LRScheduler):
                 f"PhaseLR(monitor={monitor!r}): monitor must be a sgdlens.PhaseMonitor; "
                 "pass the monitor attached to this optimizer, e.g. PhaseMonitor(opt, model=model)"
             )
-        if monitor.detector is None:
+        if isinstance(trigger, StationarityTest):
+            test: StationarityTest | None = trigger
+        elif trigger == "stationary":
+            test = StationarityTest()
+        elif trigger == "drift":
+            test = None
+        else:
+            raise ValueError(
+                f"PhaseLR(trigger={trigger!r}): trigger must be 'drift', 'stationary' or a "
+                "sgdlens.stationarity.StationarityTest; pass e.g. trigger='stationary'"
+            )
+        if test is None and monitor.detector is None:
             raise ValueError(
                 "PhaseLR(monitor=...): the monitor has no phase detector (it was built with "
                 "detector=False); build it with detector=True or detector=PhaseDetector(...)"
@@ -169,10 +195,22 @@ class PhaseLR(LRScheduler):
         self.decays = 0
         self.from_warmup = from_warmup
         self.entered_from = None  # the phase this diffusion episode came from
+        self.trigger = "drift" if test is None else "stationary"
+        self.test = test
+        self.tested_at = 0  # stationarity-stream step count at the last test
+        self.last_test = None  # the last test's mean, half_width, n, stationary
+        self._stream: SGDStationarity | None = None
+        if test is not None:
+            try:
+                self._stream = SGDStationarity(opt)
+            except ValueError as err:
+                raise ValueError(f"PhaseLR(trigger='stationary'): {err}") from None
         super().__init__(opt, last_epoch)
 
     def _due(self) -> bool:
         """Whether this call should decay (updates the episode bookkeeping)."""
+        if self._stream is not None:
+            return self._stationary()
         t = self.monitor.step
         if self.monitor.phase != "diffusion":
             self.diffusing_since, self.decayed, self.entered_from = None, False, None
@@ -185,6 +223,24 @@ class PhaseLR(LRScheduler):
             return False
         cooled = self.last_decay is None or t - self.last_decay >= self.cooldown_steps
         return not self.decayed and cooled and t - self.diffusing_since >= self.patience_steps
+
+    def _stationary(self) -> bool:
+        """Run the stationarity test if it is due; whether it says to decay now."""
+        stream, test = self._stream, self.test
+        assert stream is not None and test is not None
+        if stream.count - self.tested_at < test.test_every:
+            return False
+        n = test.window(stream.steps_at_rate)
+        if n == 0:
+            return False
+        self.tested_at = stream.count
+        delta, _ = stream.window(n)
+        result = test(delta)
+        self.last_test = {"mean": result.mean, "half_width": result.half_width,
+                          "n": float(result.n), "stationary": float(result.stationary)}  # fmt: skip
+        t = self.monitor.step
+        cooled = self.last_decay is None or t - self.last_decay >= self.cooldown_steps
+        return result.stationary and cooled
 
     def _entry(self) -> str:
         """The phase the whole model left for its current diffusion episode (its last event
@@ -205,19 +261,36 @@ class PhaseLR(LRScheduler):
         self.decays += 1
         if new != current:
             evidence = {"lr": new[0], "old_lr": current[0], "factor": self.factor}
-            self.monitor.log_event(
-                PhaseEvent(self.monitor.step, "", "diffusion", LR_DECAY, evidence)
-            )
+            old = "diffusion"
+            if self.trigger == "stationary" and self.last_test is not None:
+                old = "stationary"
+                evidence.update({k: self.last_test[k] for k in ("mean", "half_width", "n")})
+            self.monitor.log_event(PhaseEvent(self.monitor.step, "", old, LR_DECAY, evidence))
         return new
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the optimizer and the monitor (plain Python types)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "monitor")}
+        skip = ("optimizer", "monitor", "_stream", "test")
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        if self._stream is not None and self.test is not None:
+            state["test"] = {k: getattr(self.test, k) for k in self.test.__dataclass_fields__}
+            state["stationarity"] = self._stream.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (the monitor and optimizer stay this one's)."""
-        state = {k: v for k, v in state_dict.items() if k not in ("optimizer", "monitor")}
+        skip = ("optimizer", "monitor", "_stream", "test", "stationarity", "trigger")
+        if state_dict.get("trigger", "drift") != self.trigger:
+            saved = state_dict.get("trigger", "drift")
+            raise ValueError(
+                f"PhaseLR.load_state_dict: the state is for trigger={saved!r}, this scheduler "
+                f"has trigger={self.trigger!r}; build it with the same trigger"
+            )
+        state = {k: v for k, v in state_dict.items() if k not in skip}
         self.__dict__.update(state)
+        if self._stream is not None:
+            self.test = StationarityTest(**state_dict["test"])
+            self._stream.load_state_dict(state_dict["stationarity"])
 
     def __repr__(self) -> str:
         return (

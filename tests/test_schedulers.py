@@ -1,4 +1,5 @@
-"""PhaseLR: torch's scheduler protocol, decays at drift → diffusion entries, clear errors."""
+"""PhaseLR: torch's scheduler protocol, decays at drift → diffusion entries or at a
+stationarity test's verdict, clear errors."""
 
 from __future__ import annotations
 
@@ -274,3 +275,121 @@ def test_monitor_log_event_reaches_sinks_with_or_without_a_detector():
         with pytest.raises(TypeError, match="PhaseEvent"):
             mon.log_event({"step": 7})  # type: ignore[arg-type]
         mon.close()
+
+
+# -- trigger="stationary": SASA's test of Yaida's relation (sgdlens.stationarity) --------------
+
+
+def quadratic(lr=0.05, detector=False):
+    p = nn.Parameter(torch.full((16,), 4.0))
+    opt = torch.optim.SGD([p], lr=lr, momentum=0.9)
+    mon = PhaseMonitor(opt, lenses=[lenses.GradSNR(window=10)], log_every=10, detector=detector)
+    return p, opt, mon
+
+
+def stationary(opt, mon):
+    from sgdlens.stationarity import StationarityTest
+
+    return PhaseLR(opt, mon, factor=0.5, trigger=StationarityTest(test_every=20, min_samples=40))
+
+
+def drive_quadratic(p, opt, scheds, steps, start=0, gen=None):
+    h = torch.linspace(0.1, 1.0, 16)
+    gen = gen or torch.Generator().manual_seed(0)
+    lrs = []
+    for _ in range(start, steps):
+        p.grad = h * (p.detach() - 1.0) + 0.5 * torch.randn(16, generator=gen)
+        opt.step()
+        for s in scheds:
+            s.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_stationary_trigger_resumes_with_identical_rates():
+    steps, cut = 1200, 430
+    p, opt, mon = quadratic()
+    sched = stationary(opt, mon)
+    ref = drive_quadratic(p, opt, [sched], steps, gen=torch.Generator().manual_seed(0))
+    ref_events = [r for r in mon.history.events if r["event"] == "lr_decay"]
+    mon.close()
+    assert len(ref_events) >= 2 and any(0 < r["step"] - cut < 200 for r in ref_events)
+
+    p, opt, mon = quadratic()
+    sched = stationary(opt, mon)
+    gen = torch.Generator().manual_seed(0)
+    head = drive_quadratic(p, opt, [sched], cut, gen=gen)
+    buf = io.BytesIO()
+    torch.save({"p": p.detach().clone(), "opt": opt.state_dict(), "mon": mon.state_dict(),
+                "sched": sched.state_dict(), "gen": gen.get_state()}, buf)  # fmt: skip
+    mon.close()
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    p, opt, mon = quadratic(lr=123.0)
+    sched = stationary(opt, mon)
+    with torch.no_grad():
+        p.copy_(ckpt["p"])
+    opt.load_state_dict(ckpt["opt"])
+    mon.load_state_dict(ckpt["mon"])
+    sched.load_state_dict(ckpt["sched"])
+    gen = torch.Generator()
+    gen.set_state(ckpt["gen"])
+    tail = drive_quadratic(p, opt, [sched], steps, start=cut, gen=gen)
+    assert head + tail == ref
+    events = [r for r in mon.history.events if r["event"] == "lr_decay"]
+    assert [r["step"] for r in events] == [r["step"] for r in ref_events if r["step"] > cut]
+    mon.close()
+
+
+def test_stationary_trigger_chains_and_waits_for_the_warm_up():
+    """Beside a LinearLR warm-up or inside a ChainedScheduler: the same rates; no test while
+    another scheduler changes the rate (a change starts a new stretch at the current rates)."""
+    runs = []
+    for chained in (False, True):
+        p, opt, mon = quadratic()
+        warm = LinearLR(opt, start_factor=0.1, total_iters=100)
+        phase = stationary(opt, mon)
+        scheds = [ChainedScheduler([warm, phase])] if chained else [warm, phase]
+        runs.append(drive_quadratic(p, opt, scheds, 600))
+        cuts = [r["step"] for r in mon.history.events if r["event"] == "lr_decay"]
+        mon.close()
+    assert runs[0] == runs[1] and cuts
+    assert cuts[0] >= 100 + 80  # the warm-up, then a window of at least 40 (half of 80) steps
+    lrs = runs[0]
+    for t in range(1, 601):
+        warm_factor = min(1.0, 0.1 + 0.9 * t / 100)
+        assert lrs[t - 1] == pytest.approx(0.05 * warm_factor * 0.5 ** sum(t >= c for c in cuts))
+
+
+def test_stationary_trigger_bad_arguments():
+    from sgdlens.stationarity import StationarityTest
+
+    p, opt, mon = quadratic()
+    with pytest.raises(ValueError, match=r"trigger='bogus'.*'drift', 'stationary'"):
+        PhaseLR(opt, mon, trigger="bogus")
+    with pytest.raises(ValueError, match="min_samples"):
+        PhaseLR(opt, mon, trigger=StationarityTest(min_samples=2))
+    assert PhaseLR(opt, mon, trigger="stationary").trigger == "stationary"  # no detector needed
+    with pytest.raises(ValueError, match="no phase detector"):
+        PhaseLR(opt, mon)  # the drift trigger needs one
+    mon.close()
+
+
+def test_stationary_trigger_refuses_other_optimizers_and_mismatched_states():
+    p = nn.Parameter(torch.zeros(4))
+    adam = torch.optim.Adam([p], lr=0.1)
+    mon = PhaseMonitor(adam, log_every=10, detector=False)
+    with pytest.raises(ValueError, match=r"trigger='stationary'.*torch.optim.SGD"):
+        PhaseLR(adam, mon, trigger="stationary")
+    mon.close()
+    p, opt, mon = setup()
+    sched = PhaseLR(opt, mon, trigger="stationary")
+    with pytest.raises(ValueError, match="trigger='drift'"):
+        sched.load_state_dict(PhaseLR(opt, mon).state_dict())
+    mon.close()
+    sgd = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1, maximize=True)
+    mon = PhaseMonitor(sgd, log_every=10, detector=False)
+    with pytest.raises(ValueError, match="maximize"):
+        PhaseLR(sgd, mon, trigger="stationary")
+    mon.close()
