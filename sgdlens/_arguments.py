@@ -19,6 +19,7 @@ from sgdlens.phase import PhaseDetector
 from sgdlens.probes._common import FSDP_REASON
 from sgdlens.probes.scheduled import Probe
 from sgdlens.records import Record
+from sgdlens.schema import Key, declared
 from sgdlens.sinks import check_sinks
 
 __all__ = ["MAX_TRACE", "check_arguments", "check_lenses", "check_probe_model"]
@@ -140,5 +141,18 @@ def check_lenses(lenses: Iterable[Lens] | None) -> list[Lens]:
                 f"would collide: keep one"
             )
         names.add(name)
+        keys = getattr(lens, "keys", ())
+        if isinstance(keys, (str, Key)) or not all(isinstance(k, Key) for k in keys):
+            raise TypeError(
+                f"PhaseMonitor(lenses=...)[{i}] {type(lens).__name__}.keys must be a tuple of "
+                f"sgdlens.lenses.Key, got {keys!r}; e.g. keys = (Key('my_metric', '...'),)"
+            )
+        try:  # the run header's schema reads them at the first record, inside optimizer.step()
+            declared(lens)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"PhaseMonitor(lenses=...)[{i}] {type(lens).__name__}: its metrics are not "
+                f"valid: {e}; declare metrics as a tuple of non-empty str"
+            ) from None
         out.append(copy.copy(lens))
     return out

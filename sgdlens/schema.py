@@ -66,10 +66,13 @@ class Key:
 
 def declared(lens: Any) -> tuple[Key, ...]:
     """A lens's declared keys: its ``keys``, then a per-layer and whole-model :class:`Key` for
-    each name of its ``metrics`` that ``keys`` leaves out."""
+    each name of its ``metrics`` that ``keys`` leaves out (whole-model only for a name holding
+    ``/``, such as ``"acc/train"``: it is the record key itself)."""
     keys = tuple(getattr(lens, "keys", ()))
     names = {k.name for k in keys}
-    return keys + tuple(Key(m) for m in getattr(lens, "metrics", ()) if m not in names)
+    return keys + tuple(
+        Key(m, per_layer="/" not in m) for m in getattr(lens, "metrics", ()) if m not in names
+    )
 
 
 def _whole(name: str, doc: str, scale: str = "linear") -> Key:

@@ -199,3 +199,35 @@ def test_report_lists_the_keys(tmp_path):
     assert '<section id="keys">' in page and "grad_snr/&lt;layer&gt; (2 layers)" in page
     assert "minus the weight norm" in page
     assert '<section id="keys">' not in report_html(sgdlens.load(old))
+
+
+class SlashMetric(Lens):
+    """A user lens (as written before schemas) whose one metric name holds '/'."""
+
+    name = "acc"
+    metrics = ("acc/train",)
+
+    def init(self, view):
+        return {}
+
+    def compute(self, state, step):
+        return {"acc/train": torch.tensor(0.5)}
+
+
+def test_a_metric_name_holding_a_slash_is_a_whole_model_key():
+    # it used to fail at the first record, inside optimizer.step(), building the header
+    mon, _ = run([SlashMetric()], steps=20)
+    assert mon.history.records[-1]["acc/train"] == 0.5
+    assert mon.history.split("acc/train") == ("acc/train", "")
+    assert key_index(mon.history.header)["acc/train"] == ("acc/train", "")
+
+
+@pytest.mark.parametrize(
+    ("attrs", "error"),
+    [({"metrics": ("",)}, ValueError), ({"keys": ("acc",)}, TypeError)],
+)
+def test_invalid_declared_keys_are_refused_at_construction(attrs, error):
+    lens = type("Bad", (SlashMetric,), attrs)()
+    model = nn.Linear(3, 1)
+    with pytest.raises(error, match=r"lenses=\.\.\.\)\[0\] Bad"):
+        PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model, lenses=[lens])
