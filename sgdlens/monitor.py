@@ -665,7 +665,8 @@ class PhaseMonitor:
         if self.probes is not None and state_dict.get("probes") is not None:
             self.probes.load_state_dict(state_dict["probes"])
         self._updates = int(state_dict.get("updates", self.step))  # older files: every step
-        self.sampler.every = int(state_dict.get("update_every", 1))
+        # a monitor without overhead_budget reads every step, whatever the checkpoint's did
+        self.sampler.every = int(state_dict.get("update_every", 1)) if self.sampler.budget else 1
         if state_dict["trace"].shape == self._trace.shape:
             self._trace.copy_(state_dict["trace"])
             steps = state_dict.get("trace_steps")

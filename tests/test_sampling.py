@@ -161,3 +161,21 @@ def test_per_sample_lenses_still_update_every_step(monkeypatch):
     monkeypatch.setattr(Sampler, "adapt", _fixed(4))
     plain, sampled = run(False), run(True)
     assert sampled["noise_scale"] == pytest.approx(plain["noise_scale"], rel=1e-12)
+
+
+def test_a_monitor_without_a_budget_reads_every_step_after_a_sampled_checkpoint():
+    def make(budget):
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, PhaseMonitor(opt, model=model, log_every=20, overhead_budget=budget)
+
+    _, _, sampled = make(0.01)
+    sampled.sampler.every = 5  # as a log point of a sampled run sets it
+    model, opt, mon = make(None)
+    mon.load_state_dict(sampled.state_dict())
+    for _ in range(40):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+    assert mon._updates == 40  # it read 8 of the 40 steps, and its records did not say so
+    assert "update_every" not in mon.history.records[-1]
