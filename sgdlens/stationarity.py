@@ -205,6 +205,8 @@ class SGDStationarity:
                 me.record()
 
         self._handle = optimizer.register_step_post_hook(hook)
+        # gone with its owner (a deleted PhaseLR): no dead hook left on the optimizer
+        weakref.finalize(self, self._handle.remove)
 
     def remove(self) -> None:
         """Detach from the optimizer."""

@@ -147,3 +147,27 @@ def test_bad_test_arguments_name_themselves():
         SGDStationarity(torch.optim.Adam([p]))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="maximize"):
         SGDStationarity(torch.optim.SGD([p], lr=0.1, maximize=True))
+
+
+def test_a_deleted_scheduler_leaves_no_hook_on_the_optimizer():
+    import gc
+
+    from sgdlens import PhaseMonitor
+    from sgdlens.schedulers import PhaseLR
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    mon = PhaseMonitor(opt, log_every=10, detector=False)
+    hooks = len(opt._optimizer_step_post_hooks)
+    for _ in range(3):  # a scheduler rebuilt, e.g. at each stage of a run
+        sched = PhaseLR(opt, mon, trigger="stationary")
+        assert len(opt._optimizer_step_post_hooks) == hooks + 1
+        del sched
+        gc.collect()
+    assert len(opt._optimizer_step_post_hooks) == hooks  # each left a dead hook behind
+    stream = SGDStationarity(opt)
+    stream.remove()
+    del stream
+    gc.collect()  # a hook removed by hand and then by the finalizer: no error
+    assert len(opt._optimizer_step_post_hooks) == hooks
+    mon.close()
