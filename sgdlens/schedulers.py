@@ -156,6 +156,11 @@ class PhaseLR(LRScheduler):
                 "PhaseLR(monitor=...): the monitor has no phase detector (it was built with "
                 "detector=False); build it with detector=True or detector=PhaseDetector(...)"
             )
+        if monitor.optimizer is None:
+            raise ValueError(
+                "PhaseLR(monitor=...): the monitor is closed (monitor.close() removed its hooks); "
+                "attach a new one, e.g. PhaseMonitor(opt, model=model), and pass it"
+            )
         if monitor.optimizer is not opt:
             raise ValueError(
                 f"PhaseLR(monitor=...): the monitor watches another optimizer "

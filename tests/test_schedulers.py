@@ -256,6 +256,8 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="another optimizer"):
         PhaseLR(other, mon)
     mon.close()
+    with pytest.raises(ValueError, match=r"monitor is closed.*PhaseMonitor\(opt"):
+        PhaseLR(opt, mon)  # said: "watches another optimizer (NoneType at 0x...)"
     p, opt, mon = setup(detector=False)
     with pytest.raises(ValueError, match="no phase detector"):
         PhaseLR(opt, mon)
