@@ -384,3 +384,14 @@ def test_csv_rows_hold_the_modules_metrics_and_the_sgdlens_keys_together(tmp_pat
     # optimizer step s (the record's "step") lands at Lightning's step index s - 1
     expected = [r["step"] - 1 for r in cb.monitor.history.records]
     assert [int(r["step"]) for r in ours] == expected == list(range(3, 32 // accumulate, 4))
+
+
+def test_two_optimizers_records_of_one_batch_share_one_csv_row(tmp_path):
+    """Off Lightning's log steps the records of both optimizers at one batch go to the loggers
+    in one call (CSVLogger wrote one row per optimizer, both at the same step index)."""
+    logger = CSVLogger(tmp_path, name="two_rows")
+    cb = PhaseMonitorCallback(log_every=2)  # batches 1, 3, 5, 7; Lightning logs at 3 and 7
+    _trainer(tmp_path, logger=logger, callbacks=[cb], max_epochs=1).fit(TwoOptimizers(), _data())
+    rows = [r for r in _csv_rows(logger) if r.get("sgdlens/opt0/grad_snr")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5, 7]
+    assert all(r.get("sgdlens/opt1/grad_snr") for r in rows)

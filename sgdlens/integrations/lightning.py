@@ -275,6 +275,7 @@ class PhaseMonitorCallback(_Base):
         several = len(self.monitors) > 1
         step = _log_step(trainer)
         join = pl_module is not None and _lightning_logs_now(trainer, pl_module)
+        direct: dict[str, Any] = {}  # the records of this batch, in one row where keys allow
         for index, record in buffer:
             prefix = f"{self.prefix}opt{index}/" if several else self.prefix
             metrics = numeric_metrics(record, prefix)
@@ -286,8 +287,12 @@ class PhaseMonitorCallback(_Base):
                                    rank_zero_only=True)  # fmt: skip
                 self._logged |= metrics.keys()
                 continue
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+            if direct.keys() & metrics.keys():  # a second record of one optimizer: a new row
+                _log_metrics(trainer, direct, step)
+                direct = {}
+            direct.update(metrics)
+        if direct:
+            _log_metrics(trainer, direct, step)
 
     def _forget_logged(self, trainer: Any) -> None:
         """Lightning sends a ``self.log`` step value again at each of its later log steps of
@@ -357,6 +362,11 @@ class PhaseMonitorCallback(_Base):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
         return f"PhaseMonitorCallback({args}{', ' if args else ''}prefix={self.prefix!r})"
+
+
+def _log_metrics(trainer: Any, metrics: dict[str, Any], step: int) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
 
 
 def _log_step(trainer: Any) -> int:
