@@ -395,3 +395,15 @@ def test_two_optimizers_records_of_one_batch_share_one_csv_row(tmp_path):
     rows = [r for r in _csv_rows(logger) if r.get("sgdlens/opt0/grad_snr")]
     assert [int(r["step"]) for r in rows] == [1, 3, 5, 7]
     assert all(r.get("sgdlens/opt1/grad_snr") for r in rows)
+
+
+def test_the_optimizer_reading_lenses_pass_the_constructor_check(tmp_path):
+    """The callback's eager check built its throwaway monitor on SGD without momentum, which
+    both lenses refuse: PhaseMonitorCallback(lenses=[GradSNR(decay='optimizer')]) always
+    raised ValueError. They are checked against the Trainer's optimizer when fitting starts."""
+    from sgdlens import lenses
+
+    PhaseMonitorCallback(lenses=[lenses.BatchSNR(source="optimizer")])
+    cb = PhaseMonitorCallback(log_every=4, lenses=[lenses.GradSNR(decay="optimizer")])
+    _trainer(tmp_path, callbacks=[cb], max_epochs=1).fit(Net(), _data())  # SGD(momentum=0.9)
+    assert len(cb.monitor.history) == 2 and cb.monitor.history.records[-1]["grad_snr"] > 0

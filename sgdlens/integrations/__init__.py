@@ -56,7 +56,9 @@ def check_callback_args(
         monitor_kwargs.pop("log_every")
     probe = nn.Module()  # no nn.Linear: its init would draw from the global RNG
     probe.register_parameter("weight", nn.Parameter(torch.zeros(1)))
-    opt = torch.optim.SGD(probe.parameters(), lr=0.0)
+    # AdamW: the optimizer-reading lenses (GradSNR(decay='optimizer'), BatchSNR(source=
+    # 'optimizer')) accept it; they check the Trainer's own optimizer when the callback attaches
+    opt = torch.optim.AdamW(probe.parameters(), lr=0.0)
     try:
         PhaseMonitor(opt, model=probe, **monitor_kwargs).close()
     except TypeError as e:
