@@ -417,3 +417,39 @@ def test_header_lists_exactly_the_keys_the_records_hold():
     header, records = seen[0], [r for r in seen[1:] if "event" not in r]
     assert set(key_index(header)) == {k for r in records for k in r}
     assert header["schema"]["grad_snr"]["layers"] == ["0", "2"]
+
+
+def test_attached_while_resuming_the_loaded_state_must_cover_the_held_buffers():
+    from sgdlens.lenses._optimizer_moments import resuming
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+
+    model, opt = build()
+    mon = PhaseMonitor(opt, model=model, lenses=[lenses.GradSNR(decay="optimizer")], log_every=2)
+    for _ in range(3):
+        step(model, opt)
+    saved, opt_state = mon.state_dict(), opt.state_dict()
+    mon.close()
+    with pytest.raises(ValueError, match="already holds state"):  # outside resuming()
+        PhaseMonitor(opt, model=model, lenses=[lenses.GradSNR(decay="optimizer")])
+    for load in (True, False):
+        model2, opt2 = build()
+        opt2.load_state_dict(opt_state)
+        with resuming():
+            again = PhaseMonitor(opt2, model=model2, lenses=[lenses.GradSNR(decay="optimizer")],
+                                 log_every=2)  # fmt: skip
+        if load:
+            again.load_state_dict(saved)
+            step(model2, opt2)
+        else:
+            with pytest.raises(ValueError, match="no monitor state for them was loaded"):
+                step(model2, opt2)
+        again.close()

@@ -255,3 +255,24 @@ def test_attach_hands_an_fp16_grad_scaler_to_the_noise_scale_lenses(tmp_path):
     one, big = run(1.0), run(1024.0)
     keys = [k for k in one if k.startswith(("noise_scale", "grad_noise", "grad_sq", "batch_"))]
     assert keys and all(big[k] == pytest.approx(one[k], rel=1e-5) for k in keys)
+
+
+def test_resuming_with_the_optimizers_own_moments(tmp_path):
+    """GradSNR(decay='optimizer') on a resumed run: the Trainer loads AdamW's state before
+    on_train_begin, and the monitor refused an optimizer holding state at construction."""
+    from sgdlens import lenses
+
+    def callback():
+        return PhaseMonitorCallback(log_every=4, lenses=[lenses.GradSNR(decay="optimizer")])
+
+    first = callback()
+    _trainer(tmp_path, [first], max_steps=16, save_strategy="steps", save_steps=8).train()
+    second = callback()
+    _trainer(tmp_path, [second], max_steps=16).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-8")
+    )
+    assert second.monitor is not None and first.monitor is not None
+    resumed, reference = second.monitor.history.records, first.monitor.history.records[2:]
+    assert [r["step"] for r in resumed] == [12, 16]
+    for got, want in zip(resumed, reference):
+        assert got["grad_snr"] == pytest.approx(want["grad_snr"], rel=1e-6)

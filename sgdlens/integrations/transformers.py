@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -52,6 +53,7 @@ from sgdlens.integrations import (
     numeric_metrics,
     share_grad_scaler,
 )
+from sgdlens.lenses._optimizer_moments import resuming
 from sgdlens.monitor import PhaseMonitor
 from sgdlens.records import Record
 
@@ -156,9 +158,12 @@ class PhaseMonitorCallback(TrainerCallback):
             self._adopted = True
         except LookupError:
             module = model if isinstance(model, torch.nn.Module) else None
-            self.monitor = PhaseMonitor(
-                optimizer, model=module, sinks=[self._receive], **monitor_kwargs
-            )
+            # resuming, the Trainer has loaded the optimizer's state already, the monitor's
+            # comes next (_resume): a lens reading the optimizer's buffers waits for it
+            with resuming() if state.global_step > 0 else contextlib.nullcontext():
+                self.monitor = PhaseMonitor(
+                    optimizer, model=module, sinks=[self._receive], **monitor_kwargs
+                )
             self._adopted = False
         # under fp16 (the accelerator is known through attach())
         share_grad_scaler(self.monitor, getattr(self._accelerator, "scaler", None))

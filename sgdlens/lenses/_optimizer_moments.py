@@ -22,6 +22,9 @@ so do the records.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,10 +33,25 @@ from torch import Tensor
 from sgdlens import _torch
 from sgdlens.lenses.base import State, Step, Subset
 
-__all__ = ["OptimizerMoments"]
+__all__ = ["OptimizerMoments", "resuming"]
 
 OWNER = "GradSNR(decay='optimizer')"
 FIX = "use GradSNR(decay=0.9), which keeps its own running mean"
+#: set while a framework callback attaches to a resumed run (the optimizer's state is loaded,
+#: the monitor's is loaded right after): the held-state check moves to the first step
+_RESUMING = contextvars.ContextVar("sgdlens_resuming", default=False)
+
+
+@contextlib.contextmanager
+def resuming() -> Iterator[None]:
+    """Attach to an optimizer whose state a checkpoint restored, before the monitor's own
+    ``load_state_dict``: a parameter with optimizer state is refused at its first step unless
+    the loaded monitor state has its history (not at construction)."""
+    token = _RESUMING.set(True)
+    try:
+        yield
+    finally:
+        _RESUMING.reset(token)
 
 
 def _kind(opt: Any) -> str:
@@ -89,15 +107,16 @@ class OptimizerMoments:
         group_of = {id(p): j for j, g in enumerate(opt.param_groups) for p in g["params"]}
         self.groups = [group_of[id(p)] for p in sub.params]
         self.used = sorted(set(self.groups))
-        held = sum(1 for p in sub.params if opt.state.get(p))
-        if held:
-            raise ValueError(
-                f"{OWNER}: the {type(opt).__name__} already holds state for {held} of the "
-                f"monitored parameters, so its buffers have a history the lens did not see; "
-                f"attach the monitor before the first step (to resume, build it before "
-                f"opt.load_state_dict(...) and load its own state_dict), or use "
-                f"GradSNR(decay=0.9)"
-            )
+        #: tensors whose buffers have a history: refused unless a loaded state covers them
+        self.unseen = [i for i, p in enumerate(sub.params) if opt.state.get(p)]
+        self.held_message = (
+            f"{OWNER}: the {type(opt).__name__} already holds state for {len(self.unseen)} of "
+            f"the monitored parameters, so its buffers have a history the lens did not see; "
+            f"attach the monitor before the first step (to resume, build it before "
+            f"opt.load_state_dict(...) and load its own state_dict), or use GradSNR(decay=0.9)"
+        )
+        if self.unseen and not _RESUMING.get():
+            raise ValueError(self.held_message)
         self.ones = torch.ones(len(self.groups), dtype=view.dtype, device=view.device)
         self.raw: Any = None
         self.refresh()
@@ -127,6 +146,10 @@ class OptimizerMoments:
         self.raw = raw
 
     def update(self, state: State, step: Step) -> None:
+        if self.unseen:  # attached under resuming(): the loaded state must hold their history
+            if not bool((state["ema"][1, self.unseen] > 0).all()):
+                raise ValueError(self.held_message + " (no monitor state for them was loaded)")
+            self.unseen = []
         self.refresh()
         flag = step.flag
         if flag is False:  # the CPU skips a non-finite step exactly
