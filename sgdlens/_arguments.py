@@ -147,6 +147,13 @@ def check_lenses(lenses: Iterable[Lens] | None) -> list[Lens]:
                 f"PhaseMonitor(lenses=...)[{i}] {type(lens).__name__}.keys must be a tuple of "
                 f"sgdlens.lenses.Key, got {keys!r}; e.g. keys = (Key('my_metric', '...'),)"
             )
+        metrics = getattr(lens, "metrics", ())
+        if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
+            example = repr(metrics) if isinstance(metrics, str) else "'my_metric'"
+            raise TypeError(
+                f"PhaseMonitor(lenses=...)[{i}] {type(lens).__name__}.metrics must be a tuple "
+                f"of str, got {metrics!r}; e.g. metrics = ({example},)"
+            )
         try:  # the run header's schema reads them at the first record, inside optimizer.step()
             declared(lens)
         except (TypeError, ValueError) as e:

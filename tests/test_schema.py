@@ -224,7 +224,8 @@ def test_a_metric_name_holding_a_slash_is_a_whole_model_key():
 
 @pytest.mark.parametrize(
     ("attrs", "error"),
-    [({"metrics": ("",)}, ValueError), ({"keys": ("acc",)}, TypeError)],
+    [({"metrics": ("",)}, ValueError), ({"keys": ("acc",)}, TypeError),
+     ({"metrics": "loss"}, TypeError), ({"metrics": ("acc", 3)}, TypeError)],
 )
 def test_invalid_declared_keys_are_refused_at_construction(attrs, error):
     lens = type("Bad", (SlashMetric,), attrs)()
