@@ -2,10 +2,11 @@
 
 With ``PhaseMonitor(overhead_budget=b)`` the monitor times (host clock, no device
 synchronisation) everything its hooks do over each log interval: the steps the lenses read,
-the steps they skip, and the log point's own work; the rest of the interval is the training
-step itself. At each log point it sets ``every`` so that the whole monitor costs about ``b``
-of a step: with ``r`` the time of a read step, ``s`` that of a skipped one and ``l`` the log
-work per step, it reads a fraction ``f`` of the steps with ``f·r + (1 − f)·s + l ≤ b·step``.
+the steps they skip, and the log point's own work (scheduled probes left out: their own
+``probe_budget`` governs them); the rest of the interval is the training step itself. At each
+log point it sets ``every`` so that the whole monitor costs about ``b`` of a step: with ``r``
+the time of a read step, ``s`` that of a skipped one and ``l`` the log work per step, it reads
+a fraction ``f`` of the steps with ``f·r + (1 − f)·s + l ≤ b·step``.
 The lenses then read every ``every``-th step, every log step, and every step a lens declares
 due (``GradSNR`` closing a window), and at least 4 steps per log interval. Under
 torch.distributed every rank takes rank 0's ``every`` (one broadcast per log point), so that
@@ -52,6 +53,7 @@ class Sampler:
         self._reads = 0
         self._steps = 0
         self._ended: float | None = None  # when the last step's per-step work ended
+        self._excluded = 0.0  # time this interval that is neither the monitor's nor a step's
         self.due: list[Any] = []  # the lenses that declare steps they must read (``due``)
 
     def reads(self, index: int, lenses: Sequence[Any], states: Sequence[Any]) -> bool:
@@ -85,15 +87,20 @@ class Sampler:
             self._read_time += spent
             self._reads += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of this log interval out of the accounting (scheduled probes:
+        ``probe_budget`` governs them)."""
+        self._excluded += seconds
+
     def adapt(self) -> None:
         """At a log point, after its work: set ``every`` from the interval that ends here."""
         if self.budget is None:
             return
         now = time.perf_counter()
         if self._mark is not None and self._reads and self._steps:
-            log = now - self._ended if self._ended is not None else 0.0
+            log = (now - self._ended if self._ended is not None else 0.0) - self._excluded
             n, skips = self._steps, self._steps - self._reads
-            bare = (now - self._mark - self._busy - log) / n  # a step outside the monitor
+            bare = (now - self._mark - self._busy - log - self._excluded) / n  # a step alone
             read = self._read_time / self._reads
             skip = (self._busy - self._read_time) / skips if skips else 0.0
             spare = self.budget * bare - skip - log / n  # per step, for the reads
@@ -103,5 +110,5 @@ class Sampler:
         # every rank reads the same steps (under FSDP a read step holds a collective): rank 0's
         self.every = int(_dist.broadcast_object(self.every))
         self._mark = now
-        self._busy = self._read_time = 0.0
+        self._busy = self._read_time = self._excluded = 0.0
         self._reads = self._steps = 0

@@ -476,7 +476,9 @@ class PhaseMonitor:
         if self.detector is not None:
             record.update(self.detector.annotate(record))
         if self.probes is not None and self.model is not None:
+            start = time.perf_counter()
             record.update(self.probes.run(self.step, bool(events), self.model, self.optimizer))
+            self.sampler.exclude(time.perf_counter() - start)  # probes have their own budget
         self._emit(record)
         if events:
             trace = self._trace_lists()

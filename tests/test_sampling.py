@@ -119,6 +119,16 @@ def test_the_controller_counts_skipped_steps_and_the_log_work(monkeypatch):
     s._ended = 0.988  # the last step's per-step work ended here; the log work came after
     s.adapt()
     assert s.every == 8
+    # the same interval with 0.5 s of scheduled probes in the log work: left out, same answer
+    clock3 = iter([0.0, 1.5])
+    monkeypatch.setattr("sgdlens._sampler.time.perf_counter", lambda: next(clock3))
+    s = Sampler(0.05, log_every=400)
+    s.begin()
+    s._busy, s._read_time, s._reads, s._steps = 0.048, 0.04, 20, 100
+    s._ended = 0.988
+    s.exclude(0.5)
+    s.adapt()
+    assert s.every == 8
     # a budget the skipped steps and the log already spend: as rarely as allowed
     clock2 = iter([0.0, 1.0])
     monkeypatch.setattr("sgdlens._sampler.time.perf_counter", lambda: next(clock2))
