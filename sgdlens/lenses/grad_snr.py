@@ -74,8 +74,10 @@ class GradSNR(Lens):
       (``ValueError`` at attach) where the buffer is not a running mean of ``.grad``: other
       optimizers, SGD without momentum, L2 ``weight_decay`` in SGD or Adam (AdamW's decoupled
       decay is fine), and an optimizer that already holds state (a history the lens did not
-      see). A parameter without a gradient at a step is skipped, as the optimizer skips it;
-      a step with non-finite gradients is left out of E‖g‖² (a fused optimizer under a
+      see; resuming through the Hugging Face callback, the check waits for the first step,
+      where the monitor's own loaded state must cover that history). A parameter without a
+      gradient at a step is skipped, as the optimizer skips it; a step with non-finite
+      gradients is left out of E‖g‖² (a fused optimizer under a
       ``GradScaler`` skips it too; one that takes it has a non-finite buffer, and non-finite
       records, from then on). It reads every step, also under ``overhead_budget``.
 
