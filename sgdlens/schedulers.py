@@ -214,6 +214,8 @@ class PhaseLR(LRScheduler):
 
     def _due(self) -> bool:
         """Whether this call should decay (updates the episode bookkeeping)."""
+        if self.monitor._closed:  # a closed monitor sees no steps: the rate is held
+            return False
         if self._stream is not None:
             return self._stationary()
         t = self.monitor.step

@@ -395,3 +395,22 @@ def test_stationary_trigger_refuses_other_optimizers_and_mismatched_states():
     with pytest.raises(ValueError, match="maximize"):
         PhaseLR(sgd, mon, trigger="stationary")
     mon.close()
+
+
+@pytest.mark.parametrize("trigger", ["drift", "stationary"])
+def test_a_closed_monitor_holds_the_rate(trigger):
+    """After ``monitor.close()`` no step reaches the monitor: the scheduler holds the rate
+    (the stationary test kept cutting, its events lost)."""
+    if trigger == "stationary":
+        p, opt, mon = quadratic()
+        sched = stationary(opt, mon)
+        lrs = drive_quadratic(p, opt, [sched], 100)
+        mon.close()
+        lrs += drive_quadratic(p, opt, [sched], 1200, start=100)
+    else:
+        p, opt, mon = setup()
+        sched = PhaseLR(opt, mon, factor=0.1)
+        lrs = drive(p, opt, mon, [sched], 150)
+        mon.close()
+        lrs += drive(p, opt, mon, [sched], 400, start=150)
+    assert set(lrs[100:]) == {lrs[99]}
