@@ -107,37 +107,28 @@ def test_the_controller_sets_every_from_the_timing(monkeypatch):
     assert s.every == 5
 
 
-def test_the_controller_counts_skipped_steps_and_the_log_work(monkeypatch):
-    clock = iter([0.0, 1.0])  # the interval's start; its end, after the log work
+def _adapted(monkeypatch, end, busy, read_time, reads, steps, ended, probes=0.0):
+    """``every`` after one interval from time 0 to ``end`` (the clock is mocked)."""
+    clock = iter([0.0, end])  # the interval's start; its end, after the log work
     monkeypatch.setattr("sgdlens._sampler.time.perf_counter", lambda: next(clock))
     s = Sampler(0.05, log_every=400)
     s.begin()
+    s._busy, s._read_time, s._reads, s._steps = busy, read_time, reads, steps
+    s._ended = ended  # the last step's per-step work ended here; the log work came after
+    s.exclude(probes)
+    s.adapt()
+    return s.every
+
+
+def test_the_controller_counts_skipped_steps_and_the_log_work(monkeypatch):
     # 100 steps in 1 s: 20 reads of 2 ms, 80 skipped steps of 0.1 ms, 12 ms of log work, so
     # 9.4 ms per step outside the monitor; 5 % of it is 0.47 ms, of which skips and the log
     # take 0.1 + 0.12 ms: the reads get 0.25 ms a step, read one step in ceil(1.9 / 0.25) = 8
-    s._busy, s._read_time, s._reads, s._steps = 0.048, 0.04, 20, 100
-    s._ended = 0.988  # the last step's per-step work ended here; the log work came after
-    s.adapt()
-    assert s.every == 8
+    assert _adapted(monkeypatch, 1.0, 0.048, 0.04, 20, 100, ended=0.988) == 8
     # the same interval with 0.5 s of scheduled probes in the log work: left out, same answer
-    clock3 = iter([0.0, 1.5])
-    monkeypatch.setattr("sgdlens._sampler.time.perf_counter", lambda: next(clock3))
-    s = Sampler(0.05, log_every=400)
-    s.begin()
-    s._busy, s._read_time, s._reads, s._steps = 0.048, 0.04, 20, 100
-    s._ended = 0.988
-    s.exclude(0.5)
-    s.adapt()
-    assert s.every == 8
-    # a budget the skipped steps and the log already spend: as rarely as allowed
-    clock2 = iter([0.0, 1.0])
-    monkeypatch.setattr("sgdlens._sampler.time.perf_counter", lambda: next(clock2))
-    s = Sampler(0.05, log_every=400)
-    s.begin()
-    s._ended = 0.5
-    s._busy, s._read_time, s._reads, s._steps = 0.1, 0.05, 10, 100
-    s.adapt()
-    assert s.every == s.limit == 100
+    assert _adapted(monkeypatch, 1.5, 0.048, 0.04, 20, 100, ended=0.988, probes=0.5) == 8
+    # a budget the skipped steps and the log already spend: as rarely as allowed (limit 100)
+    assert _adapted(monkeypatch, 1.0, 0.1, 0.05, 10, 100, ended=0.5) == 100
 
 
 @pytest.mark.parametrize("budget", [0, -0.1, 1.5, "3%", True])
