@@ -122,37 +122,17 @@ def flatness(
         ]
         radii = []
         evals = 0
-        grid0 = Grid(
-            model,
-            loss_fn,
-            batches,
-            base,
-            dirs[:1],
-            mode=mode,
-            bn="carry",
-            bn_batches=batches,
-            use_vmap=False,
-            chunk_size=1,
-            progress=False,
-            desc="flatness",
-        )
+
+        def line(d: dict[str, Tensor]) -> Grid:  # the loss along one direction, point by point
+            return Grid(model, loss_fn, batches, base, [d], mode=mode, bn="carry",
+                        bn_batches=batches, use_vmap=False, chunk_size=1, progress=False,
+                        desc="flatness")  # fmt: skip
+
+        grid0 = line(dirs[0])
         l0 = grid0.at([0.0])
         evals += 1
         for d in dirs:
-            g = Grid(
-                model,
-                loss_fn,
-                batches,
-                base,
-                [d],
-                mode=mode,
-                bn="carry",
-                bn_batches=batches,
-                use_vmap=False,
-                chunk_size=1,
-                progress=False,
-                desc="flatness",
-            )
+            g = line(d)
             g.seed = grid0.seed
             g.ev.seed = grid0.seed
             lo, hi = 0.0, max_radius / 1024
