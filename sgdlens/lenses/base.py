@@ -6,7 +6,9 @@ A lens is a small object with four methods, in the spirit of optax's ``init``/``
 * ``update(state, step) -> state`` – every optimizer step, with the gradients the optimizer
   uses: in the pre-step hook, where ``backward()`` has just left them in cache (after the
   step for a step that takes a closure, like LBFGS, whose gradients only exist then); under
-  ``no_grad``; sync-free: no ``.item()``, no data-dependent Python branching;
+  ``no_grad``; sync-free: no ``.item()``, no data-dependent Python branching except on
+  ``step.flag``, which is a Python bool only where reading the device is free (the CPU) and
+  ``None`` elsewhere;
 * ``prepare(state, step) -> state`` – before the update of a step that will be logged
   (to snapshot what the update changes); most lenses leave it alone;
 * ``compute(state, step) -> dict[str, Tensor]`` – at a log point: flat keys to 0-d tensors.
