@@ -7,7 +7,10 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["STATE_KEYS", "check_like", "lens_id", "load_into", "plain", "short"]
+__all__ = ["STATE_KEYS", "VERSION", "check_like", "check_state", "lens_id", "load_into"]
+
+#: the format version of ``PhaseMonitor.state_dict()``
+VERSION = 1
 
 
 def lens_id(lens: Any) -> str:
@@ -68,3 +71,40 @@ def load_into(current: Any, loaded: Any) -> Any:
     if isinstance(current, list):
         return [load_into(c, x) for c, x in zip(current, loaded)]
     return loaded
+
+
+def check_state(
+    state_dict: Any, version: int, identity: Mapping[str, tuple[Any, str]], states: list[Any]
+) -> None:
+    """Raise unless ``state_dict`` is a complete monitor checkpoint of ``version`` whose
+    ``identity`` entries (key -> (this monitor's value, the fix, where ``{saved}`` is the
+    checkpoint's value)) match, where the file has them, and whose ``states`` are shaped like
+    this monitor's (:func:`check_like`)."""
+    where = "load_state_dict(state_dict=...)"
+    if not isinstance(state_dict, Mapping) or state_dict.get("version") != version:
+        raise ValueError(
+            f"{where} needs a dict from PhaseMonitor.state_dict() (version {version}); got "
+            f"{type(state_dict).__name__}"
+            + (f" with version {state_dict.get('version')!r}"
+               if isinstance(state_dict, Mapping) else "")
+        )  # fmt: skip
+    missing = sorted(STATE_KEYS - set(state_dict))
+    if missing:
+        raise ValueError(
+            f"{where} lacks {missing}: it is not a complete PhaseMonitor.state_dict() "
+            f"(truncated or edited?); save monitor.state_dict() as it is"
+        )
+    for key, (mine, fix) in identity.items():
+        if key in state_dict and plain(state_dict[key]) != mine:  # older files lack some
+            saved = plain(state_dict[key])
+            raise ValueError(
+                f"load_state_dict: the checkpoint's {key} {short(saved)} differ from this "
+                f"monitor's {short(mine)}; build the monitor with {fix.format(saved=saved)}"
+            )
+    for i, (state, loaded) in enumerate(zip(states, state_dict["states"])):
+        check_like(state, loaded, f"states[{i}]")
+    if len(state_dict["states"]) != len(states):
+        raise ValueError(
+            f"load_state_dict: states holds {len(state_dict['states'])} entries, this "
+            f"monitor has {len(states)} lenses"
+        )

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from sgdlens import _dist
 from sgdlens._arguments import check_arguments, check_probe_model
-from sgdlens._checkpoint import STATE_KEYS, check_like, lens_id, load_into, plain, short
+from sgdlens._checkpoint import VERSION, check_state, lens_id, load_into
 from sgdlens._optim import unwrap_optimizer
 from sgdlens._sampler import SKIPPED, Sampler
 from sgdlens._view import build_view
@@ -36,7 +36,6 @@ RESERVED = frozenset(
     {"step", "time", "nonfinite_steps", "phase", "event", "layer", "old", "run",
      "probe_time_fraction", "update_every"}
 )  # fmt: skip
-_STATE_VERSION = 1
 
 
 class PhaseMonitor:
@@ -592,7 +591,7 @@ class PhaseMonitor:
         Like ``nn.Module.state_dict`` it holds references to live tensors, not copies.
         """
         return {
-            "version": _STATE_VERSION,
+            "version": VERSION,
             "step": self.step,
             "finite": self._finite,
             "observed": {k: [v[0], v[1]] for k, v in self._observed.items()},
@@ -617,39 +616,14 @@ class PhaseMonitor:
         shape of every state tensor); a load that fails part-way puts the monitor back as it
         was, so a refused checkpoint never leaves a half-loaded monitor.
         """
-        where = "load_state_dict(state_dict=...)"
-        if not isinstance(state_dict, Mapping) or state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"{where} needs a dict from PhaseMonitor.state_dict() (version "
-                f"{_STATE_VERSION}); got {type(state_dict).__name__}"
-                + (f" with version {state_dict.get('version')!r}"
-                   if isinstance(state_dict, Mapping) else "")
-            )  # fmt: skip
-        missing = sorted(STATE_KEYS - set(state_dict))
-        if missing:
-            raise ValueError(
-                f"{where} lacks {missing}: it is not a complete PhaseMonitor.state_dict() "
-                f"(truncated or edited?); save monitor.state_dict() as it is"
-            )
-        checks = [
-            ("lenses", [lens_id(lens) for lens in self.lenses], "the same lenses"),
-            ("layers", list(self.view.layers), "the same model (layers)"),
-            ("log_every", self.log_every, f"log_every={state_dict.get('log_every')}"),
-        ]
-        for key, mine, fix in checks:
-            if key in state_dict and plain(state_dict[key]) != mine:  # older files lack some
-                saved = plain(state_dict[key])
-                raise ValueError(
-                    f"load_state_dict: the checkpoint's {key} {short(saved)} differ from this "
-                    f"monitor's {short(mine)}; build the monitor with {fix}"
-                )
-        for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
-            check_like(state, loaded, f"states[{i}]")
-        if len(state_dict["states"]) != len(self.states):
-            raise ValueError(
-                f"load_state_dict: states holds {len(state_dict['states'])} entries, this "
-                f"monitor has {len(self.states)} lenses"
-            )
+        check_state(
+            state_dict,
+            VERSION,
+            {"lenses": ([lens_id(lens) for lens in self.lenses], "the same lenses"),
+             "layers": (list(self.view.layers), "the same model (layers)"),
+             "log_every": (self.log_every, "log_every={saved}")},
+            self.states,
+        )  # fmt: skip
         backup = copy.deepcopy(self.state_dict())
         try:
             self._load(state_dict)
