@@ -419,10 +419,10 @@ def _accumulate(model, opt, x, y, m):
 @pytest.mark.parametrize("pending", [1, 40, 1 << 23])
 @pytest.mark.parametrize("m", [2, 3])
 def test_accumulation_matches_micro_batch_gradients(m, pending, monkeypatch):
-    from sgdlens.lenses import noise_scale
+    from sgdlens.lenses import _micro_batches
 
-    monkeypatch.setattr(noise_scale, "PENDING", pending)
-    monkeypatch.setattr(noise_scale, "AT_ONCE", set() if pending < 1 << 23 else {"cpu"})
+    monkeypatch.setattr(_micro_batches, "PENDING", pending)
+    monkeypatch.setattr(_micro_batches, "AT_ONCE", set() if pending < 1 << 23 else {"cpu"})
     model, x, y = build("cnn")
     x, y = x[:6], y[:6]
     opt, mon = _monitor(model, NoiseScale(decay=0.0))
@@ -617,7 +617,7 @@ def test_validation():
 def test_bfloat16_per_sample_and_micro_batch_norms_are_float32_accurate():
     """A bfloat16 MLP: the per-sample squared norms and the micro-batch norms equal float64
     computations on the same bfloat16 activations and gradients to 1e-5."""
-    from sgdlens.lenses.noise_scale import _MicroBatches
+    from sgdlens.lenses._micro_batches import MicroBatches
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4)).to(torch.bfloat16)
@@ -632,7 +632,7 @@ def test_bfloat16_per_sample_and_micro_batch_norms_are_float32_accurate():
     for i in (0, 2):
         model[i].register_forward_hook(keep(i))
     engine = PerSampleEngine(model, params, keep_last=True)
-    micro = _MicroBatches(params, torch.float64, torch.device("cpu"))
+    micro = MicroBatches(params, torch.float64, torch.device("cpu"))
     handles = engine.attach() + micro.attach()
     for j, p in enumerate(params):  # the gradients the lens's hooks see, kept in float64
         handles.append(p.register_hook(lambda g, j=j: incoming[j].append(g.double())))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from functools import partial
 from typing import Any
 
 import torch
@@ -43,13 +42,13 @@ from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
+from sgdlens.lenses._micro_batches import MicroBatches
 from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
 from sgdlens.lenses.per_sample import (
     MODES,
     Disarm,
     PerSampleEngine,
     eager,
-    index_sums,
     shared_engine,
 )
 
@@ -77,73 +76,6 @@ def two_batch_estimates(
     g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
     tr = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
     return g2, tr
-
-
-# Gradient elements whose norms the accumulation hooks batch into one launch (32 MB of float32
-# kept alive at most), and the devices where each norm is taken at once instead (tests empty
-# the set to cover the batched path on the CPU).
-PENDING = 1 << 23
-AT_ONCE = {"cpu"}
-
-
-class _MicroBatches:
-    """Per-parameter ‖Δ_j‖ over the backward passes of one step, Δ_j each one's gradient.
-
-    The first backward's gradient becomes ``.grad`` and is then added to in place, so its norm
-    is taken at once; on accelerators later gradients are only added into ``.grad``, so the
-    hooks keep them (up to ``PENDING`` elements) and take their norms together, one fused
-    launch per bucket instead of one per parameter. On the CPU, where a launch is cheap,
-    every norm is taken at once, while the gradient is still in cache. Squaring, summing and
-    the float64 conversion happen once per step in :meth:`sums`.
-    """
-
-    def __init__(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> None:
-        self.params, self.dtype, self.device = params, dtype, device
-        n = len(params)
-        self.norms: list[list[Tensor]] = [[] for _ in range(n)]
-        self.fires = [0] * n
-        self._step = [0] * n  # a parameter's step count, to drop gradients of abandoned steps
-        self._pending: list[tuple[int, int, Tensor]] = []
-        self._pending_n = 0
-        self._index: dict[tuple[tuple[int, int], ...], Tensor] = {}
-
-    def attach(self) -> list[Any]:
-        return [p.register_hook(partial(self._on, i))
-                for i, p in enumerate(self.params) if p.requires_grad]  # fmt: skip
-
-    def _on(self, i: int, grad: Tensor) -> None:
-        if probing_now():
-            return
-        if self.params[i].grad is None:  # zero_grad(set_to_none=True): a new step began
-            self.norms[i], self.fires[i] = [], 0
-            self._step[i] += 1
-        self.fires[i] += 1
-        if self.fires[i] == 1 or grad.is_sparse or grad.device.type in AT_ONCE:
-            g = grad.coalesce().values() if grad.is_sparse else grad
-            self.norms[i].append(torch.linalg.vector_norm(g, dtype=_torch.buffer_dtype(g.dtype)))
-            return
-        self._pending.append((i, self._step[i], grad))
-        self._pending_n += grad.numel()
-        if self._pending_n >= PENDING:
-            self._flush()
-
-    def _flush(self) -> None:
-        live = [(i, g) for i, step, g in self._pending if step == self._step[i]]
-        self._pending, self._pending_n = [], 0
-        if live:
-            values = _torch.norms([g for _, g in live], self.device, self.dtype)
-            for (i, _), v in zip(live, values.unbind()):
-                self.norms[i].append(v)
-
-    def sums(self, device: torch.device) -> Tensor:
-        """Σ_j ‖Δ_j‖² per parameter, in ``dtype`` on ``device``."""
-        self._flush()
-        return index_sums(self.norms, self.dtype, device, self._index, square=True)
-
-    def reset(self) -> None:
-        self.norms = [[] for _ in self.params]
-        self.fires = [0] * len(self.params)
-        self._pending, self._pending_n = [], 0
 
 
 def _check_int(name: str, value: Any, low: int, example: str) -> None:
@@ -296,7 +228,7 @@ class NoiseScale(Lens):
         self._view = view
         zeros = torch.zeros(len(view.layers), dtype=view.dtype, device=view.device)
         self._mode: str | None = None if self.estimator == "auto" else self.estimator
-        self._micro: _MicroBatches | None = None
+        self._micro: MicroBatches | None = None
         self._engine: PerSampleEngine | None = None
         self._handles: dict[str, list[Any]] = {}
         self._last_batch: int | None = None
@@ -350,7 +282,7 @@ class NoiseScale(Lens):
                         "model: pass PhaseMonitor(model=model) or NoiseScale(batch_size=...)"
                     )
             else:
-                self._micro = _MicroBatches(params, view.dtype, view.device)
+                self._micro = MicroBatches(params, view.dtype, view.device)
                 self._handles["accumulation"] = self._micro.attach()
         if self.estimator in ("auto", "per_sample") and model is not None:
             self._engine = shared_engine(view, model, self.per_sample, "NoiseScale")
