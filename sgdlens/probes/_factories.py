@@ -17,7 +17,7 @@ from sgdlens.probes.eos import eos_ratio, per_group_rates, rate_weighted_ratio
 from sgdlens.probes.hvp import Operator
 from sgdlens.probes.interpolate import interpolate
 from sgdlens.probes.restore import preserved
-from sgdlens.probes.sharpness import adam_preconditioner, held_params, solve
+from sgdlens.probes.sharpness import SharpnessResult, adam_preconditioner, held_params, solve
 from sgdlens.probes.trace import hessian_trace
 from sgdlens.schema import Key
 
@@ -94,7 +94,7 @@ def sharpness_probe(
                 op.scale = op.space.flatten([pre[n] for n in op.space.names]).rsqrt()
             res = solve(op, 1, "LA", tol, None, "lanczos", _start(last, "v", op.space.names),
                         own_generator(None), True)  # fmt: skip
-        last["v"] = {k: v.clone() for k, v in res.vector(0).items()}
+        _keep(last, "v", res)
         out = {"sharpness": float(res.value), "sharpness_hvps": float(res.hvps)}
         if not (adam or isinstance(real, torch.optim.SGD)):
             return out  # no threshold for this optimizer (or Adam before its first step)
@@ -109,7 +109,7 @@ def sharpness_probe(
                 warned.append(True)
                 warnings.warn(f"{name}: no eos_ratio in the records: {e}", stacklevel=2)
             return out
-        last["v_rates"] = {k: v.clone() for k, v in scaled.vector(0).items()}
+        _keep(last, "v_rates", scaled)
         out["eos_ratio"] = ratio
         out["sharpness_hvps"] += scaled.hvps
         return out
@@ -127,6 +127,11 @@ def _start(last: Mapping[str, Any], key: str, names: list[str]) -> Any:
     """The previous run's eigenvector as a warm start, if it covers these parameters."""
     v = last.get(key)
     return v if v is not None and all(n in v for n in names) else None
+
+
+def _keep(last: dict[str, Any], key: str, res: SharpnessResult) -> None:
+    """Keep the top eigenvector of ``res`` as the next run's warm start (see :func:`_start`)."""
+    last[key] = {k: v.clone() for k, v in res.vector(0).items()}
 
 
 def trace_probe(
@@ -215,7 +220,7 @@ def barrier_probe(
 
     def check(model: nn.Module) -> None:
         ref = state["reference"]
-        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        own = _tensors(model)
         bad = [k for k, t in own.items() if k not in ref or ref[k].shape != t.shape]
         if bad:
             k = bad[0]
@@ -245,8 +250,7 @@ def barrier_probe(
 def _snapshot(reference: Any) -> dict[str, torch.Tensor]:
     """A detached copy of a state dict or of a module's parameters and buffers."""
     if isinstance(reference, nn.Module):
-        items: Mapping[str, Any] = {**dict(reference.named_parameters()),
-                                    **dict(reference.named_buffers())}  # fmt: skip
+        items: Mapping[str, Any] = _tensors(reference)
     elif isinstance(reference, Mapping):
         items = reference
     else:
@@ -261,3 +265,8 @@ def _snapshot(reference: Any) -> dict[str, torch.Tensor]:
             f"got {'no entries' if not items else f'non-tensors at {bad[:3]}'}"
         )
     return {k: v.detach().clone() for k, v in items.items()}
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters and buffers by name (the tensors themselves, not copies)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
