@@ -14,7 +14,7 @@ from sgdlens import _torch
 from sgdlens._optim import unwrap_optimizer
 from sgdlens.layers import LayersArg, check_layers
 from sgdlens.lenses import default as default_lenses
-from sgdlens.lenses.base import Lens, ParamView
+from sgdlens.lenses.base import Lens, ParamView, check_reductions
 from sgdlens.phase import PhaseDetector
 from sgdlens.probes._common import FSDP_REASON
 from sgdlens.probes.scheduled import Probe
@@ -154,6 +154,7 @@ def check_lenses(lenses: Iterable[Lens] | None) -> list[Lens]:
                 f"PhaseMonitor(lenses=...)[{i}] {type(lens).__name__}.metrics must be a tuple "
                 f"of str, got {metrics!r}; e.g. metrics = ({example},)"
             )
+        check_reductions(lens, f"PhaseMonitor(lenses=...)[{i}]")
         try:  # the run header's schema reads them at the first record, inside optimizer.step()
             declared(lens)
         except (TypeError, ValueError) as e:

@@ -23,7 +23,7 @@ from sgdlens._sampler import SKIPPED, Sampler
 from sgdlens._view import build_view
 from sgdlens.header import header_once
 from sgdlens.layers import LayersArg
-from sgdlens.lenses.base import Lens, ParamView, State, Step
+from sgdlens.lenses.base import Lens, ParamView, State, Step, declares_sums, reduce_sums
 from sgdlens.phase import PhaseDetector, PhaseEvent
 from sgdlens.probes.scheduled import Probe, ProbeScheduler
 from sgdlens.records import History, Record
@@ -452,12 +452,18 @@ class PhaseMonitor:
 
     def _log(self, step: Step) -> None:
         values: dict[str, Tensor] = {}
-        for lens, state in zip(self.lenses, self.states):
-            values.update(lens.compute(state, step))
+        # every lens's cross-rank sums and the observed scalars: one all-reduce (see Lens.local)
+        two = [declares_sums(lens) for lens in self.lenses]
+        local = [lens.local(state, step) if t else {}
+                 for lens, state, t in zip(self.lenses, self.states, two)]  # fmt: skip
+        observed = self._observed_sums()
+        sums = reduce_sums(self.view, self.lenses, local, observed[1])
+        for lens, state, t, mine in zip(self.lenses, self.states, two, sums):
+            values.update(lens.finish(state, step, mine) if t else lens.compute(state, step))
         values["nonfinite_steps"] = self._updates - self._finite
         if self.sampler.budget is not None:
             values["update_every"] = torch.tensor(float(self.sampler.every))
-        for name, mean in self._observed_means().items():
+        for name, mean in self._observed_means(*observed).items():
             if name in values:  # a lens that declares no metrics logged this name
                 self._warn_once(
                     f"observe {name}",
@@ -501,21 +507,24 @@ class PhaseMonitor:
             "trace/grad_norm": [v[1] ** 0.5 for v in values],
         }
 
-    def _observed_means(self) -> dict[str, Tensor]:
-        """Means of the observed scalars since the last record, over every rank's observations.
-
-        Under torch.distributed this is the monitor's one collective per record: an all-reduce
-        of the sums and counts (every rank must observe the same names).
-        """
+    def _observed_sums(self) -> tuple[list[str], Tensor | None]:
+        """The names observed since the last record and their sums and counts (one 1-D
+        tensor, to be summed over the ranks; every rank must observe the same names)."""
         names = sorted(self._observed)
         self._observed, observed = {}, self._observed
         self._observed_names.update(dict.fromkeys(names))
         if not names:
-            return {}
+            return names, None
         sums = torch.stack([observed[n][0] for n in names])
         counts = torch.tensor([float(observed[n][1]) for n in names], dtype=sums.dtype,
                               device=sums.device)  # fmt: skip
-        both = _dist.all_sum_(torch.cat([sums, counts]))
+        return names, torch.cat([sums, counts]).to(self.view.dtype)
+
+    @staticmethod
+    def _observed_means(names: list[str], both: Tensor | None) -> dict[str, Tensor]:
+        """Means of the observed scalars from their sums and counts over every rank."""
+        if both is None:
+            return {}
         means = both[: len(names)] / both[len(names) :]
         return dict(zip(names, means.unbind()))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sgdlens import PhaseMonitor
+from sgdlens.lenses import Key, Lens
 from sgdlens.sinks import JSONLSink
 from tests._train import batches, make_model
 
@@ -236,12 +239,38 @@ def worker_noise_scale_no_sync(
     leave()
 
 
+class ParamSquares(Lens):
+    """A user's lens: Σ θ² over the whole model, declared as a sum over the ranks' shards."""
+
+    name = "param_squares"
+    keys = (Key("param_sq", "sum of squared parameters", per_layer=False),)
+    reductions: ClassVar[Mapping[str, str]] = {"sq": "shards"}
+
+    def init(self, view):
+        return {}
+
+    def local(self, state, step):
+        return {"sq": sum(p.detach().double().square().sum() for p in step.view.local_params)}
+
+    def finish(self, state, step, sums):
+        return {"param_sq": sums["sq"]}
+
+
+def declared_lenses():
+    """Lenses whose log-point sums are declared: windows closing off the log steps (3 and 5),
+    an EMA, the optimizer's moments, and a user's lens."""
+    from sgdlens.lenses import GradNorm, GradSNR, WeightNorms
+
+    return [GradSNR(window=3), GradNorm(), WeightNorms(), ParamSquares()]
+
+
 def worker_records(rank: int, world: int, init_file: str, out_dir: str, name: str) -> None:
     """Train on this rank's share of the global batches; save the records as ``<name><rank>.pt``.
 
     ``"sampled"``: FSDP2 with ``overhead_budget`` set differently on each rank (rank 0 can
     afford every step, rank 1 almost none). ``"batch_snr"``: DDP with BatchSNR reading each
-    rank's samples.
+    rank's samples. ``"declared"``: FSDP2 with :func:`declared_lenses`, counting the
+    all-reduces the monitor makes at each step (saved as ``declared_calls<rank>.pt``).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -254,16 +283,32 @@ def worker_records(rank: int, world: int, init_file: str, out_dir: str, name: st
             net: torch.nn.Module = fully_shard(model)
             kwargs: dict = {"log_every": LOG_EVERY * 2,
                             "overhead_budget": 1.0 if rank == 0 else 1e-6}  # fmt: skip
+        elif name == "declared":
+            net, kwargs = fully_shard(model), {"log_every": LOG_EVERY, "lenses": declared_lenses()}
         else:
             net, kwargs = DDP(model), {"log_every": LOG_EVERY, "lenses": [BatchSNR()]}
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         mon = PhaseMonitor(opt, model=model, detector=False, **kwargs)
+        calls, real = [], dist.all_reduce
+
+        def counted(*args, **kw):
+            calls[-1] += 1
+            return real(*args, **kw)
+
         for x, y in batches(STEPS, size=GLOBAL_BATCH):
             opt.zero_grad()
             F.cross_entropy(net(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
-            opt.step()
+            if name == "declared":  # every rank's observation, averaged
+                mon.observe(loss=torch.tensor(float(rank)))
+            calls.append(0)
+            dist.all_reduce = counted  # the monitor's own collectives, inside step()
+            try:
+                opt.step()
+            finally:
+                dist.all_reduce = real
         mon.close()
         torch.save(mon.history.records, os.path.join(out_dir, f"{name}{rank}.pt"))
+        torch.save(calls, os.path.join(out_dir, f"{name}_calls{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

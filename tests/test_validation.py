@@ -80,3 +80,15 @@ def test_detector_and_trace_arguments(opt):
         PhaseMonitor(opt, trace_steps=-1)
     with PhaseMonitor(opt, log_every=10**9) as mon:  # the default trace is capped
         assert mon._trace.shape[0] == 1024
+
+
+@pytest.mark.parametrize("reductions", [{"sq": "sum"}, ["sq"], {1: "ranks"}])
+def test_lens_reductions_are_checked_at_construction(reductions):
+    class Bad(lenses.GradNorm):
+        pass
+
+    Bad.reductions = reductions
+    opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"lenses=\.\.\.\)\[0\] Bad\.reductions = .* 'shards'"):
+        PhaseMonitor(opt, lenses=[Bad()])
+    assert not opt._optimizer_step_pre_hooks  # refused before any hook was attached

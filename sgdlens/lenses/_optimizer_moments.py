@@ -168,7 +168,8 @@ class OptimizerMoments:
             x.copy_(torch.where(mask, torch.addcmul(x * self.a, y, c), x))
 
     def moments(self, state: State) -> tuple[Tensor, Tensor]:
-        """Per layer of ``sub``: ‖E g‖² and E‖g‖², over every rank's shards."""
+        """Per layer of ``sub``: ‖E g‖² and E‖g‖², over this rank's shards (the lens declares
+        their sum over the ranks)."""
         sub, x = self.sub, state["ema"]
         view = sub.view
         bufs = [self.opt.state.get(p, {}).get(self.key) for p in sub.params]
@@ -183,6 +184,4 @@ class OptimizerMoments:
         safe = torch.where(seen, w, self.ones)
         mean_sq = torch.where(seen, buf_sq / safe.square(), 0.0)
         second = torch.where(seen, x[0] / safe, 0.0)
-        both = view.reduce_sum(torch.cat([sub.per_layer(mean_sq), sub.per_layer(second)]))
-        n = len(sub.layers)
-        return both[:n], both[n:]
+        return sub.per_layer(mean_sq), sub.per_layer(second)

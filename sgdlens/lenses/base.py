@@ -13,6 +13,21 @@ A lens is a small object with four methods, in the spirit of optax's ``init``/``
   (to snapshot what the update changes); most lenses leave it alone;
 * ``compute(state, step) -> dict[str, Tensor]`` – at a log point: flat keys to 0-d tensors.
 
+Under torch.distributed a lens's log-point sums are often partial: each rank holds a shard of
+every parameter (FSDP), or reads its own batch. Such a lens splits ``compute`` in two and
+declares how each sum is added up over the ranks, as torchmetrics declares its reductions:
+
+* ``local(state, step) -> dict[str, Tensor]`` – this rank's sums (the same names and shapes on
+  every rank);
+* ``reductions`` – ``{name: "shards"}`` for sums over this rank's shards of the parameters
+  (added up over the ranks when the parameters are sharded, left alone when every rank holds
+  them whole), ``{name: "ranks"}`` for sums over this rank's own data (added up whenever
+  several processes train); a name left out stays this rank's;
+* ``finish(state, step, sums) -> dict[str, Tensor]`` – the keys, from the added-up sums.
+
+The monitor adds up every lens's sums (and the observed scalars) in one all-reduce per log
+point; :meth:`Lens.compute` does the same for one lens called on its own.
+
 A lens that needs more than the optimizer sees (module forward/backward hooks, per-parameter
 ``register_post_accumulate_grad_hook`` for micro-batches) may also define
 ``attach(model, view) -> list[RemovableHandle]``; the monitor calls it once after ``init`` and
@@ -29,10 +44,10 @@ restores it in ``state_dict``. Lenses never copy to the host; the monitor does t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +136,8 @@ class ParamView:
         Under FSDP each rank holds a shard of every parameter, so per-layer sums of squares
         are partial until they are added up across ranks (one all-reduce; call it at log
         points only). Replicated parameters (one process, DDP) need nothing and get ``sums``.
+        A lens's log-point sums are better declared (:attr:`Lens.reductions`): the monitor then
+        adds up every lens's in one all-reduce.
         """
         return _dist.all_sum_(sums.clone()) if self.sharded else sums
 
@@ -267,6 +284,9 @@ class Lens:
     #: whether it must update at every step (it accumulates through hooks), even when
     #: ``PhaseMonitor(overhead_budget=...)`` has the other lenses read a sample of the steps
     every_step: bool = False
+    #: how each sum :meth:`local` returns is added up over the ranks: ``"shards"`` or
+    #: ``"ranks"`` (see the module docstring); a name left out stays this rank's
+    reductions: ClassVar[Mapping[str, str]] = {}
 
     def init(self, view: ParamView) -> State:
         raise NotImplementedError
@@ -289,5 +309,76 @@ class Lens:
     def prepare(self, state: State, step: Step) -> State:
         return state
 
-    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+    def local(self, state: State, step: Step) -> dict[str, Tensor]:
+        """At a log point, this rank's sums for :meth:`finish` (see :attr:`reductions`)."""
+        return {}
+
+    def finish(self, state: State, step: Step, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The logged keys from :meth:`local`'s sums, added up over the ranks as declared."""
         raise NotImplementedError
+
+    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+        """The logged keys: :meth:`local`, reduced over the ranks, then :meth:`finish` (a lens
+        with no cross-rank sums may override this alone)."""
+        return self.finish(
+            state, step, reduce_sums(step.view, [self], [self.local(state, step)])[0]
+        )
+
+
+#: the cross-rank reductions a lens may declare for its :meth:`Lens.local` sums
+REDUCTIONS = ("shards", "ranks")
+
+
+def declares_sums(lens: Any) -> bool:
+    """Whether ``lens`` computes through ``local``/``finish`` (so the monitor may add up its sums
+    together with the other lenses'), rather than through its own ``compute``."""
+    return isinstance(lens, Lens) and type(lens).compute is Lens.compute
+
+
+def check_reductions(lens: Any, where: str) -> None:
+    """Refuse a ``reductions`` declaration the monitor cannot carry out (at construction)."""
+    red = getattr(lens, "reductions", {})
+    if not isinstance(red, Mapping) or any(
+        not isinstance(k, str) or v not in REDUCTIONS for k, v in red.items()
+    ):
+        raise ValueError(
+            f"{where} {type(lens).__name__}.reductions = {red!r} must map each name local() "
+            f"returns to "
+            f"'shards' (summed over the ranks' shards of the parameters, under FSDP) or "
+            f"'ranks' (summed over every rank's own data), e.g. {{'sq': 'shards'}}"
+        )
+
+
+def reduce_sums(
+    view: ParamView, lenses: Sequence[Lens], sums: Sequence[dict[str, Tensor]],
+    extra: Tensor | None = None,
+) -> list[dict[str, Tensor]]:  # fmt: skip
+    """Every lens's :meth:`Lens.local` sums, added up over the ranks as it declares, in one
+    all-reduce (nothing at all in one process): one dict per lens, like ``sums``.
+
+    ``extra`` (1-D, ``view.dtype``) rides along as ``"ranks"`` (the monitor's observed sums);
+    it is summed in place.
+    """
+    world = _dist.rank_and_size()[1]
+    if world == 1:
+        return list(sums)
+    parts: list[tuple[int, str]] = []
+    for i, (lens, local) in enumerate(zip(lenses, sums)):
+        for name in local:
+            how = lens.reductions.get(name)
+            if how == "ranks" or (how == "shards" and view.sharded):
+                parts.append((i, name))
+    flat = [sums[i][name].reshape(-1).to(view.dtype) for i, name in parts]
+    if extra is not None:
+        flat.append(extra)
+    if not flat:
+        return list(sums)
+    total = _dist.all_sum_(torch.cat(flat))
+    out = [dict(local) for local in sums]
+    pieces = total.split([t.numel() for t in flat])
+    for (i, name), piece in zip(parts, pieces):
+        old = sums[i][name]
+        out[i][name] = piece.view(old.shape).to(old.dtype)
+    if extra is not None:
+        extra.copy_(pieces[-1])
+    return out

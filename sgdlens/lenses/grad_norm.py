@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 from torch import Tensor
 
 from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
@@ -35,7 +38,15 @@ class GradNorm(Lens):
     def init(self, view: ParamView) -> State:
         return {}
 
-    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+    reductions: ClassVar[Mapping[str, str]] = {"sq": "shards"}
+
+    def local(self, state: State, step: Step) -> dict[str, Tensor]:
         view = step.view
-        sq = view.reduce_sum(view.per_layer(step.grad_sq, range(len(view.params))))
-        return {**per_layer_keys("grad_norm", view.layers, sq.sqrt()), "grad_norm": sq.sum().sqrt()}
+        return {"sq": view.per_layer(step.grad_sq, range(len(view.params)))}
+
+    def finish(self, state: State, step: Step, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        sq = sums["sq"]
+        return {
+            **per_layer_keys("grad_norm", step.view.layers, sq.sqrt()),
+            "grad_norm": sq.sum().sqrt(),
+        }

@@ -12,7 +12,8 @@ and for the whole model the same statistic of the concatenated gradient:
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -229,6 +230,7 @@ class GradSNR(Lens):
     def _close_window(self, state: State) -> None:
         n = state["n"]
         buf_sq, sq = self._layer_sums(state)
+        # this rank's share (under FSDP the sums over its shards), added up at the log point
         state["mean_sq"].copy_(buf_sq / n.square())
         state["second"].copy_(sq / n)
         _torch.zero_(state["buf"])
@@ -237,13 +239,15 @@ class GradSNR(Lens):
         state["done"] += 1
 
     def _layer_sums(self, state: State) -> tuple[Tensor, Tensor]:
-        """Per layer: ‖Σ g‖² (or ‖EMA g‖²) and Σ‖g‖² (or its EMA), over every rank's shards."""
+        """Per layer: ‖Σ g‖² (or ‖EMA g‖²) and Σ‖g‖² (or its EMA), over this rank's shards."""
         n, sub = state["n"], self._sub
         buf_sq = sub.per_layer(_torch.norms(state["buf"], n.device, n.dtype).square())
-        both = sub.view.reduce_sum(torch.cat([buf_sq, sub.per_layer(state["sq"])]))
-        return both[: len(buf_sq)], both[len(buf_sq) :]
+        return buf_sq, sub.per_layer(state["sq"])
 
-    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+    # ‖E g‖² and E‖g‖² per layer: sums of squares over the parameters (shards under FSDP)
+    reductions: ClassVar[Mapping[str, str]] = {"mean_sq": "shards", "second": "shards"}
+
+    def local(self, state: State, step: Step) -> dict[str, Tensor]:
         if self.decay == "optimizer":
             mean_sq, second = self._moments.moments(state)
         elif self.decay is None:
@@ -255,14 +259,19 @@ class GradSNR(Lens):
             corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
             buf_sq, sq = self._layer_sums(state)
             mean_sq, second = buf_sq / corr.square(), sq / corr
-            if not bool(torch.isfinite(state["sq"]).all()):
-                # On an accelerator a non-finite step entered the averages (read here, at a
-                # log point, not at every step): this record reports non-finite values and
-                # the averages start again.
-                mean_sq, second = mean_sq.clone(), second.clone()
-                _torch.zero_(state["buf"])
-                state["sq"].zero_()
-                n.zero_()
+        return {"mean_sq": mean_sq, "second": second}
+
+    def finish(self, state: State, step: Step, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not sums:
+            return {}
+        mean_sq, second = sums["mean_sq"], sums["second"]
+        if isinstance(self.decay, float) and not bool(torch.isfinite(second).all()):
+            # On an accelerator a non-finite step entered the averages (read here, at a log
+            # point, not at every step, and from the sums every rank shares): this record
+            # reports non-finite values and the averages start again.
+            _torch.zero_(state["buf"])
+            state["sq"].zero_()
+            state["n"].zero_()
         mean, std, snr = snr_from_moments(mean_sq, second)
         layers = self._sub.layers
         out = {

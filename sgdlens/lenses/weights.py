@@ -14,6 +14,9 @@ and the same four of the concatenated weights without a layer suffix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -74,28 +77,39 @@ class WeightNorms(Lens):
         state["prev"] = [p.clone() for p in step.view.local_params]
         return state
 
-    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+    reductions: ClassVar[Mapping[str, str]] = {
+        "norm": "shards",
+        "dist": "shards",
+        "update": "shards",
+    }
+
+    def local(self, state: State, step: Step) -> dict[str, Tensor]:
         view = step.view
         params = view.local_params
         everything = range(len(params))
-        norm_sq = view.per_layer(_torch.norms(params, view.device, view.dtype).square(), everything)
-        dist_sq = torch.zeros_like(norm_sq)
+        sums = {"norm": view.per_layer(_torch.norms(params, view.device, view.dtype).square(),
+                                       everything)}  # fmt: skip
         if state["init"] is not None:
             dist = _torch.distances(params, state["init"], view.device, view.dtype)
-            dist_sq = view.per_layer(dist.square(), everything)
-        upd_sq = torch.zeros_like(norm_sq)
+            sums["dist"] = view.per_layer(dist.square(), everything)
         if state["prev"] is not None:
             upd = _torch.distances(params, state["prev"], view.device, view.dtype)
-            upd_sq = view.per_layer(upd.square(), everything)
-        norm_sq, dist_sq, upd_sq = view.reduce_sum(torch.stack([norm_sq, dist_sq, upd_sq]))
+            sums["update"] = view.per_layer(upd.square(), everything)
+        return sums
+
+    def finish(self, state: State, step: Step, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        view = step.view
+        norm_sq = sums["norm"]
         out = {
             **per_layer_keys("weight_norm", view.layers, norm_sq.sqrt()),
             "weight_norm": norm_sq.sum().sqrt(),
         }
-        if state["init"] is not None:
+        if "dist" in sums:
+            dist_sq = sums["dist"]
             out.update(per_layer_keys("weight_dist", view.layers, dist_sq.sqrt()))
             out["weight_dist"] = dist_sq.sum().sqrt()
-        if state["prev"] is not None:
+        if "update" in sums:
+            upd_sq = sums["update"]
             state["prev"] = None
             out.update(per_layer_keys("update_size", view.layers, upd_sq.sqrt()))
             out.update(per_layer_keys("update_ratio", view.layers, (upd_sq / norm_sq).sqrt()))
