@@ -19,6 +19,7 @@ from sgdlens import _dist
 from sgdlens._arguments import check_arguments, check_probe_model
 from sgdlens._checkpoint import VERSION, check_state, lens_id, load_into
 from sgdlens._optim import unwrap_optimizer
+from sgdlens._recording import Tally, event_record
 from sgdlens._sampler import SKIPPED, Sampler
 from sgdlens._view import build_view
 from sgdlens.header import header_once
@@ -131,17 +132,14 @@ class PhaseMonitor:
     history: History
     sinks: list[Callable[[Record], Any]]
     step: int
+    tally: Tally
     _n_params: int
-    _finite: Tensor
-    _observed: dict[str, list[Any]]
     _warned: set[str]
     _handles: list[Any]
     _lens_handles: list[Any]
     detector: PhaseDetector | None
     probes: ProbeScheduler | None
     _callbacks: list[Callable[[PhaseEvent], Any]]
-    _trace: Tensor
-    _last_loss: Tensor
     _read: Any  # the Step the pre-hook read, None, or SKIPPED
     _closed: str
     _outer: Any
@@ -214,22 +212,10 @@ class PhaseMonitor:
         self.sinks = [self.history, *sink_list]
         self.step = 0
         self._n_params = len(self.view.params)
-        self._finite = torch.zeros((), dtype=self.view.dtype, device=self.view.device)
-        self._observed: dict[str, list[Any]] = {}  # name -> [device sum, count]
-        self._observed_names: dict[str, None] = {}  # every name observed (the header's schema)
+        self.tally = Tally(self.view, int(trace))  # steps read, observed scalars, the trace
         self._warned: set[str] = set()
         self.detector = found
         self._callbacks: list[Callable[[PhaseEvent], Any]] = []
-        # ring of (last observed loss, squared gradient norm) per updated step, on device, and
-        # the step index of each row, on the host
-        self._trace = torch.full((int(trace), 2), float("nan"), dtype=self.view.dtype,
-                                 device=self.view.device)  # fmt: skip
-        self._trace_rows = self._trace.unbind(0)  # views: a step writes one without indexing
-        self._trace_steps: list[int] = [0] * int(trace)
-        self._updates = 0  # steps the lenses read (all of them unless overhead_budget samples)
-        self._last_loss = torch.full(
-            (), float("nan"), dtype=self.view.dtype, device=self.view.device
-        )
         self._read = None  # the Step the pre-hook read, finished by the post-hook
         self._closed = ""  # the optimizer's class name once closed
         self._outer = None  # the frame of the step() call in progress
@@ -324,7 +310,7 @@ class PhaseMonitor:
         if self._closed:
             return
         for name, value in values.items():
-            if name not in self._observed:
+            if name not in self.tally.observed:
                 self._check_observed_name(name)
             if isinstance(value, Tensor):
                 if value.numel() != 1:
@@ -337,14 +323,7 @@ class PhaseMonitor:
                 v = torch.tensor(float(value), dtype=self.view.dtype, device=self.view.device)
             else:
                 raise TypeError(f"observe({name}=...) must be a number or tensor, got {value!r}")
-            if name == "loss":
-                self._last_loss.copy_(v)
-            slot = self._observed.get(name)
-            if slot is None:
-                self._observed[name] = [v.clone(), 1]
-            else:
-                slot[0].add_(v)
-                slot[1] += 1
+            self.tally.observe(name, v)
 
     def _check_observed_name(self, name: str) -> None:
         taken = {m for lens in self.lenses for m in getattr(lens, "metrics", ())}
@@ -420,12 +399,7 @@ class PhaseMonitor:
     def _update(self, step: Step) -> Step:
         """Every lens's per-step update, the finite-step count and the per-step trace."""
         self._update_lenses(step)
-        self._finite.add_(step.ok)
-        if len(self._trace):  # (loss, squared gradient norm) of this step
-            at = self._updates % len(self._trace)
-            torch.stack([self._last_loss, step.grad_sq_total], out=self._trace_rows[at])
-            self._trace_steps[at] = step.index
-        self._updates += 1
+        self.tally.count(step)
         return step
 
     def _update_lenses(self, step: Step, every_step_only: bool = False) -> None:
@@ -456,14 +430,14 @@ class PhaseMonitor:
         two = [declares_sums(lens) for lens in self.lenses]
         local = [lens.local(state, step) if t else {}
                  for lens, state, t in zip(self.lenses, self.states, two)]  # fmt: skip
-        observed = self._observed_sums()
+        observed = self.tally.take_observed()
         sums = reduce_sums(self.view, self.lenses, local, observed[1])
         for lens, state, t, mine in zip(self.lenses, self.states, two, sums):
             values.update(lens.finish(state, step, mine) if t else lens.compute(state, step))
-        values["nonfinite_steps"] = self._updates - self._finite
+        values["nonfinite_steps"] = self.tally.updates - self.tally.finite
         if self.sampler.budget is not None:
             values["update_every"] = torch.tensor(float(self.sampler.every))
-        for name, mean in self._observed_means(*observed).items():
+        for name, mean in self.tally.means(*observed).items():
             if name in values:  # a lens that declares no metrics logged this name
                 self._warn_once(
                     f"observe {name}",
@@ -486,47 +460,11 @@ class PhaseMonitor:
             self.sampler.exclude(time.perf_counter() - start)  # probes have their own budget
         self._emit(record)
         if events:
-            trace = self._trace_lists()
+            trace = self.tally.trace_lists()
             for event in events:
-                self._emit(_event_record(event, trace))
+                self._emit(event_record(event, trace))
                 for callback in self._callbacks:
                     callback(event)
-
-    def _trace_lists(self) -> dict[str, Any]:
-        """The ring of per-step values, oldest first, as host lists (read at events only)."""
-        size = len(self._trace)
-        n = min(size, self._updates)
-        if n == 0:
-            return {}
-        rows = [(self._updates - n + j) % size for j in range(n)]
-        index = torch.tensor(rows, dtype=torch.long, device=self._trace.device)
-        values = self._trace[index].tolist()
-        return {
-            "trace/step": [self._trace_steps[r] for r in rows],
-            "trace/loss": [v[0] for v in values],
-            "trace/grad_norm": [v[1] ** 0.5 for v in values],
-        }
-
-    def _observed_sums(self) -> tuple[list[str], Tensor | None]:
-        """The names observed since the last record and their sums and counts (one 1-D
-        tensor, to be summed over the ranks; every rank must observe the same names)."""
-        names = sorted(self._observed)
-        self._observed, observed = {}, self._observed
-        self._observed_names.update(dict.fromkeys(names))
-        if not names:
-            return names, None
-        sums = torch.stack([observed[n][0] for n in names])
-        counts = torch.tensor([float(observed[n][1]) for n in names], dtype=sums.dtype,
-                              device=sums.device)  # fmt: skip
-        return names, torch.cat([sums, counts]).to(self.view.dtype)
-
-    @staticmethod
-    def _observed_means(names: list[str], both: Tensor | None) -> dict[str, Tensor]:
-        """Means of the observed scalars from their sums and counts over every rank."""
-        if both is None:
-            return {}
-        means = both[: len(names)] / both[len(names) :]
-        return dict(zip(names, means.unbind()))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -575,7 +513,7 @@ class PhaseMonitor:
             raise TypeError(f"log_event(event=...) must be a PhaseEvent, got {event!r}")
         if self.detector is not None:
             self.detector.log_event(event)
-        self._emit(_event_record(event, {}))
+        self._emit(event_record(event, {}))
 
     def on_phase_change(self, callback: Callable[[PhaseEvent], Any]) -> Callable[[PhaseEvent], Any]:
         """Call ``callback(event)`` at every phase event or loss spike; usable as a decorator.
@@ -602,19 +540,14 @@ class PhaseMonitor:
         return {
             "version": VERSION,
             "step": self.step,
-            "finite": self._finite,
-            "observed": {k: [v[0], v[1]] for k, v in self._observed.items()},
+            **self.tally.state_dict(),  # finite, observed, trace, trace_steps, updates, last_loss
             "lenses": [lens_id(lens) for lens in self.lenses],
             "layers": list(self.view.layers),
             "log_every": self.log_every,
             "states": list(self.states),
             "detector": None if self.detector is None else self.detector.state_dict(),
             "probes": None if self.probes is None else self.probes.state_dict(),
-            "trace": self._trace,
-            "trace_steps": list(self._trace_steps),
-            "updates": self._updates,
             "update_every": self.sampler.every,
-            "last_loss": self._last_loss,
             "run_id": getattr(self, "run_id", None),
         }
 
@@ -644,29 +577,15 @@ class PhaseMonitor:
         for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
             self.states[i] = load_into(state, loaded)
         self.step = int(state_dict["step"])
-        self._finite.copy_(state_dict["finite"])
+        self.tally.load_state_dict(state_dict, self.step)
         if self.detector is not None and state_dict.get("detector") is not None:
             self.detector.load_state_dict(state_dict["detector"])
         if self.probes is not None and state_dict.get("probes") is not None:
             self.probes.load_state_dict(state_dict["probes"])
-        self._updates = int(state_dict.get("updates", self.step))  # older files: every step
         # a monitor without overhead_budget reads every step, whatever the checkpoint's did
         self.sampler.every = int(state_dict.get("update_every", 1)) if self.sampler.budget else 1
-        if state_dict["trace"].shape == self._trace.shape:
-            self._trace.copy_(state_dict["trace"])
-            steps = state_dict.get("trace_steps")
-            self._trace_steps = (
-                [int(t) for t in steps] if steps is not None and len(steps) == len(self._trace)
-                else [self._updates - (self._updates - 1 - r) % len(self._trace)
-                      for r in range(len(self._trace))]  # older files: row r held step r+1 mod n
-            )  # fmt: skip
-        self._last_loss.copy_(state_dict["last_loss"])
         if state_dict.get("run_id") and not getattr(self, "_header_sent", False):
             self.run_id = str(state_dict["run_id"])  # a resumed run keeps its run id
-        self._observed = {
-            k: [torch.as_tensor(v[0]).to(self.view.device, self.view.dtype).clone(), int(v[1])]
-            for k, v in state_dict["observed"].items()
-        }
 
 
 def _on_stack(frame: Any) -> bool:
@@ -677,16 +596,3 @@ def _on_stack(frame: Any) -> bool:
             return True
         f = f.f_back
     return False
-
-
-def _event_record(event: PhaseEvent, trace: Mapping[str, Any]) -> Record:
-    record: Record = {
-        "step": event.step,
-        "time": time.time(),
-        "event": event.new,
-        "layer": event.layer,
-        "old": event.old,
-    }
-    record.update({f"evidence/{k}": v for k, v in event.evidence.items()})
-    record.update(trace)
-    return record

@@ -119,7 +119,7 @@ def run_schema(monitor: Any) -> dict[str, dict[str, Any]]:
     if detector is not None:
         signal = out.get(detector.signal, {})
         out[PHASE.name] = _entry("PhaseDetector", PHASE, signal.get("layers", ()))
-    for name in getattr(monitor, "_observed_names", ()):
+    for name in monitor.tally.observed_names if hasattr(monitor, "tally") else ():
         doc = f"the mean of observe({name}=...) since the last record"
         out.setdefault(name, _entry("observe", _whole(name, doc), ()))
     return out

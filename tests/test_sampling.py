@@ -66,7 +66,7 @@ def test_trace_and_nonfinite_count_cover_the_steps_read(monkeypatch):
     grads[11][0] = float("nan")  # step 12: not read
     mon = _null_run(grads, 5, 20, monkeypatch)
     assert mon.history.records[-1]["nonfinite_steps"] == 1
-    trace = mon._trace_lists()
+    trace = mon.tally.trace_lists()
     assert trace["trace/step"] == [5, 10, 15, 20]
 
 
@@ -178,5 +178,5 @@ def test_a_monitor_without_a_budget_reads_every_step_after_a_sampled_checkpoint(
         opt.zero_grad()
         model(torch.randn(4, 3)).sum().backward()
         opt.step()
-    assert mon._updates == 40  # it read 8 of the 40 steps, and its records did not say so
+    assert mon.tally.updates == 40  # it read 8 of the 40 steps, and its records did not say so
     assert "update_every" not in mon.history.records[-1]

@@ -79,7 +79,7 @@ def test_detector_and_trace_arguments(opt):
     with pytest.raises(ValueError, match=r"trace_steps=-1"):
         PhaseMonitor(opt, trace_steps=-1)
     with PhaseMonitor(opt, log_every=10**9) as mon:  # the default trace is capped
-        assert mon._trace.shape[0] == 1024
+        assert mon.tally.trace.shape[0] == 1024
 
 
 @pytest.mark.parametrize("reductions", [{"sq": "sum"}, ["sq"], {1: "ranks"}])
