@@ -395,6 +395,26 @@ def test_single_step_is_the_within_batch_estimate_and_sum_reduction():
         mon.close()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_per_sample_over_micro_batches_matches_reference_on_both_paths(reduction, mask_path):
+    """Two micro-batches per step, through the CPU's host-flag path (per-layer sums and the
+    estimates in one product) and the device path (``step.ok`` as a tensor) alike."""
+    model, x, y = build("mlp")
+    ref = per_sample_grads(model, x, y)
+    _, _, tr, g2, _, _ = stats(ref)
+    scale = x.shape[0] if reduction == "sum" else 1
+    opt, mon = _monitor(model, NoiseScale("per_sample", decay=0.0, reduction=reduction))
+    for xb, yb in zip(x.chunk(2), y.chunk(2)):
+        # the micro-batch mean loss, weighted so that .grad is the full batch's mean (or sum)
+        (loss_fn(model(xb), yb) * (xb.shape[0] * scale / x.shape[0])).backward()
+    opt.step()
+    rec = mon.history.records[-1]
+    assert rel_err(rec["grad_noise_tr"], tr) < REL
+    assert rel_err(rec["grad_sq_norm"], g2) < REL
+    assert rel_err(rec["noise_scale"], tr / g2) < REL
+    mon.close()
+
+
 def test_two_batch_formula_with_b_small_one_is_the_within_batch_estimate():
     g = torch.randn(12, 5, dtype=torch.float64)
     small = g.square().sum(1).mean()

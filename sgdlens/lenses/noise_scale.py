@@ -234,6 +234,8 @@ class NoiseScale(Lens):
         self._last_batch: int | None = None
         self._covered = [True] * len(view.params)
         self._mask: tuple[tuple[bool, ...], Tensor] | None = None
+        self._slots: tuple[tuple[bool, ...], list[int], Tensor] | None = None
+        self._coef: tuple[tuple[int, int], Tensor] | None = None
         self._warned = False
         return {
             "g2": zeros.clone(),  # EMA of the |G|² estimates, per layer
@@ -452,13 +454,62 @@ class NoiseScale(Lens):
         if n < 2:
             return
         view = step.view
+        b_big = _dist.replicas(view.sharded) * n
+        if step.flag is not None and self.grad_scaler is None:  # the CPU: the fewest ops
+            est = self._coefficients(n, b_big) @ self._sums_and_grad_sq(engine, step)
+            self._feed(state, est, b_big, step.flag)
+            return
         s = view.per_layer(self._unscale(engine.sums(view.device)), range(len(view.params)))
         big = self._grad_sq(step)
         if self.reduction == "mean":  # g_s = n c_s, ḡ = .grad
             small = s * n
         else:  # g_s = c_s, ḡ = .grad / n
             small, big = s / n, big / (n * n)
-        self.feed_two_batch(state, small, big, 1, _dist.replicas(view.sharded) * n, step.ok)
+        self.feed_two_batch(state, small, big, 1, b_big, step.ok)
+
+    def _sums_and_grad_sq(self, engine: PerSampleEngine, step: Step) -> Tensor:
+        """``(2, layers)``: per layer, Σ_s ‖c_s‖² and ‖.grad‖² over the covered parameters
+        (one ``index_add_`` each into one buffer; an uncovered parameter's go to a spare
+        last entry)."""
+        view = step.view
+        layers = len(view.layers)
+        key = tuple(self._covered)
+        if self._slots is None or self._slots[0] != key:  # copied to the device once
+            at = [view.layer_of[i] if c else 2 * layers for i, c in enumerate(key)]
+            big = [a + layers if a < 2 * layers else a for a in at]
+            self._slots = (key, at, torch.tensor(big, dtype=torch.long, device=view.device))
+        _, at, index = self._slots
+        both = engine.sums(view.device, at, 2 * layers + 1)
+        both.index_add_(0, index, step.grad_sq.to(both.dtype))
+        return both[: 2 * layers].view(2, layers)
+
+    def _coefficients(self, n: int, b_big: int) -> Tensor:
+        """``M`` with ``M @ [Σ_s ‖c_s‖²; ‖.grad‖²] = [|G|²; tr Σ]`` (the two-batch estimates
+        with ``B_small = 1``, ``B_big = b_big``; cached per ``(n, b_big)``)."""
+        key = (n, b_big)
+        if self._coef is None or self._coef[0] != key:
+            b = float(b_big)
+            # mean: |G_small|² = n Σ_s ‖c_s‖², |G_big|² = ‖.grad‖²; sum: Σ_s ‖c_s‖² / n and
+            # ‖.grad‖² / n²
+            small, big = (float(n), 1.0) if self.reduction == "mean" else (1.0 / n, 1.0 / n**2)
+            g2 = [-small / (b - 1.0), b * big / (b - 1.0)]
+            tr = [small / (1.0 - 1.0 / b), -big / (1.0 - 1.0 / b)]
+            view = self._view
+            m = torch.tensor([g2, tr], dtype=view.dtype, device=view.device)
+            self._coef = (key, m)
+        return self._coef[1]
+
+    def _feed(self, state: State, est: Tensor, b_big: float, ok: bool) -> None:
+        """:meth:`feed_two_batch` given ``est = [|G|²; tr Σ]`` and ``ok`` as a Python bool
+        (the CPU): a finite step updates the averages in place, any other leaves them."""
+        # est * 0 sums to 0 exactly when every entry is finite (NaN otherwise)
+        if ok and float((est * 0).sum()) == 0.0:
+            w = 1.0 - self.decay
+            state["g2"].lerp_(est[0].to(state["g2"].dtype), w)
+            state["tr"].lerp_(est[1].to(state["tr"].dtype), w)
+            state["n"].add_(1)
+        state["batch"].fill_(float(b_big))
+        state["feeds"] += 1
 
     def feed_two_batch(
         self, state: State, small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float,

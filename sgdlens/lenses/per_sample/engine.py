@@ -36,18 +36,21 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 def index_sums(
     parts: list[list[Tensor]], dtype: torch.dtype, device: torch.device,
     cache: dict[tuple[tuple[int, int], ...], Tensor], square: bool = False,
+    slots: Sequence[int] | None = None, size: int | None = None,
 ) -> Tensor:  # fmt: skip
-    """``out[i]`` = the sum of every entry of ``parts[i]`` (0-d or 1-D tensors; of their
-    squares with ``square``) in ``dtype`` on ``device``: one concatenation and one
-    ``index_add_``, the index tensor of each layout kept in ``cache``."""
+    """``out[slots[i]]`` = the sum of every entry of ``parts[i]`` (0-d or 1-D tensors; of
+    their squares with ``square``) in ``dtype`` on ``device``, ``size`` entries (by default
+    ``slots[i] = i`` and ``size = len(parts)``; several parts may share a slot): one
+    concatenation and one ``index_add_``, the index tensor of each layout kept in ``cache``."""
     # no op per part where none is needed (the parts are 1-D on the device): the per-step
     # path must not launch more as the parameters grow
     flat = [t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
             for ts in parts for t in ts]  # fmt: skip
-    out = torch.zeros(len(parts), dtype=dtype, device=device)
+    out = torch.zeros(len(parts) if size is None else size, dtype=dtype, device=device)
     if not flat:
         return out
-    layout = tuple((i, t.numel()) for i, ts in enumerate(parts) for t in ts)
+    at = range(len(parts)) if slots is None else slots
+    layout = tuple((at[i], t.numel()) for i, ts in enumerate(parts) for t in ts)
     if layout not in cache:
         cache[layout] = torch.tensor(
             [i for i, n in layout for _ in range(n)], dtype=torch.long, device=device
@@ -304,13 +307,17 @@ class PerSampleEngine:
         if self.keep_last:
             self.last_sq[i] = sq.detach()
 
-    def sums(self, device: torch.device) -> Tensor:
-        """Σ_s ‖c_s‖² per parameter since the last :meth:`reset` (0 where none), in ``dtype``.
+    def sums(
+        self, device: torch.device, slots: Sequence[int] | None = None, size: int | None = None
+    ) -> Tensor:
+        """Σ_s ‖c_s‖² per parameter since the last :meth:`reset` (0 where none), in ``dtype``;
+        with ``slots``, parameter ``i``'s sum goes to entry ``slots[i]`` of ``size`` (e.g. its
+        layer: the sums per layer in the same two ops).
 
         The hooks keep each backward's per-sample vector; one concatenation and one
         ``index_add_`` per step sum them.
         """
-        return index_sums(self._parts, self.dtype, device, self._index)
+        return index_sums(self._parts, self.dtype, device, self._index, slots=slots, size=size)
 
     def _process(self, unit: _Unit) -> dict[str, Result]:
         uses = [u for u in unit.uses if any(g is not None for g in u.grads)]
