@@ -105,8 +105,21 @@ def weight_bias(
 Rule = Callable[[nn.Module, list[Use], dict[str, str], bool], dict[str, Result]]
 
 
+#: the floating dtypes narrower than float32 (float16, bfloat16, the float8 kinds)
+NARROW = frozenset(
+    d
+    for d in vars(torch).values()
+    if isinstance(d, torch.dtype)
+    and d.is_floating_point
+    and torch.empty((), dtype=d).element_size() < 4
+)
+
+
 def wide(t: Any) -> Any:
     """A floating tensor narrower than float32 as float32 (anything else as it is)."""
-    if isinstance(t, Tensor) and t.is_floating_point() and t.element_size() < 4:
-        return t.float()
-    return t
+    return t.float() if isinstance(t, Tensor) and t.dtype in NARROW else t
+
+
+def narrow(*groups: Any) -> bool:
+    """Whether some tensor in ``groups`` (sequences of arguments) has a :data:`NARROW` dtype."""
+    return any(isinstance(t, Tensor) and t.dtype in NARROW for ts in groups for t in ts)

@@ -13,7 +13,15 @@ from torch import Tensor, nn
 
 from sgdlens._quiet import probing_now
 from sgdlens._torch import pytree
-from sgdlens.lenses.per_sample._common import Result, Rule, Use, from_full, tensors, wide
+from sgdlens.lenses.per_sample._common import (
+    Result,
+    Rule,
+    Use,
+    from_full,
+    narrow,
+    tensors,
+    wide,
+)
 from sgdlens.lenses.per_sample.attention import attention, attention_ok
 from sgdlens.lenses.per_sample.conv import conv
 from sgdlens.lenses.per_sample.embedding import embedding, embedding_ok
@@ -68,6 +76,7 @@ class _Unit:
         self.result: dict[str, Result] | None = None
         self.want: dict[str, str] = {}
         self.excluded = False  # its output does not carry the batch (see _exclude)
+        self.attention = isinstance(module, nn.MultiheadAttention)
 
 
 class PerSampleEngine:
@@ -213,8 +222,10 @@ class PerSampleEngine:
     def _on_model(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """The batch size: dimension 0 of the model's first tensor input."""
         if self._training_pass():
-            leaf = next((t for t in pytree.tree_leaves((args, kwargs))
-                         if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
+            leaf = args[0] if args else None  # the usual first leaf, without a tree walk
+            if not isinstance(leaf, Tensor) or leaf.dim() == 0:
+                leaf = next((t for t in pytree.tree_leaves((args, kwargs))
+                             if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
             self.batch = None if leaf is None else int(leaf.shape[0])
 
     def _exclude(self, unit: _Unit, why: str) -> None:
@@ -243,8 +254,8 @@ class PerSampleEngine:
             return
         if unit.result is not None:  # the previous backward is over
             unit.uses, unit.result = [], None
-        outs = tensors(out)
-        seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
+        outs = [out] if isinstance(out, Tensor) else tensors(out)
+        seq_first = unit.attention and not module.batch_first
         if seq_first and unit.rule is func_rule:
             self._exclude(
                 unit,
@@ -328,11 +339,13 @@ class PerSampleEngine:
             rule = func_rule  # the attention weights reach the loss: the rule ignores them
         with torch.no_grad():
             for u in uses:  # outputs that got no gradient contribute zero
-                u.got = [g is not None for g in u.grads]
-                u.grads = [o.zeros() if g is None else g
-                           for o, g in zip(u.output, u.grads)]  # fmt: skip
-                if rule is not func_rule:  # half-precision products and squares lose
-                    # the small differences the estimators take: the rules work in float32
+                u.got = [g is not None for g in u.grads]  # (never `None in`: Tensor.__eq__)
+                if not all(u.got):
+                    u.grads = [o.zeros() if g is None else g
+                               for o, g in zip(u.output, u.grads)]  # fmt: skip
+                if rule is not func_rule and narrow(u.args, u.grads):  # half-precision
+                    # products and squares lose the small differences the estimators
+                    # take: the rules work in float32
                     u.args = tuple(wide(a) for a in u.args)
                     u.grads = [wide(g) for g in u.grads]
             res = rule(unit.module, uses, unit.want, self.need_elem)
