@@ -253,6 +253,51 @@ def test_per_sample_norms_match_torch_func(kind, mode, need_elem):
             assert rel_err_max(engine.elem[i] * b * b, ref[n].square().sum(0)) < REL, n
 
 
+class ConvPaths(nn.Module):
+    """One convolution per per-sample conv path: few input channels (a forward convolution
+    with the batch as groups; strided and dilated, and a 1-d one with uneven 'same' zero
+    padding called twice), 4-64 (the grouped backward; uneven zero padding) and over 64 (the
+    unfolded matmul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 66, 3, stride=2, dilation=2, padding=2)  # 9x9 -> 5x5
+        self.b = nn.Conv2d(66, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 6, 2, padding="same")
+        self.d = nn.Conv1d(3, 3, 4, padding="same")
+        self.head = nn.Linear(6 * 25 + 3 * 9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        v = self.d(torch.tanh(self.d(x.mean(2))))
+        return self.head(torch.cat([h.flatten(1), v.flatten(1)], 1))
+
+
+@pytest.mark.parametrize("need_elem", [False, True])
+def test_per_sample_conv_paths_match_torch_func(need_elem):
+    torch.manual_seed(0)
+    model = ConvPaths().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 9, 9, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    ref = per_sample_grads(model, x, y)
+    engine = PerSampleEngine(model, list(model.parameters()), mode="hooks",
+                             need_elem=need_elem, keep_last=True)  # fmt: skip
+    handles = engine.attach()
+    try:
+        loss_fn(model(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    b = x.shape[0]
+    assert all(engine.covered)
+    for i, (n, _) in enumerate(model.named_parameters()):
+        want = ref[n].reshape(b, -1).square().sum(1)
+        assert rel_err(engine.last_sq[i] * b * b, want) < REL, n
+        if need_elem:
+            assert rel_err_max(engine.elem[i] * b * b, ref[n].square().sum(0)) < REL, n
+
+
 def test_sequence_first_attention_is_left_out_of_the_torch_func_rule():
     model, x, y = build("seq_first_attention")
     engine = PerSampleEngine(model, list(model.parameters()), mode="func")

@@ -58,8 +58,11 @@ def seq(t: Tensor) -> Tensor:
 
 
 def from_full(full: Tensor, need_elem: bool) -> Result:
-    sq = full.reshape(full.shape[0], -1).square().sum(1)
-    return ("norm", sq, full.square().sum(0) if need_elem else None)
+    if need_elem:
+        sq = full.square()
+        return ("norm", sq.reshape(sq.shape[0], -1).sum(1), sq.sum(0))
+    # one pass over the per-sample gradients, no squared copy of them
+    return ("norm", torch.linalg.vector_norm(full.reshape(full.shape[0], -1), dim=1).square(), None)
 
 
 # -- rules: (module, uses, want) -> {param name: Result}; want[name] is "norm" or "full" -----
