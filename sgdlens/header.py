@@ -20,7 +20,8 @@ key                 value
                     ``model=``, ``group<i>.<j>``): the grouping that ``layers=`` produced
 ``grouping``        the monitor's ``layers=`` argument, when the monitor keeps it
 ``log_every``       the monitor's log interval in steps
-``lenses``          the lens classes, e.g. ``["GradSNR", "WeightNorms"]``
+``lenses``          each lens with its settings (its ``repr``, else its class), e.g.
+                    ``["GradSNR(window=None, weights_only=False)", "GradNorm()"]``
 ``versions``        ``{"sgdlens": ..., "torch": ..., "python": ...}``
 ``device``          where the parameters live, e.g. ``"cuda:0"``
 ``world_size``      the number of torch.distributed processes (1 without)
@@ -55,6 +56,7 @@ from typing import Any
 import torch
 
 from sgdlens import _dist
+from sgdlens._checkpoint import lens_id
 from sgdlens.records import Record
 from sgdlens.schema import run_schema
 
@@ -133,7 +135,7 @@ def run_header(monitor: Any, *, run_id: str | None = None) -> Record:
         "layer_members": members,
         **({"grouping": _plain_grouping(grouping)} if grouping is not None else {}),
         "log_every": int(monitor.log_every),
-        "lenses": [type(lens).__name__ for lens in monitor.lenses],
+        "lenses": [lens_id(lens) for lens in monitor.lenses],  # the settings too
         "versions": {
             "sgdlens": __version__,
             "torch": torch.__version__,

@@ -176,6 +176,8 @@ def test_header_describes_the_run(tmp_path):
     assert first["versions"]["torch"] == torch.__version__
     assert first["versions"]["sgdlens"] == sgdlens.__version__
     assert first["device"] == "cpu" and first["world_size"] == 1
+    assert first["lenses"] == [repr(lens) for lens in mon.lenses]  # with their settings
+    assert first["lenses"][0] == "GradSNR(window=None, weights_only=False)"
     assert mon.history.header == first  # the in-memory history holds it too
     assert all(json.loads(line)["run"] == mon.run_id for line in path.read_text().splitlines())
     assert load(path).header == first
