@@ -216,7 +216,8 @@ def report_html(
     network. Sections (``<section id=...>``): ``summary``, ``timeline`` (the timeline figure
     and the transition table, when the run has phases), ``figures``, ``layers`` (last values
     per layer), ``keys`` (the run's record schema, when its header has one: what each key
-    means) and ``events`` (one table row per event record). Needs matplotlib.
+    means, and the keys first written after the header, such as a name first observed late)
+    and ``events`` (one table row per event record). Needs matplotlib.
 
     Args:
         history: the run.
@@ -279,6 +280,9 @@ def report_html(
         rows = [[m, str(e.get("source", "")), str(e.get("doc", "")),
                  _keys_text(m, e), str(e.get("scale", ""))]
                 for m, e in schema.items() if isinstance(e, dict)]  # fmt: skip
+        rows += [[k, "", "not in the run header: first written after it (an observe() name "
+                  "used only later in the run, or a key nobody declared)", k, ""]
+                 for k in _undeclared(history, schema)]  # fmt: skip
         parts += ['<section id="keys"><h2>Record keys</h2>',
                   _html_table(["metric", "from", "meaning", "keys", "scale"], rows, "keys"),
                   "</section>"]  # fmt: skip
@@ -290,6 +294,18 @@ def report_html(
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _undeclared(history: History, schema: dict[str, Any]) -> list[str]:
+    """Record keys the header's schema does not list (it is written with the first record)."""
+    listed = set()
+    for metric, entry in schema.items():
+        if isinstance(entry, dict):
+            listed.update([metric] if entry.get("whole") else [])
+            layers = entry.get("layers")
+            listed.update(f"{metric}/{layer}" for layer in (layers or []))
+    seen = dict.fromkeys(k for r in history.records for k in r)
+    return [k for k in seen if k not in listed and k not in ("step", "time", "run")]
 
 
 def _keys_text(metric: str, entry: dict[str, Any]) -> str:

@@ -201,6 +201,30 @@ def test_report_lists_the_keys(tmp_path):
     assert '<section id="keys">' not in report_html(sgdlens.load(old))
 
 
+def test_report_lists_keys_first_written_after_the_header(tmp_path):
+    """The header goes out with the first record; a name first observed later is still listed
+    in the report's keys table (and only it: every other key is in the schema)."""
+    from sgdlens.report import _undeclared
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "late.jsonl"
+    mon = PhaseMonitor(opt, model=model, log_every=5, sinks=[JSONLSink(path)])
+    for i in range(20):
+        opt.zero_grad()
+        model(torch.randn(4, 2)).square().mean().backward()
+        if i >= 12:
+            mon.observe(val_acc=0.5)
+        opt.step()
+    mon.close()
+    history = sgdlens.load(path)
+    assert "val_acc" not in history.header["schema"]
+    assert _undeclared(history, history.header["schema"]) == ["val_acc"]
+    keys = report_html(history).split('<section id="keys">')[1].split("</section>")[0]
+    assert "<td>val_acc</td>" in keys and "not in the run header" in keys
+
+
 class SlashMetric(Lens):
     """A user lens (as written before schemas) whose one metric name holds '/'."""
 
@@ -224,8 +248,12 @@ def test_a_metric_name_holding_a_slash_is_a_whole_model_key():
 
 @pytest.mark.parametrize(
     ("attrs", "error"),
-    [({"metrics": ("",)}, ValueError), ({"keys": ("acc",)}, TypeError),
-     ({"metrics": "loss"}, TypeError), ({"metrics": ("acc", 3)}, TypeError)],
+    [
+        ({"metrics": ("",)}, ValueError),
+        ({"keys": ("acc",)}, TypeError),
+        ({"metrics": "loss"}, TypeError),
+        ({"metrics": ("acc", 3)}, TypeError),
+    ],
 )
 def test_invalid_declared_keys_are_refused_at_construction(attrs, error):
     lens = type("Bad", (SlashMetric,), attrs)()
