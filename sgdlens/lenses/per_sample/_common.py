@@ -12,7 +12,8 @@ from sgdlens._torch import pytree
 
 MODES = ("auto", "hooks", "func")
 
-# A rule's answer for one parameter: ("norm", sq (B,), elem or None) or ("full", (B, *shape)).
+# A rule's answer for one parameter: ("norm", sq (B,), elem or None), ("root", ‖c_s‖ (B,),
+# elem or None: the engine squares them with the others at the step) or ("full", (B, *shape)).
 Result = tuple[str, Tensor, Tensor | None]
 
 

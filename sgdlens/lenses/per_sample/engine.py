@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -45,26 +46,38 @@ def index_sums(
     parts: list[list[Tensor]], dtype: torch.dtype, device: torch.device,
     cache: dict[tuple[tuple[int, int], ...], Tensor], square: bool = False,
     slots: Sequence[int] | None = None, size: int | None = None,
+    roots: list[list[Tensor]] | None = None,
 ) -> Tensor:  # fmt: skip
     """``out[slots[i]]`` = the sum of every entry of ``parts[i]`` (0-d or 1-D tensors; of
-    their squares with ``square``) in ``dtype`` on ``device``, ``size`` entries (by default
-    ``slots[i] = i`` and ``size = len(parts)``; several parts may share a slot): one
-    concatenation and one ``index_add_``, the index tensor of each layout kept in ``cache``."""
+    their squares with ``square``) and of the squares of every entry of ``roots[i]``, in
+    ``dtype`` on ``device``, ``size`` entries (by default ``slots[i] = i`` and
+    ``size = len(parts)``; several may share a slot): one concatenation (and one square of
+    all the roots) and one ``index_add_``, the index tensor of each layout kept in ``cache``."""
     # no op per part where none is needed (the parts are 1-D on the device): the per-step
     # path must not launch more as the parameters grow
     flat = [t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
             for ts in parts for t in ts]  # fmt: skip
+    rflat = [t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
+             for ts in roots or () for t in ts]  # fmt: skip
     out = torch.zeros(len(parts) if size is None else size, dtype=dtype, device=device)
-    if not flat:
+    if not flat and not rflat:
         return out
     at = range(len(parts)) if slots is None else slots
     layout = tuple((at[i], t.numel()) for i, ts in enumerate(parts) for t in ts)
+    if rflat:
+        layout += tuple((at[i], t.numel()) for i, ts in enumerate(roots or ()) for t in ts)
     if layout not in cache:
         cache[layout] = torch.tensor(
             [i for i, n in layout for _ in range(n)], dtype=torch.long, device=device
         )
-    values = torch.cat(flat).to(dtype)
-    return out.index_add_(0, cache[layout], values.square() if square else values)
+    values = torch.cat(flat).to(dtype) if flat else None
+    if values is not None and square:
+        values = values.square()
+    if rflat:  # squared in their own dtype, as a rule squaring them would
+        more = torch.cat(rflat).square().to(dtype)
+        values = more if values is None else torch.cat([values, more])
+    assert values is not None
+    return out.index_add_(0, cache[layout], values)
 
 
 class _Unit:
@@ -132,6 +145,7 @@ class PerSampleEngine:
         self.covered = [bool(us) and p.requires_grad for us, p in zip(self.units_of, self.params)]
         n = len(self.params)
         self._parts: list[list[Tensor]] = [[] for _ in range(n)]  # per-sample ‖c_s‖² vectors
+        self._roots: list[list[Tensor]] = [[] for _ in range(n)]  # per-sample ‖c_s‖ vectors
         self._index: dict[tuple[tuple[int, int], ...], Tensor] = {}
         self.elem: list[Tensor | None] = [None] * n
         self.count = [0] * n
@@ -244,6 +258,7 @@ class PerSampleEngine:
         """Forget the statistics and any pending forward calls (after an optimizer step)."""
         n = len(self.params)
         self._parts, self.elem, self.count = [[] for _ in range(n)], [None] * n, [0] * n
+        self._roots = [[] for _ in range(n)]
         for u in self.units:
             u.uses, u.result = [], None
 
@@ -287,7 +302,7 @@ class PerSampleEngine:
             return
         last = self._grads[i]
         if last is None or last() is not p.grad:  # a new .grad: a new accumulation cycle
-            self._parts[i], self.elem[i], self.count[i] = [], None, 0
+            self._parts[i], self._roots[i], self.elem[i], self.count[i] = [], [], None, 0
             self._grads[i] = weakref.ref(p.grad) if p.grad is not None else None
         results = []
         for u, name in self.units_of[i]:
@@ -303,20 +318,22 @@ class PerSampleEngine:
                 results.append(u.result[name])
         if not results or not self.covered[i]:  # a unit of a shared parameter was dropped
             return
-        if len(results) == 1 and results[0][0] == "norm":
+        kind = results[0][0]
+        if len(results) == 1 and kind != "full":
             _, sq, elem = results[0]
         else:
-            full = results[0][1]
+            kind, full = "norm", results[0][1]
             for r in results[1:]:
                 full = full + r[1]
             _, sq, elem = from_full(full, self.need_elem)
-        self._parts[i].append(sq)
+        # a "root" (‖c_s‖, from Goodfellow's trick) is squared at the step, with the others
+        (self._roots if kind == "root" else self._parts)[i].append(sq)
         if self.need_elem and elem is not None:
             e = elem.to(torch.promote_types(p.dtype, torch.float32))
             self.elem[i] = e if self.elem[i] is None else self.elem[i] + e  # type: ignore[operator]
         self.count[i] += int(sq.shape[0])
         if self.keep_last:
-            self.last_sq[i] = sq.detach()
+            self.last_sq[i] = (sq.square() if kind == "root" else sq).detach()
 
     def sums(
         self, device: torch.device, slots: Sequence[int] | None = None, size: int | None = None
@@ -328,7 +345,8 @@ class PerSampleEngine:
         The hooks keep each backward's per-sample vector; one concatenation and one
         ``index_add_`` per step sum them.
         """
-        return index_sums(self._parts, self.dtype, device, self._index, slots=slots, size=size)
+        return index_sums(self._parts, self.dtype, device, self._index, slots=slots, size=size,
+                          roots=self._roots)  # fmt: skip
 
     def _process(self, unit: _Unit) -> dict[str, Result]:
         uses = [u for u in unit.uses if any(g is not None for g in u.grads)]
@@ -337,7 +355,7 @@ class PerSampleEngine:
         rule = unit.rule
         if rule is attention and any(g is not None for u in uses for g in u.grads[1:]):
             rule = func_rule  # the attention weights reach the loss: the rule ignores them
-        with torch.no_grad():
+        with torch.no_grad() if torch.is_grad_enabled() else _NOTHING:
             for u in uses:  # outputs that got no gradient contribute zero
                 u.got = [g is not None for g in u.grads]  # (never `None in`: Tensor.__eq__)
                 if not all(u.got):
@@ -353,6 +371,11 @@ class PerSampleEngine:
             u.args = u.kwargs = None
             u.grads = []
         return res
+
+
+#: the context ``_process`` enters where grad mode is already off (a backward pass without
+#: ``create_graph``): entering ``torch.no_grad()`` there costs more than the check
+_NOTHING = nullcontext()
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -23,17 +23,18 @@ def linear(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> d
     xs: list[Tensor] = [u.args[0] for u in uses]
     gs: list[Tensor] = [u.grads[0] for u in uses]  # type: ignore[misc]
     if len(uses) == 1 and xs[0].dim() == 2 and "full" not in want.values():
-        # one position per sample: Goodfellow's trick, ‖g_s a_sᵀ‖ = ‖g_s‖‖a_s‖
+        # one position per sample: Goodfellow's trick, ‖g_s a_sᵀ‖ = ‖g_s‖‖a_s‖ (the norms
+        # as "root"s: the engine squares every layer's at once, at the step)
         a, g = xs[0], gs[0]
         ng = torch.linalg.vector_norm(g, dim=1)
         out: dict[str, Result] = {}
         if "weight" in want:
-            w_sq = torch.linalg.vector_norm(a, dim=1).mul_(ng).square_()
+            w = torch.linalg.vector_norm(a, dim=1).mul_(ng)
             elem = (a.square().t() @ g.square() if transposed else g.square().t() @ a.square()
                     ) if need else None  # fmt: skip
-            out["weight"] = ("norm", w_sq, elem)
+            out["weight"] = ("root", w, elem)
         if "bias" in want:
-            out["bias"] = ("norm", ng.square(), g.square().sum(0) if need else None)
+            out["bias"] = ("root", ng, g.square().sum(0) if need else None)
         return out
     a = cat([seq(x) if x.dim() > 2 else x[:, None] for x in xs], 1)
     g = cat([seq(y) if y.dim() > 2 else y[:, None] for y in gs], 1)
