@@ -59,11 +59,13 @@ def seq(t: Tensor) -> Tensor:
 
 
 def from_full(full: Tensor, need_elem: bool) -> Result:
+    """The result for per-sample gradients ``full`` (B, …): with ``need_elem`` their squared
+    norms and Σ_s c_s², else their norms as a "root" (one pass, no squared copy; the engine
+    squares every root at once at the step)."""
     if need_elem:
         sq = full.square()
         return ("norm", sq.reshape(sq.shape[0], -1).sum(1), sq.sum(0))
-    # one pass over the per-sample gradients, no squared copy of them
-    return ("norm", torch.linalg.vector_norm(full.reshape(full.shape[0], -1), dim=1).square(), None)
+    return ("root", torch.linalg.vector_norm(full.reshape(full.shape[0], -1), dim=1), None)
 
 
 # -- rules: (module, uses, want) -> {param name: Result}; want[name] is "norm" or "full" -----
@@ -87,14 +89,17 @@ def gram_sq(a: Tensor, g: Tensor) -> Tensor:
 
 def weight_bias(
     w: Callable[[], Tensor], gsum: Callable[[], Tensor], want: dict[str, str], need: bool,
-    w_sq: Callable[[], Tensor] | None = None,
+    w_sq: Callable[[], Tensor] | None = None, w_root: Callable[[], Tensor] | None = None,
 ) -> dict[str, Result]:  # fmt: skip
-    """Results for ``weight`` (full per-sample gradients ``w()``, or their squared norms
-    ``w_sq()`` when cheaper and enough) and ``bias`` (per-sample gradients ``gsum()``)."""
+    """Results for ``weight`` (full per-sample gradients ``w()``, or, when cheaper and
+    enough, their squared norms ``w_sq()`` or norms ``w_root()``) and ``bias`` (per-sample
+    gradients ``gsum()``)."""
     out: dict[str, Result] = {}
     if "weight" in want:
         if w_sq is not None and want["weight"] == "norm" and not need:
             out["weight"] = ("norm", w_sq(), None)
+        elif w_root is not None and want["weight"] == "norm" and not need:
+            out["weight"] = ("root", w_root(), None)
         else:
             full = w()
             out["weight"] = (

@@ -107,15 +107,14 @@ def conv(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> dic
             return r.reshape(c_in, b, d_out, -1).permute(1, 2, 0, 3).reshape(b, *w.shape)
         return r.reshape(b, *w.shape)
 
-    def norms() -> Tensor:
-        if gram:
-            return gram_sq(*unfolded())
+    def norms() -> Tensor:  # as roots (the engine squares them)
         r = raw()
         if swap:
-            return torch.linalg.vector_norm(r.reshape(c_in, b, -1), dim=(0, 2)).square()
-        return torch.linalg.vector_norm(r.reshape(b, -1), dim=1).square()
+            return torch.linalg.vector_norm(r.reshape(c_in, b, -1), dim=(0, 2))
+        return torch.linalg.vector_norm(r.reshape(b, -1), dim=1)
 
     def gsum() -> Tensor:
         return sum(go.reshape(b, d_out, -1).sum(2) for go in gs)  # type: ignore[return-value]
 
-    return weight_bias(full, gsum, want, need, norms)
+    gram_norms = (lambda: gram_sq(*unfolded())) if gram else None
+    return weight_bias(full, gsum, want, need, gram_norms, None if gram else norms)

@@ -318,14 +318,13 @@ class PerSampleEngine:
                 results.append(u.result[name])
         if not results or not self.covered[i]:  # a unit of a shared parameter was dropped
             return
-        kind = results[0][0]
-        if len(results) == 1 and kind != "full":
-            _, sq, elem = results[0]
+        if len(results) == 1 and results[0][0] != "full":
+            kind, sq, elem = results[0]
         else:
-            kind, full = "norm", results[0][1]
+            full = results[0][1]
             for r in results[1:]:
                 full = full + r[1]
-            _, sq, elem = from_full(full, self.need_elem)
+            kind, sq, elem = from_full(full, self.need_elem)
         # a "root" (‖c_s‖, from Goodfellow's trick) is squared at the step, with the others
         (self._roots if kind == "root" else self._parts)[i].append(sq)
         if self.need_elem and elem is not None:
