@@ -254,21 +254,22 @@ def test_per_sample_norms_match_torch_func(kind, mode, need_elem):
 
 
 class ConvPaths(nn.Module):
-    """One convolution per per-sample conv path: few input channels (a forward convolution
-    with the batch as groups; strided and dilated, and a 1-d one with uneven 'same' zero
-    padding called twice), 4-64 (the grouped backward; uneven zero padding) and over 64 (the
-    unfolded matmul)."""
+    """One convolution per per-sample conv path on the CPU: the unfolded matmul for few input
+    channels (strided and dilated; and a 1-d one with uneven 'same' zero padding, called
+    twice) and for many, the grouped backward for 5-64 (zero padding inside it, and uneven
+    'same' padding)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 66, 3, stride=2, dilation=2, padding=2)  # 9x9 -> 5x5
-        self.b = nn.Conv2d(66, 4, 3, padding=1)
-        self.c = nn.Conv2d(4, 6, 2, padding="same")
+        self.b = nn.Conv2d(66, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 3, padding=1)
+        self.e = nn.Conv2d(6, 6, 2, padding="same")
         self.d = nn.Conv1d(3, 3, 4, padding="same")
         self.head = nn.Linear(6 * 25 + 3 * 9, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        h = self.e(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
         v = self.d(torch.tanh(self.d(x.mean(2))))
         return self.head(torch.cat([h.flatten(1), v.flatten(1)], 1))
 
