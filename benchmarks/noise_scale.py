@@ -16,6 +16,7 @@ the rest), ``torch.func`` (every module through vmap over vjp), ``BatchSNR``
 together (they share the monitor's one per-sample engine).
 
 Usage: python benchmarks/noise_scale.py [--steps 40] [--log-every 10] [--device cpu]
+    [--no-memory] [--only "per-sample hooks"] [--model cnn]
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--only", default=None, help="run only lens rows containing this text")
+    ap.add_argument("--model", default=None, help="run only models whose name contains this")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
@@ -130,6 +132,8 @@ def main() -> None:
     print("| model | estimator | bare step (ms) | median ratio | added peak RSS (MB) |")
     print("|---|---|---|---|---|")
     for name, (kind, build) in MODELS.items():
+        if args.model and args.model not in name:
+            continue
         base = None if args.no_memory else peak_rss_mb(name, None, 10, args.log_every, device)
         for lens_name in LENSES:
             if args.only and args.only not in lens_name:
