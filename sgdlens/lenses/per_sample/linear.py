@@ -39,6 +39,11 @@ def linear(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> d
     a = cat([seq(x) if x.dim() > 2 else x[:, None] for x in xs], 1)
     g = cat([seq(y) if y.dim() > 2 else y[:, None] for y in gs], 1)
     gram = gram_cheaper(a.shape[1], a.shape[2], g.shape[2])
+    if gram and not need and want == {"weight": "norm", "bias": "norm"}:
+        # the bias's ‖Σ_t g_t‖² = Σ_{t,u} g_t·g_u is the sum of the Gram the weight's takes
+        gg = g @ g.transpose(1, 2)
+        w_sq = (a @ a.transpose(1, 2)).mul_(gg).sum((1, 2))
+        return {"weight": ("norm", w_sq, None), "bias": ("norm", gg.sum((1, 2)), None)}
     return weight_bias(lambda: a.transpose(1, 2) @ g if transposed else g.transpose(1, 2) @ a,
                         lambda: g.sum(1), want, need,
                         (lambda: gram_sq(a, g)) if gram else None)  # fmt: skip
