@@ -31,12 +31,12 @@ def conv(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> dic
 
     * one convolution backward with the batch folded into the groups (``B·groups`` groups):
       the default, and on the CPU the faster for 5–64 input channels;
-    * ``groups=1``: a batched matmul over the unfolded input, the rule of a sequence Linear
-      with positions as the sequence: the Gram trick for norms when it is cheaper, else
-      materialised; on the CPU also for 1–4 or over 64 input channels, where it was 1.5–4×
-      faster than the grouped backward (0.26 vs 0.98 ms for 1->16 channels at 28x28). The
-      input is unfolded by one strided copy of its padded windows (2–3× faster than
-      ``F.unfold`` on the CPU, and any number of spatial dimensions).
+    * ``groups=1`` 1-d/2-d: a batched matmul over the unfolded input, the rule of a
+      sequence Linear with positions as the sequence: the Gram trick for norms when it is
+      cheaper, else materialised; on the CPU also for 1–4 or over 64 input channels, where
+      it was 1.5–4× faster than the grouped backward (0.26 vs 0.98 ms for 1->16 channels at
+      28x28). The input is unfolded by one strided copy of its padded windows (2–3× faster
+      than ``F.unfold`` on the CPU). 3-d convolutions, not timed, keep the grouped backward.
 
     Norms alone are taken from the method's own layout.
     """
@@ -48,8 +48,9 @@ def conv(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> dic
     t = sum(g[0, 0].numel() for g in gs)
     d_in, d_out, c_in = w[0].numel(), w.shape[0], w.shape[1]
     cpu = gs[0].device.type == "cpu"
-    gram = m.groups == 1 and gram_cheaper(t, d_in, d_out)
-    unfold = m.groups == 1 and cpu and not 5 <= c_in <= 64
+    flat = m.groups == 1 and nd < 3  # (3-d convolutions were not timed: grouped backward)
+    gram = flat and gram_cheaper(t, d_in, d_out)
+    unfold = flat and cpu and not 5 <= c_in <= 64
     # zero padding the same on both sides goes into the grouped backward (no padded copy)
     inside = m.padding_mode == "zeros" and pads[0::2] == pads[1::2] and not (gram or unfold)
     xs = []
