@@ -209,6 +209,10 @@ class PerSampleEngine:
 
     def attach(self) -> list[Any]:
         """Register the hooks; returns their handles (:meth:`arm` manages them for lenses)."""
+        # wrapped here, once: building a torch.compiler.disable wrapper costs ~0.3 ms (more
+        # than the rules' arithmetic, were it built per output per forward), and the first
+        # one imports torch._dynamo (~0.8 s), which importing sgdlens must not
+        self._store = eager(_store)
         handles = [self.model.register_forward_pre_hook(eager(self._on_model), with_kwargs=True)]
         try:
             for u in self.units:
@@ -292,7 +296,7 @@ class PerSampleEngine:
         use = Use(args, kwargs, outs)
         for j, t in enumerate(outs):
             if t.requires_grad:
-                t.register_hook(partial(_STORE, use, j))  # (a disable wrapper costs ~0.3 ms)
+                t.register_hook(partial(self._store, use, j))
         unit.uses.append(use)
 
     def _on_param(self, i: int, p: Tensor) -> None:
@@ -395,11 +399,6 @@ def eager(hook: Any) -> Any:
 def _store(use: Use, j: int, grad: Tensor) -> None:
     if j < len(use.grads):  # a pass after the use was processed (another tool's HVP) is not
         use.grads[j] = grad  # the step's backward: it is left alone
-
-
-#: ``_store`` wrapped once: building a ``torch.compiler.disable`` wrapper per output and step
-#: took longer than the rule's own arithmetic
-_STORE = eager(_store)
 
 
 def _transformed() -> bool:
