@@ -693,6 +693,7 @@ def test_bfloat16_per_sample_and_micro_batch_norms_are_float32_accurate():
     def keep(name):
         def hook(mod, args, out):
             out.register_hook(lambda g: seen.__setitem__(name, (args[0], g)))
+
         return hook
 
     for i in (0, 2):
