@@ -92,3 +92,22 @@ def test_lens_reductions_are_checked_at_construction(reductions):
     with pytest.raises(ValueError, match=r"lenses=\.\.\.\)\[0\] Bad\.reductions = .* 'shards'"):
         PhaseMonitor(opt, lenses=[Bad()])
     assert not opt._optimizer_step_pre_hooks  # refused before any hook was attached
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: lenses.NoiseScale(), lambda: lenses.BatchSNR(), lambda: lenses.BatchSNR("optimizer")],
+)
+def test_lenses_that_cannot_add_up_shards_refuse_fsdp(make):
+    """Under FSDP each rank holds a shard of every parameter; NoiseScale and BatchSNR would
+    log one rank's partial sums, so they refuse a sharded view when they attach."""
+    import dataclasses
+
+    from sgdlens._view import build_view
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters())
+    view = dataclasses.replace(build_view(opt, model, 10, "auto"), sharded=True)
+    with pytest.raises(ValueError, match=r"cannot run under FSDP: .*shard.*Use it under DDP"):
+        make().init(view)
+    make().init(dataclasses.replace(view, sharded=False))  # the same view, whole: accepted

@@ -325,6 +325,15 @@ class Lens:
         )
 
 
+def refuse_sharded(lens: Lens, view: ParamView, why: str) -> None:
+    """At ``init``: a lens that cannot run on sharded parameters (FSDP) says so, and why."""
+    if view.sharded:
+        raise ValueError(
+            f"{lens!r} cannot run under FSDP: {why}. Use it under DDP or in one process "
+            f"(GradSNR, GradNorm and WeightNorms run under FSDP)"
+        )
+
+
 #: the cross-rank reductions a lens may declare for its :meth:`Lens.local` sums
 REDUCTIONS = ("shards", "ranks")
 

@@ -22,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
-from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
+from sgdlens.lenses.base import (
+    Key,
+    Lens,
+    ParamView,
+    State,
+    Step,
+    per_layer_keys,
+    refuse_sharded,
+)
 from sgdlens.lenses.per_sample import MODES, Disarm, PerSampleEngine, shared_engine
 
 __all__ = ["BatchSNR", "batch_snr_from_sums"]
@@ -151,6 +159,8 @@ class BatchSNR(Lens):
         return keys, [view.layers[j] for j in sorted({view.layer_of[i] for i in which})]
 
     def init(self, view: ParamView) -> State:
+        why = "its sums (per-sample, or of Adam's moments) would be each rank's shard's"
+        refuse_sharded(self, view, why + ", which it does not add up over the ranks")
         self._view = view
         self._engine: PerSampleEngine | None = None
         self._covered = [True] * len(view.params)

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +44,15 @@ from torch import Tensor, nn
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
 from sgdlens.lenses._micro_batches import MicroBatches
-from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys
+from sgdlens.lenses.base import (
+    Key,
+    Lens,
+    ParamView,
+    State,
+    Step,
+    per_layer_keys,
+    refuse_sharded,
+)
 from sgdlens.lenses.per_sample import (
     MODES,
     Disarm,
@@ -225,6 +234,8 @@ class NoiseScale(Lens):
         return self.keys, [view.layers[j] for j in sorted(which)]
 
     def init(self, view: ParamView) -> State:
+        why = "its gradient norms would be each rank's shard's"
+        refuse_sharded(self, view, why + ", which it does not add up over the ranks")
         self._view = view
         zeros = torch.zeros(len(view.layers), dtype=view.dtype, device=view.device)
         self._mode: str | None = None if self.estimator == "auto" else self.estimator
@@ -544,19 +555,23 @@ class NoiseScale(Lens):
 
     # -- log points ----------------------------------------------------------------------
 
-    def compute(self, state: State, step: Step) -> dict[str, Tensor]:
+    # each rank's EMAs of its own small batches' |G_small|² (linear in it): averaged over the
+    # ranks at each record
+    reductions: ClassVar[Mapping[str, str]] = {"g2": "ranks", "tr": "ranks"}
+
+    def local(self, state: State, step: Step) -> dict[str, Tensor]:
         if state["feeds"] == 0:
             return {}
-        view = step.view
         n = state["n"]
         corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
-        g2, tr = state["g2"] / corr, state["tr"] / corr
-        if self._mode == "ranks" or _dist.replicas(view.sharded) > 1:
-            # average |G_small|² over ranks (each rank's own small batches): the EMAs are
-            # linear in it; one all-reduce per record
-            world = _dist.rank_and_size()[1]
-            both = _dist.all_sum_(torch.cat([g2, tr])) / world
-            g2, tr = both[: len(g2)], both[len(g2) :]
+        return {"g2": state["g2"] / corr, "tr": state["tr"] / corr}
+
+    def finish(self, state: State, step: Step, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not sums:
+            return {}
+        view = step.view
+        world = _dist.rank_and_size()[1]  # the sums over the ranks, as means
+        g2, tr = sums["g2"] / world, sums["tr"] / world
         ns = tr / g2
         keep = sorted({view.layer_of[i] for i, c in enumerate(self._covered) if c})
         layers = [view.layers[j] for j in keep]
