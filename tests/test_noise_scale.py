@@ -230,8 +230,19 @@ KINDS = ["mlp", "cnn", "convs", "attention", "masked_attention", "gpt2ish", "tie
 @pytest.mark.parametrize("need_elem", [False, True])
 def test_per_sample_norms_match_torch_func(kind, mode, need_elem):
     model, x, y = build(kind)
+    engine, ref = engine_matches_torch_func(model, x, y, mode, need_elem)
+    b = x.shape[0]
+    for i, (n, _) in enumerate(model.named_parameters()):
+        want = ref[n].reshape(b, -1).square().sum(1)
+        assert rel_err(engine.sums(x.device)[i] * b * b, want.sum()) < REL, n
+        assert engine.count[i] == b
+
+
+def engine_matches_torch_func(model, x, y, mode, need_elem):
+    """One backward of ``model`` through a per-sample engine: every parameter covered, its
+    per-sample squared norms (and elementwise sums) those of ``torch.func``. Returns the
+    engine and ``torch.func``'s per-sample gradients."""
     ref = per_sample_grads(model, x, y)
-    names = [n for n, _ in model.named_parameters()]
     engine = PerSampleEngine(
         model, list(model.parameters()), mode=mode, need_elem=need_elem, keep_last=True
     )
@@ -243,14 +254,13 @@ def test_per_sample_norms_match_torch_func(kind, mode, need_elem):
             h.remove()
     b = x.shape[0]
     assert all(engine.covered)
-    for i, n in enumerate(names):
+    for i, (n, _) in enumerate(model.named_parameters()):
         want = ref[n].reshape(b, -1).square().sum(1)
         # mean loss: the hooks see c_s = g_s / B
         assert rel_err(engine.last_sq[i] * b * b, want) < REL, n
-        assert rel_err(engine.sums(x.device)[i] * b * b, want.sum()) < REL, n
-        assert engine.count[i] == b
         if need_elem:
             assert rel_err_max(engine.elem[i] * b * b, ref[n].square().sum(0)) < REL, n
+    return engine, ref
 
 
 class ConvPaths(nn.Module):
@@ -281,22 +291,7 @@ def test_per_sample_conv_paths_match_torch_func(need_elem):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 3, 9, 9, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=g)
-    ref = per_sample_grads(model, x, y)
-    engine = PerSampleEngine(model, list(model.parameters()), mode="hooks",
-                             need_elem=need_elem, keep_last=True)  # fmt: skip
-    handles = engine.attach()
-    try:
-        loss_fn(model(x), y).backward()
-    finally:
-        for h in handles:
-            h.remove()
-    b = x.shape[0]
-    assert all(engine.covered)
-    for i, (n, _) in enumerate(model.named_parameters()):
-        want = ref[n].reshape(b, -1).square().sum(1)
-        assert rel_err(engine.last_sq[i] * b * b, want) < REL, n
-        if need_elem:
-            assert rel_err_max(engine.elem[i] * b * b, ref[n].square().sum(0)) < REL, n
+    engine_matches_torch_func(model, x, y, "hooks", need_elem)
 
 
 def test_sequence_first_attention_is_left_out_of_the_torch_func_rule():
