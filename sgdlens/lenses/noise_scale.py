@@ -499,15 +499,13 @@ class NoiseScale(Lens):
         with ``B_small = 1``, ``B_big = b_big``; cached per ``(n, b_big)``)."""
         key = (n, b_big)
         if self._coef is None or self._coef[0] != key:
-            b = float(b_big)
             # mean: |G_small|² = n Σ_s ‖c_s‖², |G_big|² = ‖.grad‖²; sum: Σ_s ‖c_s‖² / n and
-            # ‖.grad‖² / n²
+            # ‖.grad‖² / n². The estimates are linear in both: their columns are the
+            # estimates of each alone.
             small, big = (float(n), 1.0) if self.reduction == "mean" else (1.0 / n, 1.0 / n**2)
-            g2 = [-small / (b - 1.0), b * big / (b - 1.0)]
-            tr = [small / (1.0 - 1.0 / b), -big / (1.0 - 1.0 / b)]
             view = self._view
-            m = torch.tensor([g2, tr], dtype=view.dtype, device=view.device)
-            self._coef = (key, m)
+            basis = torch.tensor([[small, 0.0], [0.0, big]], dtype=view.dtype, device=view.device)
+            self._coef = (key, torch.stack(two_batch_estimates(basis[0], basis[1], 1, b_big)))
         return self._coef[1]
 
     def _feed(self, state: State, est: Tensor, b_big: float, ok: bool) -> None:
