@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sgdlens import _dist
 from sgdlens.lenses.base import ParamView, Step
 from sgdlens.phase import PhaseEvent
 from sgdlens.records import Record
@@ -30,7 +31,7 @@ class Tally:
 
     def __init__(self, view: ParamView, trace_steps: int) -> None:
         dev, dt = view.device, view.dtype
-        self.dtype = dt
+        self.dtype, self.sharded = dt, view.sharded
         self.updates = 0
         self.finite = torch.zeros((), dtype=dt, device=dev)
         self.trace = torch.full((trace_steps, 2), float("nan"), dtype=dt, device=dev)
@@ -82,14 +83,26 @@ class Tally:
         return dict(zip(names, (both[: len(names)] / both[len(names) :]).unbind()))
 
     def trace_lists(self) -> dict[str, Any]:
-        """The ring of per-step values, oldest first, as host lists (read at events only)."""
+        """The ring of per-step values, oldest first, as host lists (read at events only).
+
+        Under torch.distributed (every rank has the same events, at the same steps) one
+        all-reduce makes them every rank's: the loss is the mean of the ranks' losses, as in
+        the records, and under FSDP the squared gradient norm the sum of the shards'.
+        """
         size = len(self.trace)
         n = min(size, self.updates)
         if n == 0:
             return {}
         rows = [(self.updates - n + j) % size for j in range(n)]
         index = torch.tensor(rows, dtype=torch.long, device=self.trace.device)
-        values = self.trace[index].tolist()
+        local = self.trace[index]
+        world = _dist.rank_and_size()[1]
+        if world > 1:
+            total = _dist.all_sum_(local.clone())
+            local = torch.stack(
+                [total[:, 0] / world, total[:, 1] if self.sharded else local[:, 1]], 1
+            )
+        values = local.tolist()
         return {
             "trace/step": [self.trace_steps[r] for r in rows],
             "trace/loss": [v[0] for v in values],

@@ -271,13 +271,21 @@ def declared_lenses():
     return [GradSNR(window=3), GradNorm(), WeightNorms(), ParamSquares()]
 
 
+def quick_detector():
+    """A detector whose warm-up ends at the first record (events at step 5, with the trace)."""
+    from sgdlens.phase import PhaseDetector
+
+    return PhaseDetector(warmup=5, window=5, dwell=5)
+
+
 def worker_records(rank: int, world: int, init_file: str, out_dir: str, name: str) -> None:
     """Train on this rank's share of the global batches; save the records as ``<name><rank>.pt``.
 
     ``"sampled"``: FSDP2 with ``overhead_budget`` set differently on each rank (rank 0 can
     afford every step, rank 1 almost none). ``"batch_snr"``: DDP with BatchSNR reading each
-    rank's samples. ``"declared"``: FSDP2 with :func:`declared_lenses`, counting the
-    all-reduces the monitor makes at each step (saved as ``declared_calls<rank>.pt``).
+    rank's samples. ``"declared"``: FSDP2 with :func:`declared_lenses` and
+    :func:`quick_detector`, counting the all-reduces the monitor makes at each step (saved as
+    ``declared_calls<rank>.pt``, the event records as ``declared_events<rank>.pt``).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -291,11 +299,13 @@ def worker_records(rank: int, world: int, init_file: str, out_dir: str, name: st
             kwargs: dict = {"log_every": LOG_EVERY * 2,
                             "overhead_budget": 1.0 if rank == 0 else 1e-6}  # fmt: skip
         elif name == "declared":
-            net, kwargs = fully_shard(model), {"log_every": LOG_EVERY, "lenses": declared_lenses()}
+            net = fully_shard(model)
+            kwargs = {"log_every": LOG_EVERY, "lenses": declared_lenses(),
+                      "detector": quick_detector()}  # fmt: skip
         else:
             net, kwargs = DDP(model), {"log_every": LOG_EVERY, "lenses": [BatchSNR()]}
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        mon = PhaseMonitor(opt, model=model, detector=False, **kwargs)
+        mon = PhaseMonitor(opt, model=model, **{"detector": False, **kwargs})
         calls, real = [], dist.all_reduce
 
         def counted(*args, **kw):
@@ -316,6 +326,7 @@ def worker_records(rank: int, world: int, init_file: str, out_dir: str, name: st
         mon.close()
         torch.save(mon.history.records, os.path.join(out_dir, f"{name}{rank}.pt"))
         torch.save(calls, os.path.join(out_dir, f"{name}_calls{rank}.pt"))
+        torch.save(mon.history.events, os.path.join(out_dir, f"{name}_events{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

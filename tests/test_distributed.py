@@ -294,30 +294,45 @@ def test_batch_snr_under_ddp_is_the_global_batchs(tmp_path):
 def test_declared_sums_take_one_all_reduce_per_record(tmp_path):
     """Under FSDP2 every lens's log-point sums (a user's lens among them) and the observed
     scalars are added up in one all-reduce per record, windows closing off the log steps take
-    none, and the records equal one process's on the global batch."""
-    from tests._dist_worker import declared_lenses, worker_records
+    none, and the records equal one process's on the global batch; so do the event records'
+    per-step trace (the loss the mean of the ranks', the gradient norm the whole model's), at
+    one more all-reduce per record that has events."""
+    from tests._dist_worker import declared_lenses, quick_detector, worker_records
 
     mp.spawn(worker_records, args=(2, str(tmp_path / "init"), str(tmp_path), "declared"),
              nprocs=2, join=True)  # fmt: skip
     model = model_without_dropout()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mon = PhaseMonitor(opt, model=model, detector=False, log_every=LOG_EVERY,
+    mon = PhaseMonitor(opt, model=model, detector=quick_detector(), log_every=LOG_EVERY,
                        lenses=declared_lenses())  # fmt: skip
     for x, y in batches(STEPS, size=GLOBAL_BATCH):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         mon.observe(loss=0.5)  # the mean of the ranks' 0 and 1
         opt.step()
-    want = mon.history.records
+    want, want_events = mon.history.records, mon.history.events
     assert "param_sq" in want[0] and "grad_snr" in want[0] and "weight_dist" in want[0]
+    assert want_events and "trace/grad_norm" in want_events[0]
+    event_steps = {e["step"] for e in want_events}
+
+    def same(got, want):
+        assert set(got) == set(want)
+        for key, value in want.items():
+            if isinstance(value, str):
+                assert got[key] == value, key
+            elif key != "time":
+                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
     for r in range(2):
         got = torch.load(tmp_path / f"declared{r}.pt", weights_only=True)
         assert [g["step"] for g in got] == [w["step"] for w in want]
         for g, w in zip(got, want):
-            assert set(g) == set(w)
-            for key, value in w.items():
-                if key != "time":
-                    assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-        # one all-reduce per step (the finite flag every rank must agree on), one more per record
+            same(g, w)
+        events = torch.load(tmp_path / f"declared_events{r}.pt", weights_only=True)
+        assert len(events) == len(want_events)
+        for g, w in zip(events, want_events):
+            same(g, w)
+        # one all-reduce per step (the finite flag every rank must agree on), one more per
+        # record, one more per record with events (their trace)
         calls = torch.load(tmp_path / f"declared_calls{r}.pt", weights_only=True)
-        assert calls == [1 + (t % LOG_EVERY == 0) for t in range(1, STEPS + 1)]
+        assert calls == [1 + (t % LOG_EVERY == 0) + (t in event_steps) for t in range(1, STEPS + 1)]
