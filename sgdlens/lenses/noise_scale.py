@@ -33,7 +33,6 @@ batches come from one of three estimators:
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -44,56 +43,15 @@ from torch import Tensor, nn
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
 from sgdlens.lenses._micro_batches import MicroBatches
-from sgdlens.lenses.base import (
-    Key,
-    Lens,
-    ParamView,
-    State,
-    Step,
-    per_layer_keys,
-    refuse_sharded,
-)
-from sgdlens.lenses.per_sample import (
-    MODES,
-    Disarm,
-    PerSampleEngine,
-    eager,
-    shared_engine,
-)
+from sgdlens.lenses._noise_scale_checks import ESTIMATORS as ESTIMATORS
+from sgdlens.lenses._noise_scale_checks import check_attach, check_settings
+from sgdlens.lenses._per_sample_cpu import CpuEstimates
+from sgdlens.lenses._rank_norms import RankNorms
+from sgdlens.lenses._two_batch import bias_corrected, fold, fold_finite, two_batch_estimates
+from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys, refuse_sharded
+from sgdlens.lenses.per_sample import Disarm, PerSampleEngine, eager, shared_engine
 
 __all__ = ["NoiseScale", "two_batch_estimates"]
-
-ESTIMATORS = ("auto", "accumulation", "per_sample", "ranks")
-
-
-def two_batch_estimates(
-    small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float
-) -> tuple[Tensor, Tensor]:
-    """Unbiased ``(|G|², tr Σ)`` from ``|G_small|²`` and ``|G_big|²`` (McCandlish App. A.1).
-
-    Args:
-        small_sq: ``|G_small|²`` (or its mean over several small batches), any shape.
-        big_sq: ``|G_big|²``, the same shape.
-        b_small: the small batch size.
-        b_big: the big batch size (``> b_small``).
-
-    Example:
-        >>> g2, tr = two_batch_estimates(torch.tensor(3.0), torch.tensor(1.5), 1, 4)
-        >>> float(g2), float(tr)
-        (1.0, 2.0)
-    """
-    g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
-    tr = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
-    return g2, tr
-
-
-def _check_int(name: str, value: Any, low: int, example: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"NoiseScale({name}=...) must be an int, got {value!r}; e.g. {example}")
-    if value < low:
-        raise ValueError(f"NoiseScale({name}={value}) must be >= {low}; e.g. {example}")
 
 
 class NoiseScale(Lens):
@@ -182,35 +140,7 @@ class NoiseScale(Lens):
         ddp: Any = None,
         grad_scaler: Any = None,
     ) -> None:
-        if not isinstance(estimator, str) or estimator not in ESTIMATORS:
-            raise ValueError(
-                f"NoiseScale(estimator={estimator!r}) must be one of {ESTIMATORS}; e.g. "
-                f"estimator='auto'"
-            )
-        if estimator == "ranks" and not callable(getattr(ddp, "register_comm_hook", None)):
-            raise TypeError(
-                f"NoiseScale(estimator='ranks', ddp={ddp!r}) needs the DistributedDataParallel "
-                f"module, to read each rank's gradient before the all-reduce: "
-                f"NoiseScale('ranks', ddp=ddp_model)"
-            )
-        if estimator != "ranks" and ddp is not None:
-            raise ValueError(
-                f"NoiseScale(ddp=...) is only read by estimator='ranks', not {estimator!r}"
-            )
-        _check_int("batch_size", batch_size, 1, "batch_size=32")
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-            raise TypeError(f"NoiseScale(decay=...) must be a float, got {decay!r}; e.g. 0.99")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"NoiseScale(decay={decay}) must lie in [0, 1); e.g. decay=0.99")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(
-                f"NoiseScale(reduction={reduction!r}) must be 'mean' or 'sum': how .grad "
-                f"relates to per-example gradients; e.g. reduction='mean'"
-            )
-        if per_sample not in MODES:
-            raise ValueError(
-                f"NoiseScale(per_sample={per_sample!r}) must be one of {MODES}; e.g. 'auto'"
-            )
+        check_settings(estimator, batch_size, decay, reduction, per_sample, ddp)
         self.estimator = estimator
         self.batch_size = None if batch_size is None else int(batch_size)
         self.decay = float(decay)
@@ -245,8 +175,7 @@ class NoiseScale(Lens):
         self._last_batch: int | None = None
         self._covered = [True] * len(view.params)
         self._mask: tuple[tuple[bool, ...], Tensor] | None = None
-        self._slots: tuple[tuple[bool, ...], list[int], Tensor] | None = None
-        self._coef: tuple[tuple[int, int], Tensor] | None = None
+        self._cpu = CpuEstimates(view, self.reduction)
         self._warned = False
         return {
             "g2": zeros.clone(),  # EMA of the |G|² estimates, per layer
@@ -261,56 +190,24 @@ class NoiseScale(Lens):
         """Register the hooks the estimator needs (the monitor removes them on close)."""
         handles: list[Any] = []
         params = list(view.params)
+        check_attach(self.estimator, model, self.batch_size)
         if self.estimator == "ranks":
-            if model is None and self.batch_size is None:
-                raise ValueError(
-                    "NoiseScale(estimator='ranks', batch_size=None) reads the local batch size "
-                    "from the model's inputs: pass PhaseMonitor(model=model) or batch_size="
-                )
-            self._local = torch.zeros(len(params), dtype=view.dtype, device=view.device)
-            self._index = {id(p): i for i, p in enumerate(params)}
-            self._buckets: dict[tuple[int, ...], Tensor] = {}
-            from collections import OrderedDict
-
-            from torch.utils.hooks import RemovableHandle
-
-            # DDP cannot drop a comm hook: closing removes this handle, and the hook then
-            # only all-reduces
-            self._recording: OrderedDict[int, Any] = OrderedDict()
-            recording = RemovableHandle(self._recording)
-            self._recording[recording.id] = True
-            handles.append(recording)
-            self.ddp.register_comm_hook(None, self._comm_hook)
+            ranks = RankNorms(params, view.dtype, view.device)
+            self._local = ranks.local
+            handles.append(ranks.attach(self.ddp))
             if model is not None and self.batch_size is None:
                 handles.append(
                     model.register_forward_pre_hook(eager(self._on_forward), with_kwargs=True)
                 )
             return handles
-        if self.estimator in ("auto", "accumulation"):
-            if self.batch_size is None and model is None:
-                if self.estimator == "accumulation":
-                    raise ValueError(
-                        "NoiseScale(estimator='accumulation', batch_size=None) reads the "
-                        "micro-batch size from the model's inputs, but the monitor has no "
-                        "model: pass PhaseMonitor(model=model) or NoiseScale(batch_size=...)"
-                    )
-            else:
-                self._micro = MicroBatches(params, view.dtype, view.device)
-                self._handles["accumulation"] = self._micro.attach()
+        sized = self.batch_size is not None or model is not None  # given, or read from inputs
+        if self.estimator in ("auto", "accumulation") and sized:
+            self._micro = MicroBatches(params, view.dtype, view.device)
+            self._handles["accumulation"] = self._micro.attach()
         if self.estimator in ("auto", "per_sample") and model is not None:
             self._engine = shared_engine(view, model, self.per_sample, "NoiseScale")
             self._engine.arm("NoiseScale", True)
             self._handles["per_sample"] = [Disarm(self._engine, "NoiseScale")]
-        elif self.estimator == "per_sample":
-            raise ValueError(
-                "NoiseScale(estimator='per_sample') needs the model for its module hooks: "
-                "pass PhaseMonitor(opt, model=model, lenses=[...])"
-            )
-        if self._micro is None and self._engine is None:
-            raise ValueError(
-                "NoiseScale(estimator='auto') has nothing to read without a model or a "
-                "batch_size: pass PhaseMonitor(model=model) or NoiseScale(batch_size=...)"
-            )
         if model is not None and self.batch_size is None:
             handles.append(
                 model.register_forward_pre_hook(eager(self._on_forward), with_kwargs=True)
@@ -320,27 +217,6 @@ class NoiseScale(Lens):
         if self._mode == "per_sample":
             self._use_per_sample(view)
         return handles
-
-    def _comm_hook(self, process_group, bucket):
-        """Record this rank's per-parameter gradient norms, then all-reduce as DDP does.
-
-        After the monitor closes it only all-reduces. Unannotated on purpose: DDP rejects a
-        hook whose annotations are not the real ``dist.GradBucket`` / ``Future[Tensor]``
-        objects, and this module's are strings.
-        """
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        if self._recording:
-            grads, params = bucket.gradients(), bucket.parameters()
-            key = tuple(self._index[id(p)] for p in params)
-            index = self._buckets.get(key)
-            if index is None:  # copied to the device once per bucket, not every step
-                index = self._buckets[key] = torch.tensor(
-                    key, dtype=torch.long, device=self._local.device
-                )
-            local = _torch.norms(grads, self._local.device, self._local.dtype).square()
-            self._local.index_copy_(0, index, local)
-        return allreduce_hook(process_group, bucket)
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if torch.is_grad_enabled() and not probing_now():
@@ -355,8 +231,8 @@ class NoiseScale(Lens):
 
     def release(self) -> None:
         uncovered = self.uncovered
-        # DDP keeps the comm hook, which must find it has nothing to record
-        kept = {k: getattr(self, k) for k in ("_recording", "_local") if hasattr(self, k)}
+        # DDP keeps the comm hook (it records nothing once closed): what it recorded stays
+        kept = {k: getattr(self, k) for k in ("_local",) if hasattr(self, k)}
         super().release()
         self._uncovered = uncovered
         for k, v in kept.items():
@@ -467,7 +343,7 @@ class NoiseScale(Lens):
         view = step.view
         b_big = _dist.replicas(view.sharded) * n
         if step.flag is not None and self.grad_scaler is None:  # the CPU: the fewest ops
-            est = self._coefficients(n, b_big) @ self._sums_and_grad_sq(engine, step)
+            est = self._cpu(engine, step, self._covered, n, b_big)
             self._feed(state, est, b_big, step.flag)
             return
         s = view.per_layer(self._unscale(engine.sums(view.device)), range(len(view.params)))
@@ -478,45 +354,10 @@ class NoiseScale(Lens):
             small, big = s / n, big / (n * n)
         self.feed_two_batch(state, small, big, 1, b_big, step.ok)
 
-    def _sums_and_grad_sq(self, engine: PerSampleEngine, step: Step) -> Tensor:
-        """``(2, layers)``: per layer, Σ_s ‖c_s‖² and ‖.grad‖² over the covered parameters
-        (one ``index_add_`` each into one buffer; an uncovered parameter's go to a spare
-        last entry)."""
-        view = step.view
-        layers = len(view.layers)
-        key = tuple(self._covered)
-        if self._slots is None or self._slots[0] != key:  # copied to the device once
-            at = [view.layer_of[i] if c else 2 * layers for i, c in enumerate(key)]
-            big = [a + layers if a < 2 * layers else a for a in at]
-            self._slots = (key, at, torch.tensor(big, dtype=torch.long, device=view.device))
-        _, at, index = self._slots
-        both = engine.sums(view.device, at, 2 * layers + 1)
-        both.index_add_(0, index, step.grad_sq.to(both.dtype))
-        return both[: 2 * layers].view(2, layers)
-
-    def _coefficients(self, n: int, b_big: int) -> Tensor:
-        """``M`` with ``M @ [Σ_s ‖c_s‖²; ‖.grad‖²] = [|G|²; tr Σ]`` (the two-batch estimates
-        with ``B_small = 1``, ``B_big = b_big``; cached per ``(n, b_big)``)."""
-        key = (n, b_big)
-        if self._coef is None or self._coef[0] != key:
-            # mean: |G_small|² = n Σ_s ‖c_s‖², |G_big|² = ‖.grad‖²; sum: Σ_s ‖c_s‖² / n and
-            # ‖.grad‖² / n². The estimates are linear in both: their columns are the
-            # estimates of each alone.
-            small, big = (float(n), 1.0) if self.reduction == "mean" else (1.0 / n, 1.0 / n**2)
-            view = self._view
-            basis = torch.tensor([[small, 0.0], [0.0, big]], dtype=view.dtype, device=view.device)
-            self._coef = (key, torch.stack(two_batch_estimates(basis[0], basis[1], 1, b_big)))
-        return self._coef[1]
-
     def _feed(self, state: State, est: Tensor, b_big: float, ok: bool) -> None:
         """:meth:`feed_two_batch` given ``est = [|G|²; tr Σ]`` and ``ok`` as a Python bool
         (the CPU): a finite step updates the averages in place, any other leaves them."""
-        # est * 0 sums to 0 exactly when every entry is finite (NaN otherwise)
-        if ok and float((est * 0).sum()) == 0.0:
-            w = 1.0 - self.decay
-            state["g2"].lerp_(est[0].to(state["g2"].dtype), w)
-            state["tr"].lerp_(est[1].to(state["tr"].dtype), w)
-            state["n"].add_(1)
+        fold_finite(state, est, ok, self.decay)
         state["batch"].fill_(float(b_big))
         state["feeds"] += 1
 
@@ -539,15 +380,7 @@ class NoiseScale(Lens):
             ok: 0-d bool; the step is skipped where false (non-finite gradients).
         """
         g2, tr = two_batch_estimates(small_sq, big_sq, b_small, b_big)
-        ok = ok & torch.isfinite(g2).all() & torch.isfinite(tr).all()
-        w = 1.0 - self.decay
-        state["g2"].copy_(
-            torch.where(ok, state["g2"].lerp(g2.to(state["g2"].dtype), w), state["g2"])
-        )
-        state["tr"].copy_(
-            torch.where(ok, state["tr"].lerp(tr.to(state["tr"].dtype), w), state["tr"])
-        )
-        state["n"].add_(ok)
+        fold(state, g2, tr, ok, self.decay)
         state["batch"].fill_(float(b_big))
         state["feeds"] += 1
 
@@ -560,9 +393,7 @@ class NoiseScale(Lens):
     def local(self, state: State, step: Step) -> dict[str, Tensor]:
         if state["feeds"] == 0:
             return {}
-        n = state["n"]
-        corr = 1.0 - torch.pow(torch.as_tensor(self.decay, dtype=n.dtype, device=n.device), n)
-        return {"g2": state["g2"] / corr, "tr": state["tr"] / corr}
+        return bias_corrected(state, self.decay)
 
     def finish(self, state: State, step: Step, sums: dict[str, Tensor]) -> dict[str, Tensor]:
         if not sums:
