@@ -42,10 +42,10 @@ from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
+from sgdlens.lenses._covered_sums import CoveredSums
 from sgdlens.lenses._micro_batches import MicroBatches
 from sgdlens.lenses._noise_scale_checks import ESTIMATORS as ESTIMATORS
 from sgdlens.lenses._noise_scale_checks import check_attach, check_settings
-from sgdlens.lenses._per_sample_cpu import CpuEstimates
 from sgdlens.lenses._rank_norms import RankNorms
 from sgdlens.lenses._two_batch import bias_corrected, fold, fold_finite, two_batch_estimates
 from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys, refuse_sharded
@@ -174,8 +174,7 @@ class NoiseScale(Lens):
         self._handles: dict[str, list[Any]] = {}
         self._last_batch: int | None = None
         self._covered = [True] * len(view.params)
-        self._mask: tuple[tuple[bool, ...], Tensor] | None = None
-        self._cpu = CpuEstimates(view, self.reduction)
+        self._sums = CoveredSums(view, self.reduction)
         self._warned = False
         return {
             "g2": zeros.clone(),  # EMA of the |G|² estimates, per layer
@@ -285,17 +284,6 @@ class NoiseScale(Lens):
         """Squared norms of gradients seen during backward, without the GradScaler's S²."""
         return sq * _torch.inverse_scale_sq(self.grad_scaler, sq) if self.grad_scaler else sq
 
-    def _grad_sq(self, step: Step) -> Tensor:
-        """‖.grad‖² per layer over the covered parameters."""
-        view = step.view
-        sq = step.grad_sq
-        if not all(self._covered):  # the mask is copied to the device once, not every step
-            key = tuple(self._covered)
-            if self._mask is None or self._mask[0] != key:
-                self._mask = (key, torch.tensor(key, dtype=sq.dtype, device=sq.device))
-            sq = sq * self._mask[1]
-        return view.per_layer(sq, range(len(view.params)))
-
     def _update_accumulation(self, state: State, step: Step) -> None:
         micro = self._micro
         assert micro is not None
@@ -314,7 +302,7 @@ class NoiseScale(Lens):
         view = step.view
         n_total = m * b
         acc = view.per_layer(self._unscale(micro.sums(view.device)), range(len(view.params)))
-        big = self._grad_sq(step)
+        big = self._sums.grad_sq(step, self._covered)
         if self.reduction == "mean":  # G_small_j = m Δ_j, G_big = .grad
             small = acc * m
         else:  # G_small_j = Δ_j / b, G_big = .grad / (m b)
@@ -328,7 +316,8 @@ class NoiseScale(Lens):
             return
         view = step.view
         small = view.per_layer(self._unscale(self._local), range(len(view.params)))  # |G_local|²
-        big = self._grad_sq(step)  # .grad after DDP's all-reduce: the global-batch gradient
+        # .grad after DDP's all-reduce: the global-batch gradient
+        big = self._sums.grad_sq(step, self._covered)
         if self.reduction == "sum":  # G = .grad / examples
             small, big = small / (b * b), big / (world * b) ** 2
         self.feed_two_batch(state, small, big, b, world * b, step.ok)
@@ -343,11 +332,11 @@ class NoiseScale(Lens):
         view = step.view
         b_big = _dist.replicas(view.sharded) * n
         if step.flag is not None and self.grad_scaler is None:  # the CPU: the fewest ops
-            est = self._cpu(engine, step, self._covered, n, b_big)
+            est = self._sums.estimates(engine, step, self._covered, n, b_big)
             self._feed(state, est, b_big, step.flag)
             return
         s = view.per_layer(self._unscale(engine.sums(view.device)), range(len(view.params)))
-        big = self._grad_sq(step)
+        big = self._sums.grad_sq(step, self._covered)
         if self.reduction == "mean":  # g_s = n c_s, ḡ = .grad
             small = s * n
         else:  # g_s = c_s, ḡ = .grad / n

@@ -1,5 +1,7 @@
-"""The CPU fast path of ``NoiseScale("per_sample")``: ``[|G|²; tr Σ]`` per layer from the
-per-sample engine's sums and ``.grad`` in the fewest ops (one buffer, one matrix product)."""
+"""Per-layer squared gradient norms over the parameters ``NoiseScale`` covers (a module without
+per-sample hooks leaves its parameters out): ‖.grad‖², and the per-sample estimator's CPU fast
+path, ``[|G|²; tr Σ]`` from the engine's sums and ``.grad`` in one buffer and one matrix
+product. The mask, index and coefficient tensors are copied to the device once."""
 
 from __future__ import annotations
 
@@ -10,21 +12,33 @@ from sgdlens.lenses._two_batch import coefficients
 from sgdlens.lenses.base import ParamView, Step
 from sgdlens.lenses.per_sample import PerSampleEngine
 
-__all__ = ["CpuEstimates"]
+__all__ = ["CoveredSums"]
 
 
-class CpuEstimates:
-    """``(2, layers)`` two-batch estimates ``[|G|²; tr Σ]`` of one step (``B_small = 1``),
-    with the index of its buffer and its coefficient matrix cached between steps."""
+class CoveredSums:
+    """Per-layer sums over the covered parameters, their device tensors cached between steps."""
 
     def __init__(self, view: ParamView, reduction: str) -> None:
         self.view, self.reduction = view, reduction
+        self._mask: tuple[tuple[bool, ...], Tensor] | None = None
         self._slots: tuple[tuple[bool, ...], list[int], Tensor] | None = None
         self._coef: tuple[tuple[int, int], Tensor] | None = None
 
-    def __call__(
+    def grad_sq(self, step: Step, covered: list[bool]) -> Tensor:
+        """‖.grad‖² per layer over the covered parameters."""
+        view = step.view
+        sq = step.grad_sq
+        if not all(covered):  # the mask is copied to the device once, not every step
+            key = tuple(covered)
+            if self._mask is None or self._mask[0] != key:
+                self._mask = (key, torch.tensor(key, dtype=sq.dtype, device=sq.device))
+            sq = sq * self._mask[1]
+        return view.per_layer(sq, range(len(view.params)))
+
+    def estimates(
         self, engine: PerSampleEngine, step: Step, covered: list[bool], n: int, b_big: int
     ) -> Tensor:
+        """``(2, layers)`` two-batch estimates ``[|G|²; tr Σ]`` of one step (``B_small = 1``)."""
         return self._coefficients(n, b_big) @ self._sums_and_grad_sq(engine, step, covered)
 
     def _sums_and_grad_sq(self, engine: PerSampleEngine, step: Step, covered: list[bool]) -> Tensor:
