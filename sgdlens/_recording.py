@@ -50,16 +50,22 @@ class Tally:
             self.trace_steps[at] = step.index
         self.updates += 1
 
-    def observe(self, name: str, value: Tensor) -> None:
-        """Add ``value`` (0-d, the tally's device and dtype) to ``name``'s sum."""
-        if name == "loss":
-            self.last_loss.copy_(value)
-        slot = self.observed.get(name)
-        if slot is None:
-            self.observed[name] = [value.clone(), 1]
-        else:
-            slot[0].add_(value)
-            slot[1] += 1
+    def observe(self, name: str, value: Tensor | float) -> None:
+        """Add ``value`` (a number, or a 0-d tensor on the tally's device, of any dtype: it is
+        added in the tally's) to ``name``'s sum: one in-place op (two for the loss, which the
+        trace keeps too; three at a name's first observation)."""
+        with torch.no_grad():  # a loss that requires grad adds its value, not its graph
+            if name == "loss" and isinstance(value, Tensor):
+                self.last_loss.copy_(value)
+            elif name == "loss":
+                self.last_loss.fill_(value)
+            slot = self.observed.get(name)
+            if slot is None:
+                zero = torch.zeros((), dtype=self.dtype, device=self.finite.device)
+                self.observed[name] = [zero.add_(value), 1]
+            else:
+                slot[0].add_(value)
+                slot[1] += 1
 
     def take_observed(self) -> tuple[list[str], Tensor | None]:
         """The names observed since the last record and their sums and counts (one 1-D

@@ -318,9 +318,11 @@ class PhaseMonitor:
                         f"observe({name}=...) needs a single number, got a tensor of shape "
                         f"{tuple(value.shape)}; reduce it first, e.g. {name}=loss.mean()"
                     )
-                v = value.detach().reshape(()).to(device=self.view.device, dtype=self.view.dtype)
+                v: Tensor | float = value if value.dim() == 0 else value.reshape(())
+                if value.device != self.view.device:
+                    v = value.to(self.view.device).reshape(())
             elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-                v = torch.tensor(float(value), dtype=self.view.dtype, device=self.view.device)
+                v = float(value)
             else:
                 raise TypeError(f"observe({name}=...) must be a number or tensor, got {value!r}")
             self.tally.observe(name, v)

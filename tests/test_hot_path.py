@@ -104,3 +104,24 @@ def test_per_sample_hooks_build_no_wrappers_per_step(monkeypatch):
     assert mon.history.records[-1]["noise_scale"] > 0  # the hooks ran and gave a statistic
     assert built == []
     mon.close()
+
+
+def test_observe_takes_two_ops_and_keeps_no_graph():
+    """``observe(loss=...)`` adds the value in float64 in place (and keeps it as the trace's last
+    loss): two ops per call after the first, no copy, no cast, no autograd graph kept."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = PhaseMonitor(opt, model=model, log_every=50)
+    losses = [model(torch.randn(4, 3)).square().mean() for _ in range(3)]  # float32, with grad
+    mon.observe(loss=losses[0], acc=0.25)
+    with _Ops() as ops:
+        mon.observe(loss=losses[1])
+    mon.observe(loss=losses[2].reshape(1), acc=0.5)  # a 1-element tensor counts too
+    assert ops.names == ["aten.copy_.default", "aten.add_.Tensor"]
+    total, count = mon.tally.observed["loss"]
+    assert not total.requires_grad and total.grad_fn is None and count == 3
+    want = sum(float(x) for x in losses)  # each float32 value, added in float64
+    assert total.dtype == torch.float64 and float(total) == want
+    assert float(mon.tally.observed["acc"][0]) == 0.75
+    assert float(mon.tally.last_loss) == float(losses[2])
+    mon.close()
