@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ class Sampler:
         self._ended: float | None = None  # when the last step's per-step work ended
         self._excluded = 0.0  # time this interval that is neither the monitor's nor a step's
         self.due: list[Any] = []  # the lenses that declare steps they must read (``due``)
+        self.warned = False  # that the budget cannot be met (once)
 
     def reads(self, index: int, lenses: Sequence[Any], states: Sequence[Any]) -> bool:
         """Whether the lenses read step ``index`` (log steps are read regardless)."""
@@ -107,8 +109,25 @@ class Sampler:
             if bare > 0:
                 want = math.ceil((read - skip) / spare) if spare > 0 else self.limit
                 self.every = max(1, min(self.limit, want))
+                self._check_floor(read, skip, log / n, bare)
         # every rank reads the same steps (under FSDP a read step holds a collective): rank 0's
         self.every = int(_dist.broadcast_object(self.every))
         self._mark = now
         self._busy = self._read_time = self._excluded = 0.0
         self._reads = self._steps = 0
+
+    def _check_floor(self, read: float, skip: float, log: float, bare: float) -> None:
+        """Warn once when even the sparsest sampling allowed (every ``limit``-th step) costs
+        more than the budget: the user can then raise ``log_every`` or the budget."""
+        assert self.budget is not None
+        floor = (read + (self.limit - 1) * skip) / self.limit + log
+        if floor > self.budget * bare and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"PhaseMonitor(overhead_budget={self.budget}) cannot be met here: even reading "
+                f"one step in {self.limit} (the fewest it allows: 4 per log interval) the "
+                f"monitor takes about {floor / bare:.1%} of a step, {log / bare:.1%} of it the "
+                f"log point's own work; raise log_every (fewer log points, sparser reads) or "
+                f"the budget",
+                stacklevel=2,
+            )

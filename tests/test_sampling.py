@@ -88,7 +88,8 @@ def test_sampling_leaves_training_unchanged():
         return [p.detach().clone() for p in model.parameters()], mon
 
     bare, _ = run(None)
-    params, mon = run(1e-6)  # a budget nothing meets: read as rarely as allowed
+    with pytest.warns(UserWarning, match=r"overhead_budget=1e-06\) cannot be met"):
+        params, mon = run(1e-6)  # a budget nothing meets: read as rarely as allowed
     assert all(torch.equal(a, b) for a, b in zip(bare, params))
     # the first interval reads every step; from its end on at most log_every // 4 apart
     assert [r["update_every"] for r in mon.history.records] == [1, 2, 2, 2, 2]
@@ -128,7 +129,21 @@ def test_the_controller_counts_skipped_steps_and_the_log_work(monkeypatch):
     # the same interval with 0.5 s of scheduled probes in the log work: left out, same answer
     assert _adapted(monkeypatch, 1.5, 0.048, 0.04, 20, 100, ended=0.988, probes=0.5) == 8
     # a budget the skipped steps and the log already spend: as rarely as allowed (limit 100)
-    assert _adapted(monkeypatch, 1.0, 0.1, 0.05, 10, 100, ended=0.5) == 100
+    with pytest.warns(UserWarning, match="cannot be met"):
+        assert _adapted(monkeypatch, 1.0, 0.1, 0.05, 10, 100, ended=0.5) == 100
+
+
+def test_a_budget_the_sparsest_sampling_cannot_meet_is_reported(monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings():  # met (the first interval above): nothing said
+        warnings.simplefilter("error")
+        _adapted(monkeypatch, 1.0, 0.048, 0.04, 20, 100, ended=0.988)
+    # 5 ms of log work per 4 ms step: no sampling can bring that under 5 %
+    with pytest.warns(UserWarning, match=r"overhead_budget=0.05\) cannot be met here: even "
+                      r"reading one step in 100 .* 125.0% of it the log point's own work; "
+                      r"raise log_every"):  # fmt: skip
+        assert _adapted(monkeypatch, 1.0, 0.1, 0.05, 10, 100, ended=0.5) == 100
 
 
 @pytest.mark.parametrize("budget", [0, -0.1, 1.5, "3%", True])
