@@ -125,9 +125,9 @@ class Sampler:
             self.warned = True
             warnings.warn(
                 f"PhaseMonitor(overhead_budget={self.budget}) cannot be met here: even reading "
-                f"one step in {self.limit} (the fewest it allows: 4 per log interval) the "
-                f"monitor takes about {floor / bare:.1%} of a step, {log / bare:.1%} of it the "
-                f"log point's own work; raise log_every (fewer log points, sparser reads) or "
-                f"the budget",
+                f"one step in {self.limit} (the fewest it allows: 4 per log interval) its "
+                f"hooks take about {floor / bare:.1%} of a step, {log / bare:.1%} of it the log "
+                f"point's own work (observe() and the optimizer's hook dispatch come on top); "
+                f"raise log_every (fewer log points, sparser reads) or the budget",
                 stacklevel=2,
             )
