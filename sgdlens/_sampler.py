@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 import numbers
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from sgdlens import _dist
+from sgdlens._warn import warn
 
 __all__ = ["SKIPPED", "Sampler"]
 
@@ -123,11 +123,10 @@ class Sampler:
         floor = (read + (self.limit - 1) * skip) / self.limit + log
         if floor > self.budget * bare and not self.warned:
             self.warned = True
-            warnings.warn(
+            warn(
                 f"PhaseMonitor(overhead_budget={self.budget}) cannot be met here: even reading "
                 f"one step in {self.limit} (the fewest it allows: 4 per log interval) its "
                 f"hooks take about {floor / bare:.1%} of a step, {log / bare:.1%} of it the log "
                 f"point's own work (observe() and the optimizer's hook dispatch come on top); "
                 f"raise log_every (fewer log points, sparser reads) or the budget",
-                stacklevel=2,
             )

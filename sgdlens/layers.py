@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -40,6 +39,7 @@ from typing import Union
 from torch import Tensor, nn
 
 from sgdlens._torch import clean_name
+from sgdlens._warn import warn
 
 __all__ = ["AUTO_MODULES", "BY", "Layers", "LayersArg", "check_layers", "group_names"]
 
@@ -173,9 +173,8 @@ def group_names(
     unmatched = [pat for pat, hit in matched.items() if not hit]
     if unmatched:
         seen = [owners.get(id(p), (None, fallback[i]))[1] for i, p in enumerate(params[:3])]
-        warnings.warn(
+        warn(
             f"PhaseMonitor(layers=Layers(...)): the patterns {unmatched} match no parameter "
             f"name (names look like {seen})",
-            stacklevel=3,
         )
     return out

@@ -7,7 +7,6 @@ import dataclasses
 import numbers
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from sgdlens._optim import unwrap_optimizer
 from sgdlens._recording import Tally, event_record
 from sgdlens._sampler import SKIPPED, Sampler
 from sgdlens._view import build_view
+from sgdlens._warn import warn
 from sgdlens.header import header_once
 from sgdlens.layers import LayersArg
 from sgdlens.lenses.base import Lens, ParamView, State, Step, declares_sums, reduce_sums
@@ -419,11 +419,10 @@ class PhaseMonitor:
         n = len([p for g in self.optimizer.param_groups for p in g["params"]])
         if n != self._n_params and "groups" not in self._warned:
             self._warned.add("groups")
-            warnings.warn(
+            warn(
                 f"the optimizer now holds {n} parameters, the monitor watches the "
                 f"{self._n_params} it held when attached; attach a new monitor after "
                 f"add_param_group()",
-                stacklevel=3,
             )
 
     def _log(self, step: Step) -> None:
@@ -471,7 +470,7 @@ class PhaseMonitor:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=4)
+            warn(message)
 
     def _emit(self, record: Record) -> None:
         header = header_once(self)  # a run starts with its header record (sgdlens.header)
@@ -485,7 +484,7 @@ class PhaseMonitor:
                 key = repr(sink)
                 if key not in self._warned:
                     self._warned.add(key)
-                    warnings.warn(f"sink {sink!r} failed and is skipped: {e!r}", stacklevel=4)
+                    warn(f"sink {sink!r} failed and is skipped: {e!r}")
 
     # -- phases ---------------------------------------------------------------------------
 

@@ -111,3 +111,35 @@ def test_lenses_that_cannot_add_up_shards_refuse_fsdp(make):
     with pytest.raises(ValueError, match=r"cannot run under FSDP: .*shard.*Use it under DDP"):
         make().init(view)
     make().init(dataclasses.replace(view, sharded=False))  # the same view, whole: accepted
+
+
+def test_warnings_from_hooks_point_at_the_users_line(tmp_path):
+    """A warning raised deep in the monitor's hooks (a sink failing inside ``opt.step()``; a
+    per-sample module left out inside ``forward``) names the user's file and line."""
+    import warnings
+
+    def broken(record):
+        raise OSError("disk full")
+
+    class Shared(nn.Module):  # its output does not carry the batch: left out, with a warning
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Linear(1, 3)
+
+        def forward(self, x):
+            return x + self.pos(torch.ones(1, 1))
+
+    model = nn.Sequential(Shared(), nn.Linear(3, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = PhaseMonitor(opt, model=model, log_every=1, sinks=[broken],
+                       lenses=[lenses.NoiseScale("per_sample")])  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loss = model(torch.randn(4, 3)).square().mean()
+        loss.backward()
+        opt.step()
+    mon.close()
+    where = {str(w.message).split(":")[0][:40]: (w.filename, w.lineno) for w in seen}
+    assert any("left out" in str(w.message) for w in seen)
+    assert any("failed and is skipped" in str(w.message) for w in seen)
+    assert {f for f, _ in where.values()} == {__file__}, where

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sgdlens._warn import warn
 from sgdlens.integrations import (
     check_callback_args,
     describe_event,
@@ -182,10 +182,9 @@ class PhaseMonitorCallback(_Base):
         self._losses, self._buffer, self._logged = [], [], set()
         optimizers = list(trainer.optimizers)
         if not optimizers:
-            warnings.warn(
+            warn(
                 "PhaseMonitorCallback: the Trainer built no optimizer (configure_optimizers "
                 "returned none); nothing to monitor",
-                stacklevel=2,
             )
         for i, opt in enumerate(optimizers):
             real = unwrap_optimizer(opt)
@@ -261,7 +260,7 @@ class PhaseMonitorCallback(_Base):
             try:
                 sink(out)
             except Exception as e:  # a broken sink must not stop training
-                warnings.warn(f"sink {sink!r} failed: {e!r}", stacklevel=2)
+                warn(f"sink {sink!r} failed: {e!r}")
 
     def _flush(self, trainer: Any, pl_module: Any = None) -> None:
         """Send the buffered records to the loggers. In ``on_train_batch_end`` of a batch whose
@@ -350,10 +349,9 @@ class PhaseMonitorCallback(_Base):
     def _restore(self, state: Mapping[str, Any]) -> None:
         saved = list(state["monitors"])
         if len(saved) != len(self.monitors):
-            warnings.warn(
+            warn(
                 f"PhaseMonitorCallback: the checkpoint holds {len(saved)} monitor states but "
                 f"the Trainer built {len(self.monitors)} optimizers; the monitors start afresh",
-                stacklevel=2,
             )
             return
         for monitor, monitor_state in zip(self.monitors, saved):

@@ -41,12 +41,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sgdlens._warn import warn
 from sgdlens.integrations import (
     check_callback_args,
     describe_event,
@@ -146,7 +146,7 @@ class PhaseMonitorCallback(TrainerCallback):
         self._detach()
         optimizer, model = kwargs.get("optimizer"), kwargs.get("model")
         if optimizer is None:
-            warnings.warn("PhaseMonitorCallback: the Trainer passed no optimizer", stacklevel=2)
+            warn("PhaseMonitorCallback: the Trainer passed no optimizer")
             return
         self._zero = bool(state.is_world_process_zero)
         self._latest, self._losses = None, []
@@ -185,10 +185,9 @@ class PhaseMonitorCallback(TrainerCallback):
                 saved = torch.load(path, map_location=self.monitor.view.device, weights_only=True)
                 self.monitor.load_state_dict(saved)
                 return
-        warnings.warn(
+        warn(
             f"PhaseMonitorCallback: training resumes at step {state.global_step} but no "
             f"{STATE_FILE} was found in {folders}; the monitor starts afresh",
-            stacklevel=2,
         )
 
     def _detach(self) -> None:
@@ -240,7 +239,7 @@ class PhaseMonitorCallback(TrainerCallback):
             try:
                 sink(record)
             except Exception as e:  # a broken sink must not stop training
-                warnings.warn(f"sink {sink!r} failed: {e!r}", stacklevel=2)
+                warn(f"sink {sink!r} failed: {e!r}")
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any

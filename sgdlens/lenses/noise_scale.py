@@ -33,7 +33,6 @@ batches come from one of three estimators:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
 from sgdlens._quiet import probing_now
+from sgdlens._warn import warn
 from sgdlens.lenses._covered_sums import CoveredSums
 from sgdlens.lenses._micro_batches import MicroBatches
 from sgdlens.lenses._noise_scale_checks import ESTIMATORS as ESTIMATORS
@@ -292,11 +292,10 @@ class NoiseScale(Lens):
         if m < 2 or b is None:
             if self.estimator == "accumulation" and not self._warned:
                 self._warned = True
-                warnings.warn(
+                warn(
                     f"NoiseScale(estimator='accumulation') saw {m} backward pass(es) in a step; "
                     f"it needs gradient accumulation over >= 2 micro-batches (or use "
                     f"estimator='per_sample')",
-                    stacklevel=4,
                 )
             return
         view = step.view

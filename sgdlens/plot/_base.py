@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 from matplotlib.colors import LinearSegmentedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from sgdlens._warn import warn
 from sgdlens.records import History
 from sgdlens.summary import phase_spans
 
@@ -42,10 +42,9 @@ def _history(run: Run) -> History:
     if not runs:
         raise ValueError(f"{os.fspath(run)} holds no records")
     if len(runs) > 1:
-        warnings.warn(
+        warn(
             f"{os.fspath(run)} holds {len(runs)} runs; plotting the last "
             f"(pick one with sgdlens.load(path, run=i))",
-            stacklevel=3,
         )
     return thin(runs[-1])
 

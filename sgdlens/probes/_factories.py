@@ -3,7 +3,6 @@ Hessian trace and the loss barrier from a reference, each built as a :class:`Pro
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from sgdlens._optim import unwrap_optimizer
+from sgdlens._warn import warn
 from sgdlens.probes._common import check_fn, check_int, check_positive, fixed_data, own_generator
 from sgdlens.probes._probe import Probe
 from sgdlens.probes.eos import eos_ratio, per_group_rates, rate_weighted_ratio
@@ -107,7 +107,7 @@ def sharpness_probe(
         except ValueError as e:  # groups differ in momentum or betas, or lr = 0
             if not warned:
                 warned.append(True)
-                warnings.warn(f"{name}: no eos_ratio in the records: {e}", stacklevel=2)
+                warn(f"{name}: no eos_ratio in the records: {e}")
             return out
         _keep(last, "v_rates", scaled)
         out["eos_ratio"] = ratio

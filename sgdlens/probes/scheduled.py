@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from sgdlens import _dist, _torch
+from sgdlens._warn import warn
 from sgdlens.probes._factories import barrier_probe, sharpness_probe, trace_probe
 from sgdlens.probes._probe import Probe
 from sgdlens.probes.restore import preserved
@@ -97,19 +97,16 @@ class ProbeScheduler:
                     probe.check(target)
                 except (TypeError, ValueError) as e:
                     self.refused[i] = True
-                    warnings.warn(
+                    warn(
                         f"probe {probe.name!r} cannot run on this model and is dropped from the "
                         f"schedule: {e}",
-                        stacklevel=4,
                     )
             if here and not self.refused[i]:
                 try:
                     with torch.enable_grad(), preserved(target, opt):
                         values = dict(probe.fn(target, opt))
                 except Exception as e:  # a failed probe must not stop training
-                    warnings.warn(
-                        f"probe {probe.name!r} failed at step {step}: {e!r}", stacklevel=4
-                    )
+                    warn(f"probe {probe.name!r} failed at step {step}: {e!r}")
             if self.replica is not None:
                 values = _dist.broadcast_object({k: float(v) for k, v in values.items()})
             self.cost[i] = time.perf_counter() - t0

@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
+from sgdlens._warn import warn
 from sgdlens.records import History, Value, to_json_line
 
 if TYPE_CHECKING:  # at run time __getattr__ below imports them on first use
@@ -154,10 +154,9 @@ class JSONLSink:
         except OSError as e:
             self.dropped += 1
             if math.log10(self.dropped).is_integer():
-                warnings.warn(
+                warn(
                     f"JSONLSink({self.path!r}) could not write a record ({e}); "
                     f"{self.dropped} record(s) dropped so far",
-                    stacklevel=2,
                 )
 
     def _open(self) -> TextIO:
@@ -178,9 +177,8 @@ class JSONLSink:
 
     def close(self) -> None:
         if self.dropped and not self._closed:
-            warnings.warn(
+            warn(
                 f"JSONLSink({self.path!r}) dropped {self.dropped} record(s) it could not write",
-                stacklevel=2,
             )
         self._closed = True
         if self._file is not None:

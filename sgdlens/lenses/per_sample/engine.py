@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 
 from sgdlens._quiet import probing_now
 from sgdlens._torch import pytree
+from sgdlens._warn import warn
 from sgdlens.lenses.per_sample._common import (
     Result,
     Rule,
@@ -251,11 +251,10 @@ class PerSampleEngine:
         unit.uses, unit.result, unit.excluded = [], {}, True
         for i in unit.names.values():
             self.covered[i] = False
-        warnings.warn(
+        warn(
             f"per-sample gradients of {type(unit.module).__name__} parameters "
             f"{sorted(unit.names)} cannot be read from module hooks: {why}; they are left out "
             f"of the per-sample statistics",
-            stacklevel=3,
         )
 
     def reset(self) -> None:
