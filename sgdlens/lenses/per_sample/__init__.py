@@ -56,13 +56,7 @@ rule also reads ``batch_first=False``; the ``torch.func`` fallback needs dimensi
 sequence-first attention out, with a warning).
 """
 
-from sgdlens.lenses.per_sample._common import MODES
-from sgdlens.lenses.per_sample.engine import (
-    Disarm,
-    PerSampleEngine,
-    eager,
-    index_sums,
-    shared_engine,
-)
+from sgdlens.lenses.per_sample._common import MODES, index_sums
+from sgdlens.lenses.per_sample.engine import Disarm, PerSampleEngine, eager, shared_engine
 
 __all__ = ["MODES", "Disarm", "PerSampleEngine", "eager", "index_sums", "shared_engine"]

@@ -19,6 +19,7 @@ from sgdlens.lenses.per_sample._common import (
     Rule,
     Use,
     from_full,
+    index_sums,
     narrow,
     tensors,
     wide,
@@ -40,44 +41,6 @@ RULES: dict[type, tuple[Rule, Callable[[nn.Module], bool]]] = {
 }
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     RULES[nn.RMSNorm] = (norm_layer, lambda m: True)
-
-
-def index_sums(
-    parts: list[list[Tensor]], dtype: torch.dtype, device: torch.device,
-    cache: dict[tuple[tuple[int, int], ...], Tensor], square: bool = False,
-    slots: Sequence[int] | None = None, size: int | None = None,
-    roots: list[list[Tensor]] | None = None,
-) -> Tensor:  # fmt: skip
-    """``out[slots[i]]`` = the sum of every entry of ``parts[i]`` (0-d or 1-D tensors; of
-    their squares with ``square``) and of the squares of every entry of ``roots[i]``, in
-    ``dtype`` on ``device``, ``size`` entries (by default ``slots[i] = i`` and
-    ``size = len(parts)``; several may share a slot): one concatenation (and one square of
-    all the roots) and one ``index_add_``, the index tensor of each layout kept in ``cache``."""
-    # no op per part where none is needed (the parts are 1-D on the device): the per-step
-    # path must not launch more as the parameters grow
-    flat = [t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
-            for ts in parts for t in ts]  # fmt: skip
-    rflat = [t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
-             for ts in roots or () for t in ts]  # fmt: skip
-    out = torch.zeros(len(parts) if size is None else size, dtype=dtype, device=device)
-    if not flat and not rflat:
-        return out
-    at = range(len(parts)) if slots is None else slots
-    layout = tuple((at[i], t.numel()) for i, ts in enumerate(parts) for t in ts)
-    if rflat:
-        layout += tuple((at[i], t.numel()) for i, ts in enumerate(roots or ()) for t in ts)
-    if layout not in cache:
-        cache[layout] = torch.tensor(
-            [i for i, n in layout for _ in range(n)], dtype=torch.long, device=device
-        )
-    values = torch.cat(flat).to(dtype) if flat else None
-    if values is not None and square:
-        values = values.square()
-    if rflat:  # squared in their own dtype, as a rule squaring them would
-        more = torch.cat(rflat).square().to(dtype)
-        values = more if values is None else torch.cat([values, more])
-    assert values is not None
-    return out.index_add_(0, cache[layout], values)
 
 
 class _Unit:
