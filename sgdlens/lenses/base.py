@@ -73,7 +73,8 @@ class ParamView:
         optimizer: the optimizer the monitor watches (for lenses that read its state), or
             ``None``.
         sharded: whether each rank holds only a shard of the parameters (FSDP2 ``fully_shard``,
-            FSDP1 ``FULL_SHARD``/``SHARD_GRAD_OP``), so per-layer sums need :meth:`reduce_sum`.
+            FSDP1 ``FULL_SHARD``/``SHARD_GRAD_OP``), so per-layer sums must be added up over
+            the ranks (:attr:`Lens.reductions`, or :meth:`reduce_sum`).
         ndims: each parameter's number of dimensions as the model defines it (FSDP1 turns
             parameters into 1-D shards); empty: ``p.dim()``.
     """
