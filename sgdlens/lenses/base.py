@@ -189,8 +189,11 @@ class Subset:
 
     def per_layer(self, values: Tensor) -> Tensor:
         """Sum per-parameter ``values`` (aligned with ``params``) into one entry per layer."""
-        out = self.view.per_layer(values, self.which)
-        return out if self._compact is None else out.index_select(0, self._compact)
+        return self.select(self.view.per_layer(values, self.which))
+
+    def select(self, per_layer: Tensor) -> Tensor:
+        """The entries of a per-layer tensor (over all the view's layers) for :attr:`layers`."""
+        return per_layer if self._compact is None else per_layer.index_select(0, self._compact)
 
 
 class Step:

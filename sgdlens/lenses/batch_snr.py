@@ -156,7 +156,7 @@ class BatchSNR(Lens):
         else:
             covered = getattr(self, "_covered", [True] * len(view.params))
             which = [i for i, c in enumerate(covered) if c]
-        return keys, [view.layers[j] for j in sorted({view.layer_of[i] for i in which})]
+        return keys, view.subset(which).layers
 
     def init(self, view: ParamView) -> State:
         why = "its sums (per-sample, or of Adam's moments) would be each rank's shard's"
@@ -263,12 +263,10 @@ class BatchSNR(Lens):
             return self._from_optimizer(view)
         if state["done"] == 0:
             return {}
-        keep = sorted({view.layer_of[i] for i, c in enumerate(self._covered) if c})
-        layers = [view.layers[j] for j in keep]
-        idx = torch.tensor(keep, dtype=torch.long, device=view.device)
+        sub = view.subset([i for i, c in enumerate(self._covered) if c])
         return {
-            **per_layer_keys("batch_snr", layers, state["snr"][idx]),
-            **per_layer_keys("gsnr", layers, state["gsnr"][idx]),
+            **per_layer_keys("batch_snr", sub.layers, sub.select(state["snr"])),
+            **per_layer_keys("gsnr", sub.layers, sub.select(state["gsnr"])),
             "batch_snr": state["all"][0],
             "gsnr": state["all"][1],
         }
@@ -297,12 +295,10 @@ class BatchSNR(Lens):
         ms, vs = view.per_layer(torch.stack(msq), which), view.per_layer(torch.stack(var), which)
         rs = view.per_layer(torch.stack(ratio), which)
         ns = view.per_layer(torch.tensor(size, dtype=view.dtype, device=view.device), which)
-        keep = sorted({view.layer_of[i] for i in which})
-        layers = [view.layers[j] for j in keep]
-        idx = torch.tensor(keep, dtype=torch.long, device=view.device)
+        sub = view.subset(which)
         return {
-            **per_layer_keys("adam_snr", layers, (ms / vs)[idx]),
-            **per_layer_keys("adam_gsnr", layers, (rs / ns)[idx]),
+            **per_layer_keys("adam_snr", sub.layers, sub.select(ms / vs)),
+            **per_layer_keys("adam_gsnr", sub.layers, sub.select(rs / ns)),
             "adam_snr": ms.sum() / vs.sum(),
             "adam_gsnr": rs.sum() / ns.sum(),
         }

@@ -48,7 +48,16 @@ from sgdlens.lenses._noise_scale_checks import ESTIMATORS as ESTIMATORS
 from sgdlens.lenses._noise_scale_checks import check_attach, check_settings
 from sgdlens.lenses._rank_norms import RankNorms
 from sgdlens.lenses._two_batch import bias_corrected, fold, fold_finite, two_batch_estimates
-from sgdlens.lenses.base import Key, Lens, ParamView, State, Step, per_layer_keys, refuse_sharded
+from sgdlens.lenses.base import (
+    Key,
+    Lens,
+    ParamView,
+    State,
+    Step,
+    Subset,
+    per_layer_keys,
+    refuse_sharded,
+)
 from sgdlens.lenses.per_sample import Disarm, PerSampleEngine, eager, shared_engine
 
 __all__ = ["NoiseScale", "two_batch_estimates"]
@@ -160,8 +169,7 @@ class NoiseScale(Lens):
 
     def logged(self, view: ParamView) -> tuple[tuple[Key, ...], list[str]]:
         covered = getattr(self, "_covered", [True] * len(view.params))
-        which = {view.layer_of[i] for i, c in enumerate(covered) if c}
-        return self.keys, [view.layers[j] for j in sorted(which)]
+        return self.keys, _covered_subset(view, covered).layers
 
     def init(self, view: ParamView) -> State:
         why = "its gradient norms would be each rank's shard's"
@@ -390,10 +398,9 @@ class NoiseScale(Lens):
         world = _dist.rank_and_size()[1]  # the sums over the ranks, as means
         g2, tr = sums["g2"] / world, sums["tr"] / world
         ns = tr / g2
-        keep = sorted({view.layer_of[i] for i, c in enumerate(self._covered) if c})
-        layers = [view.layers[j] for j in keep]
-        idx = torch.tensor(keep, dtype=torch.long, device=view.device)
-        g2_l, tr_l, ns_l = g2[idx], tr[idx], ns[idx]
+        sub = _covered_subset(view, self._covered)
+        layers = sub.layers
+        g2_l, tr_l, ns_l = sub.select(g2), sub.select(tr), sub.select(ns)
         g2_all, tr_all = g2_l.sum(), tr_l.sum()
         ns_all = tr_all / g2_all
         batch = state["batch"]
@@ -407,3 +414,8 @@ class NoiseScale(Lens):
             "grad_sq_norm": g2_all,
             "batch_over_noise_scale": batch / ns_all,
         }
+
+
+def _covered_subset(view: ParamView, covered: list[bool]) -> Subset:
+    """The parameters some hook covers, and the layers they make up (the per-layer keys)."""
+    return view.subset([i for i, c in enumerate(covered) if c])
