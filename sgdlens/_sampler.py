@@ -3,7 +3,9 @@
 With ``PhaseMonitor(overhead_budget=b)`` the monitor times (host clock, no device
 synchronisation) everything its hooks do over each log interval: the steps the lenses read,
 the steps they skip, and the log point's own work (scheduled probes left out: their own
-``probe_budget`` governs them); the rest of the interval is the training step itself. At each
+``probe_budget`` governs them); the rest of the interval (from the first step after a log
+point to the next log point, so that work between a log point and the next step, such as an
+evaluation, is not taken for training) is the training step itself. At each
 log point it sets ``every`` so that the whole monitor costs about ``b`` of a step: with ``r``
 the time of a read step, ``s`` that of a skipped one and ``l`` the log work per step, it reads
 a fraction ``f`` of the steps with ``f·r + (1 − f)·s + l ≤ b·step``.
@@ -68,7 +70,7 @@ class Sampler:
         """A hook starts (the pre-step or the post-step hook of one step)."""
         if self.budget is not None:
             self._t0 = time.perf_counter()
-            if self._mark is None:  # the first step starts the first interval
+            if self._mark is None:  # a step after a log point starts the next interval
                 self._mark = self._t0
 
     def pause(self) -> None:
@@ -102,7 +104,11 @@ class Sampler:
         if self._mark is not None and self._reads and self._steps:
             log = (now - self._ended if self._ended is not None else 0.0) - self._excluded
             n, skips = self._steps, self._steps - self._reads
-            bare = (now - self._mark - self._busy - log - self._excluded) / n  # a step alone
+            # the interval runs from the first step's pre-step hook to here: the steps after
+            # the first whole, the first from its optimizer step on (time between a log point
+            # and the next step, such as an evaluation, is not a training step's)
+            spent = now - self._mark - self._busy - log - self._excluded
+            bare = spent / max(1, n - 1)  # a step alone
             read = self._read_time / self._reads
             skip = (self._busy - self._read_time) / skips if skips else 0.0
             spare = self.budget * bare - skip - log / n  # per step, for the reads
@@ -112,7 +118,7 @@ class Sampler:
                 self._check_floor(read, skip, log / n, bare)
         # every rank reads the same steps (under FSDP a read step holds a collective): rank 0's
         self.every = int(_dist.broadcast_object(self.every))
-        self._mark = now
+        self._mark = None  # the next interval starts at its first step
         self._busy = self._read_time = self._excluded = 0.0
         self._reads = self._steps = 0
 
