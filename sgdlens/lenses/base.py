@@ -104,6 +104,11 @@ class ParamView:
         )  # fmt: skip
 
     @cached_property
+    def big(self) -> tuple[int, ...]:
+        """The parameters whose norms the CPU takes by rows (see ``_torch.cpu_big``)."""
+        return _torch.cpu_big([_torch.local(p) for p in self.params])
+
+    @cached_property
     def flags(self) -> tuple[Tensor, Tensor]:
         """Constant 0-d ``False`` and ``True`` on the device (see :attr:`Step.ok`)."""
         return (torch.zeros((), dtype=torch.bool, device=self.device),
@@ -228,7 +233,8 @@ class Step:
         if view.plain and len(grads) == len(self.grads):
             try:  # one kernel for every norm (in at least float32: asked for float64
                 # outright, the CPU kernel takes a path ten times slower), then one cast
-                return torch.stack(_torch._foreach_norm(grads)).to(view.dtype).square_()
+                norms = _torch._foreach_norm(grads, view.big)
+                return torch.stack(norms).to(view.dtype).square_()
             except (RuntimeError, TypeError, NotImplementedError):  # sparse gradients, old torch
                 pass
         sq = _torch.norms(grads, view.device, view.dtype).square()

@@ -96,7 +96,9 @@ class GradSNR(Lens):
     State (window, ``decay=β``): one running buffer per parameter (float32, or wider if the
     parameter is) and a few per-layer float64 scalars. ``tr Var = E‖g‖² − ‖E g‖²`` is formed
     in float64; the float32 buffer bounds its relative accuracy to about ``1e-7 · SNR²`` (with
-    ``decay="optimizer"`` the buffer is the optimizer's, in the parameter's dtype).
+    ``decay="optimizer"`` the buffer is the optimizer's, in the parameter's dtype); on the CPU
+    the fused float32 norm of a tensor of up to 262k elements adds up to ``1.5e-6 · SNR²``
+    (larger tensors are normed by rows, in float64: see docs/lenses/grad_snr.md).
 
     Logged keys (``<l>`` for every layer with a monitored parameter):
     ``grad_mean/<l>``, ``grad_std/<l>``, ``grad_snr/<l>``, ``grad_mean``, ``grad_std``,
