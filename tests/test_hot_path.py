@@ -125,3 +125,46 @@ def test_observe_takes_two_ops_and_keeps_no_graph():
     assert float(mon.tally.observed["acc"][0]) == 0.75
     assert float(mon.tally.last_loss) == float(losses[2])
     mon.close()
+
+
+def _python_lines(n_layers: int, lens_list) -> int:
+    """Lines of sgdlens's Python run by ``opt.step()`` at the 3rd step (not a log step) of a
+    monitored MLP with ``2 * n_layers`` parameter tensors (a loop body counts once per pass)."""
+    import sys
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(n_layers)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = PhaseMonitor(opt, model=model, lenses=lens_list, log_every=50, layers="params")
+    x = torch.randn(4, 3)
+    lines = 0
+
+    def local(frame, event, arg):
+        nonlocal lines
+        lines += event == "line"
+        return local
+
+    def trace(frame, event, arg):
+        return local if "/sgdlens/" in frame.f_code.co_filename.replace("\\", "/") else None
+
+    for i in range(3):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        if i == 2:
+            sys.settrace(trace)
+            try:
+                opt.step()
+            finally:
+                sys.settrace(None)
+        else:
+            opt.step()
+    mon.close()
+    return lines
+
+
+@pytest.mark.parametrize(("name", "make"), [("lenses=[]", lambda: []), ("default", lambda: None)])
+def test_monitor_python_per_step_does_not_grow_with_the_parameters(name, make):
+    """The host work of a step: reading each ``.grad`` and checking that every gradient is
+    there and dense run in C loops (``map``); no line of sgdlens runs once per parameter."""
+    counts = [_python_lines(n, make()) for n in (2, 8, 32)]
+    assert counts[0] == counts[1] == counts[2], f"{name}: {counts}"

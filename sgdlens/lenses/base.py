@@ -44,10 +44,12 @@ restores it in ``state_dict``. Lenses never copy to the host; the monitor does t
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from itertools import repeat
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -215,10 +217,22 @@ class Step:
         self.view = view
         self.index = index
         self.logging = logging
-        if view.plain:  # the hot path: one attribute read per parameter, nothing else
-            self.grads: list[Tensor | None] = [p.grad for p in view.params]
+        if view.plain:  # the hot path: one attribute read per parameter, in a C loop
+            self.grads: list[Tensor | None] = list(map(_GRAD, view.params))
         else:
             self.grads = [None if p.grad is None else _torch.local(p.grad) for p in view.params]
+
+    @cached_property
+    def fused(self) -> bool:
+        """Whether the view is plain (one device and dtype, no shards) and every parameter has
+        a dense gradient: per-step updates may then hand :attr:`grads` to one foreach op as
+        they are. Checked in C loops (``map``), with no Python work per parameter."""
+        grads = self.grads
+        return (
+            self.view.plain
+            and not any(map(operator.is_, grads, repeat(None)))
+            and not any(map(operator.is_not, map(_LAYOUT, grads), repeat(torch.strided)))
+        )
 
     @cached_property
     def present(self) -> list[int]:
@@ -229,14 +243,14 @@ class Step:
     def grad_sq(self) -> Tensor:
         """Squared gradient norm per parameter (0 where there is none)."""
         view = self.view
-        grads = [g for g in self.grads if g is not None]
-        if view.plain and len(grads) == len(self.grads):
+        if self.fused:
             try:  # one kernel for every norm (in at least float32: asked for float64
                 # outright, the CPU kernel takes a path ten times slower), then one cast
-                norms = _torch._foreach_norm(grads, view.big)
+                norms = _torch._foreach_norm(cast(list[Tensor], self.grads), view.big)
                 return torch.stack(norms).to(view.dtype).square_()
-            except (RuntimeError, TypeError, NotImplementedError):  # sparse gradients, old torch
+            except (RuntimeError, TypeError, NotImplementedError):  # old torch
                 pass
+        grads = [g for g in self.grads if g is not None]
         sq = _torch.norms(grads, view.device, view.dtype).square()
         if len(grads) == len(self.grads):
             return sq
@@ -274,6 +288,9 @@ class Step:
         if view.sharded:
             ok = view.reduce_sum((~ok).to(view.dtype)) == 0
         return ok
+
+
+_GRAD, _LAYOUT = operator.attrgetter("grad"), operator.attrgetter("layout")
 
 
 def per_layer_keys(metric: str, layers: Sequence[str], values: Tensor) -> dict[str, Tensor]:

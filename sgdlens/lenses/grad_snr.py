@@ -13,7 +13,7 @@ and for the whole model the same statistic of the concatenated gradient:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
@@ -199,24 +199,33 @@ class GradSNR(Lens):
             state["second"] = zeros.clone()
             state["done"] = 0  # completed windows
         self._sub = sub
+        # every parameter, each buffer in its parameter's dtype: a step whose gradients are
+        # all there and dense adds them to the buffers as they are (Step.fused)
+        self._whole = len(sub.which) == len(view.params) and all(
+            _torch.buffer_dtype(p.dtype) == p.dtype for p in sub.params
+        )
         return state
 
     def update(self, state: State, step: Step) -> State:
         if self.decay == "optimizer":
             self._moments.update(state, step)
             return state
-        sub, ok = self._sub, step.ok
-        grads = [step.grads[i] for i in sub.which]
-        pairs = [(b, g) for b, g in zip(state["buf"], grads) if g is not None]
-        bufs, present = [b for b, _ in pairs], [g for _, g in pairs]
-        sq = sub.take(step.grad_sq)
+        sub = self._sub
         if self.decay is None:
             if step.flag is not False:  # the CPU skips a non-finite step exactly
-                _torch.window_add_([*bufs, state["sq"]], [*present, sq])
-            state["n"].add_(ok)
+                if self._whole and step.fused:  # the common case, with no per-tensor Python
+                    targets, tensors = [*state["buf"], state["sq"]], [*step.grads, step.grad_sq]
+                    torch._foreach_add_(targets, cast(list[Tensor], tensors))
+                else:
+                    bufs, present = self._pairs(state, step)
+                    _torch.window_add_([*bufs, state["sq"]], [*present, sub.take(step.grad_sq)])
+            state["n"].add_(step.ok)
             if step.index % state["window"] == 0:
                 self._close_window(state)
         elif step.flag is not False:  # the CPU skips a non-finite step exactly
+            grads = [step.grads[i] for i in sub.which]
+            bufs, present = self._pairs(state, step)
+            sq = sub.take(step.grad_sq)
             beta = float(self.decay)
             # A missing gradient is a zero gradient: decay its buffer too.
             _torch.scale_([b for b, g in zip(state["buf"], grads) if g is None], beta)
@@ -224,6 +233,12 @@ class GradSNR(Lens):
             state["sq"].lerp_(sq, 1.0 - beta)
             state["n"].add_(1)
         return state
+
+    def _pairs(self, state: State, step: Step) -> tuple[list[Tensor], list[Tensor]]:
+        """The buffers of the parameters with a gradient this step, and those gradients."""
+        grads = [step.grads[i] for i in self._sub.which]
+        pairs = [(b, g) for b, g in zip(state["buf"], grads) if g is not None]
+        return [b for b, _ in pairs], [g for _, g in pairs]
 
     def due(self, state: State, index: int) -> bool:
         """Whether step ``index`` closes a window (a sampling monitor reads it)."""
