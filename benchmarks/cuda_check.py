@@ -74,15 +74,28 @@ LENS_SETS = {
 }
 
 
-def train(kind, lens_set, device, dtype, steps=30, log_every=10, probe=False, sync=False,
-          wrap=None, micro=1):  # fmt: skip
+def train(
+    kind,
+    lens_set,
+    device,
+    dtype,
+    steps=30,
+    log_every=10,
+    probe=False,
+    sync=False,
+    wrap=None,
+    micro=1,
+):
     """Records (and final parameters) of ``steps`` monitored steps; ``lens_set=None``: bare."""
     torch.manual_seed(0)
     model = BUILD[kind]().to(device=device, dtype=dtype)
     module = wrap(model) if wrap is not None else model
     opt_cls = torch.optim.Adam if lens_set == "grad_snr_ema+adam_snr" else torch.optim.SGD
-    opt = opt_cls(module.parameters(), lr=1e-3) if opt_cls is torch.optim.Adam else \
-        opt_cls(module.parameters(), lr=0.05, momentum=0.9)  # fmt: skip
+    opt = (
+        opt_cls(module.parameters(), lr=1e-3)
+        if opt_cls is torch.optim.Adam
+        else opt_cls(module.parameters(), lr=0.05, momentum=0.9)
+    )
     data = batches(kind, device, dtype)
     mon = None
     if lens_set is not None:
@@ -93,8 +106,9 @@ def train(kind, lens_set, device, dtype, steps=30, log_every=10, probe=False, sy
         extra = {}
         if probe and kind != "transformer":
             extra["probes"] = [probes.sharpness_probe(loss_fn, data[0], every=10, per_decade=None)]
-        mon = PhaseMonitor(opt, model=module, lenses=LENS_SETS[lens_set](), log_every=log_every,
-                           **extra)  # fmt: skip
+        mon = PhaseMonitor(
+            opt, model=module, lenses=LENS_SETS[lens_set](), log_every=log_every, **extra
+        )
     for i in range(steps):
         logs = (i + 1) % log_every == 0
         if sync:
@@ -165,8 +179,10 @@ def check_probes(device: torch.device) -> None:
     torch.manual_seed(0)
     a_cpu, b_cpu = cnn().double(), cnn().double()
     batch = batches("cnn", torch.device("cpu"), torch.float64)[0]
-    dirs = (P.random_direction(a_cpu, generator=torch.Generator().manual_seed(1)),
-            P.random_direction(a_cpu, generator=torch.Generator().manual_seed(2)))  # fmt: skip
+    dirs = (
+        P.random_direction(a_cpu, generator=torch.Generator().manual_seed(1)),
+        P.random_direction(a_cpu, generator=torch.Generator().manual_seed(2)),
+    )
     results = []
     for dev in (torch.device("cpu"), device):
         a, b = a_cpu.to(dev), b_cpu.to(dev)
@@ -175,13 +191,17 @@ def check_probes(device: torch.device) -> None:
         before = [p.detach().clone() for p in a.parameters()]
         out = {}
         try:
-            out["hvp"] = torch.cat([t.flatten() for t in P.hvp(a, loss_fn, data, ds[0]).value.values()])
+            out["hvp"] = torch.cat(
+                [t.flatten() for t in P.hvp(a, loss_fn, data, ds[0]).value.values()]
+            )
             out["sharpness"] = P.sharpness(a, loss_fn, data, k=2, tol=1e-10).eigenvalues
             out["interpolate"] = torch.as_tensor(P.interpolate(a, b, loss_fn, data, steps=5).losses)
             out["landscape_2d"] = torch.as_tensor(
-                P.landscape_2d(a, loss_fn, data, steps=5, directions=ds).losses)
+                P.landscape_2d(a, loss_fn, data, steps=5, directions=ds).losses
+            )
             out["unchanged"] = torch.tensor(
-                float(all(torch.equal(p, q) for p, q in zip(before, a.parameters()))))
+                float(all(torch.equal(p, q) for p, q in zip(before, a.parameters())))
+            )
         except Exception:
             report(f"probes on {dev}", False, traceback.format_exc())
             return
@@ -227,8 +247,10 @@ def check_scaler(device: torch.device) -> None:
         torch.manual_seed(0)
         model = cnn().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        lens = [lenses.NoiseScale("accumulation", decay=0.5, grad_scaler=scaler),
-                lenses.BatchSNR(grad_scaler=scaler)]  # fmt: skip
+        lens = [
+            lenses.NoiseScale("accumulation", decay=0.5, grad_scaler=scaler),
+            lenses.BatchSNR(grad_scaler=scaler),
+        ]
         mon = PhaseMonitor(opt, model=model, lenses=lens, log_every=1, detector=False)
         for x, y in batches("cnn", device, torch.float32, 3):
             opt.zero_grad()
@@ -260,8 +282,9 @@ def check_nccl(device: torch.device) -> None:
         try:
             ref, _ = train("mlp", "default", device, torch.float64)
             ids = [device.index or 0] if device.type == "cuda" else None
-            ddp, _ = train("mlp", "default", device, torch.float64,
-                           wrap=lambda m: DDP(m, device_ids=ids))  # fmt: skip
+            ddp, _ = train(
+                "mlp", "default", device, torch.float64, wrap=lambda m: DDP(m, device_ids=ids)
+            )
             diff = compare(ref, ddp, 1e-9, {})
             report(f"{backend} DDP world 1", not diff, diff)
 
@@ -282,8 +305,10 @@ def check_nccl(device: torch.device) -> None:
 
 def timings(device: torch.device, only_scripts: str) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
-    scripts = (("overhead.py", ["--steps", "200", "--big"]),
-               ("noise_scale.py", ["--steps", "40", "--no-memory"]))  # fmt: skip
+    scripts = (
+        ("overhead.py", ["--steps", "200", "--big"]),
+        ("noise_scale.py", ["--steps", "40", "--no-memory"]),
+    )
     for script, args in scripts:
         if script not in only_scripts:
             continue

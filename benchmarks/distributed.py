@@ -36,8 +36,13 @@ from sgdlens import PhaseMonitor
 
 def run(rank: int, world: int, init: str, steps: int, log_every: int, budget: float | None) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     torch.manual_seed(0)
     models = [mlp(), mlp()]
     models[1].load_state_dict(models[0].state_dict())
@@ -69,8 +74,10 @@ def run(rank: int, world: int, init: str, steps: int, log_every: int, budget: fl
     if rank == 0:
         ratio = statistics.median(m / b for b, m in zip(*times))
         mean = sum(times[1]) / sum(times[0])
-        print(f"| mlp 784-512-512-10, global batch 128 | {world} | sgd-momentum | {budget} | "
-              f"{statistics.median(times[0]) * 1e3:.2f} | {ratio:.3f} | {mean:.3f} |")  # fmt: skip
+        print(
+            f"| mlp 784-512-512-10, global batch 128 | {world} | sgd-momentum | {budget} | "
+            f"{statistics.median(times[0]) * 1e3:.2f} | {ratio:.3f} | {mean:.3f} |"
+        )
     mon.close()
     dist.destroy_process_group()
 
@@ -87,12 +94,18 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, gloo on CPU, 1 thread per rank, {args.steps} interleaved steps"
     )
-    print("| model | ranks | optimizer | `overhead_budget` | bare step (ms) | median ratio "
-          "| ratio of means |\n|---|---|---|---|---|---|---|")
+    print(
+        "| model | ranks | optimizer | `overhead_budget` | bare step (ms) | median ratio "
+        "| ratio of means |\n|---|---|---|---|---|---|---|"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "init")
-        mp.spawn(run, args=(args.world, init, args.steps, args.log_every, args.overhead_budget),
-                 nprocs=args.world, join=True)  # fmt: skip
+        mp.spawn(
+            run,
+            args=(args.world, init, args.steps, args.log_every, args.overhead_budget),
+            nprocs=args.world,
+            join=True,
+        )
 
 
 if __name__ == "__main__":

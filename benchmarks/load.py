@@ -49,12 +49,23 @@ def write_run(path: str, n: int, seed: int = 0) -> None:
                 r[f"weight_norm/{layer}"] = 1.0 + rng.random()
                 r[f"grad_norm/{layer}"] = rng.random()
                 r[f"phase/{layer}"] = phase
-            r |= {"grad_snr": rng.random(), "loss": 2.0 / math.log(i + 2), "phase": phase,
-                  "nonfinite_steps": 0, "run": "bench"}  # fmt: skip
+            r |= {
+                "grad_snr": rng.random(),
+                "loss": 2.0 / math.log(i + 2),
+                "phase": phase,
+                "nonfinite_steps": 0,
+                "run": "bench",
+            }
             f.write(json.dumps(r, separators=(",", ":")) + "\n")
             if i % 5000 == 0:
-                event = {"step": i, "time": 1.7e9, "event": phase, "layer": "", "old": "drift",
-                         "run": "bench"}  # fmt: skip
+                event = {
+                    "step": i,
+                    "time": 1.7e9,
+                    "event": phase,
+                    "layer": "",
+                    "old": "drift",
+                    "run": "bench",
+                }
                 f.write(json.dumps(event) + "\n")
 
 

@@ -59,8 +59,7 @@ def setup(kind, build, lens_name, log_every, device):
     if lens_name is not None:
         lens = LENSES[lens_name]()
         chosen = [] if lens is None else lens if isinstance(lens, list) else [lens]
-        mon = PhaseMonitor(opt, model=model, lenses=chosen, log_every=log_every,
-                           detector=False)  # fmt: skip
+        mon = PhaseMonitor(opt, model=model, lenses=chosen, log_every=log_every, detector=False)
     x, y = data(kind, device)
     halves = list(zip(x.chunk(2), y.chunk(2)))
 
@@ -127,8 +126,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="run only models whose name contains this")
     args = ap.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
-          f"{args.steps} interleaved steps of 2 micro-batches, log_every={args.log_every}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+        f"{args.steps} interleaved steps of 2 micro-batches, log_every={args.log_every}"
+    )
     print("| model | estimator | bare step (ms) | median ratio | added peak RSS (MB) |")
     print("|---|---|---|---|---|")
     for name, (kind, build) in MODELS.items():

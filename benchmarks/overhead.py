@@ -51,10 +51,17 @@ def mlp() -> nn.Module:
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
-    )  # fmt: skip
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
 
 
 class Transformer(nn.Module):
@@ -88,16 +95,24 @@ def data(kind: str, device: torch.device):
 
 
 def tiny() -> nn.Module:
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                         nn.Linear(64, 10))  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
 
 
-MODELS = {"tiny mlp 32-64-64-10, batch 32 (launch-bound)": ("tiny", tiny),
-          "mlp 784-512-512-10, batch 128": ("mlp", mlp), "cnn 28x28, batch 128": ("cnn", cnn),
-          "transformer 2x d128 seq64, batch 16": ("transformer", Transformer)}  # fmt: skip
+MODELS = {
+    "tiny mlp 32-64-64-10, batch 32 (launch-bound)": ("tiny", tiny),
+    "mlp 784-512-512-10, batch 128": ("mlp", mlp),
+    "cnn 28x28, batch 128": ("cnn", cnn),
+    "transformer 2x d128 seq64, batch 16": ("transformer", Transformer),
+}
 # --big (for a GPU): a step long enough that launch overheads no longer dominate it
-BIG = {"transformer 6x d512 seq256 vocab 8000, batch 32": (
-    "transformer-big", lambda: Transformer(d=512, seq=256, vocab=8000, layers=6))}  # fmt: skip
+BIG = {
+    "transformer 6x d512 seq256 vocab 8000, batch 32": (
+        "transformer-big",
+        lambda: Transformer(d=512, seq=256, vocab=8000, layers=6),
+    )
+}
 OPTIMIZERS = {
     "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -142,8 +157,14 @@ def lightning_grad_norm():
     return grad_norm
 
 
-VARIANTS = ("bare", "default", "lenses=[]", "lightning grad_norm", "overhead_budget=0.03",
-            "GradSNR(decay='optimizer')")
+VARIANTS = (
+    "bare",
+    "default",
+    "lenses=[]",
+    "lightning grad_norm",
+    "overhead_budget=0.03",
+    "GradSNR(decay='optimizer')",
+)
 
 
 def bench(kind, build, make_opt, steps, log_every, device, variant, compiled=False):
@@ -153,11 +174,17 @@ def bench(kind, build, make_opt, steps, log_every, device, variant, compiled=Fal
     models = [build().to(device) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [make_opt(m.parameters()) for m in models]
-    from_optimizer = [lenses.GradSNR(decay="optimizer"), lenses.WeightNorms(distance=False),
-                      lenses.GradNorm()]  # fmt: skip
-    kwargs = {"default": {}, "lenses=[]": {"lenses": []},
-              "overhead_budget=0.03": {"overhead_budget": 0.03},
-              "GradSNR(decay='optimizer')": {"lenses": from_optimizer}}.get(variant)  # fmt: skip
+    from_optimizer = [
+        lenses.GradSNR(decay="optimizer"),
+        lenses.WeightNorms(distance=False),
+        lenses.GradNorm(),
+    ]
+    kwargs = {
+        "default": {},
+        "lenses=[]": {"lenses": []},
+        "overhead_budget=0.03": {"overhead_budget": 0.03},
+        "GradSNR(decay='optimizer')": {"lenses": from_optimizer},
+    }.get(variant)
     monitor = None
     if kwargs is not None:
         monitor = PhaseMonitor(opts[1], model=models[1], log_every=log_every, **kwargs)
@@ -197,8 +224,11 @@ def bench(kind, build, make_opt, steps, log_every, device, variant, compiled=Fal
                     times[j].append(time.perf_counter() - t0)
     ratio = statistics.median(t / b for b, t in zip(times[0], times[1]))
     # the median leaves out the rare steps (log points, sampled reads): the mean counts them
-    out = {"ms": statistics.median(times[0]) * 1e3, "ratio": ratio,
-           "mean": sum(times[1]) / sum(times[0])}  # fmt: skip
+    out = {
+        "ms": statistics.median(times[0]) * 1e3,
+        "ratio": ratio,
+        "mean": sum(times[1]) / sum(times[0]),
+    }
     if monitor is not None and variant == "default":
         param_bytes = sum(p.numel() * p.element_size() for p in plain[1].parameters())
         out["state"] = nbytes(monitor.states) / param_bytes
@@ -222,9 +252,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile every copy")
     args = ap.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
-          f"{args.steps} interleaved rounds, log_every={args.log_every}"
-          + (", torch.compile" if args.compile else ""))  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+        f"{args.steps} interleaved rounds, log_every={args.log_every}"
+        + (", torch.compile" if args.compile else "")
+    )
     print(
         "| model | optimizer | bare step (ms) | default | `lenses=[]` | Lightning grad_norm "
         "| `overhead_budget=0.03` | `GradSNR(decay='optimizer')` | state (param copies) "
@@ -236,13 +268,28 @@ def main() -> None:
         if only and kind not in only:
             continue
         for oname in args.optimizers.split(","):
-            rows = {v: bench(kind, build, OPTIMIZERS[oname], args.steps, args.log_every, device,
-                             v, args.compile) for v in VARIANTS[1:]}  # fmt: skip
+            rows = {
+                v: bench(
+                    kind,
+                    build,
+                    OPTIMIZERS[oname],
+                    args.steps,
+                    args.log_every,
+                    device,
+                    v,
+                    args.compile,
+                )
+                for v in VARIANTS[1:]
+            }
             d = rows["default"]
-            cells = " | ".join(f"{rows[v]['ratio']:.3f} ({rows[v]['mean']:.3f})"
-                               for v in VARIANTS[1:])  # fmt: skip
-            print(f"| {name} | {oname} | {d['ms']:.2f} | {cells} | {d['state']:.2f} | "
-                  f"{d['state'] + 1.0:.2f} | {d['ops']} |", flush=True)  # fmt: skip
+            cells = " | ".join(
+                f"{rows[v]['ratio']:.3f} ({rows[v]['mean']:.3f})" for v in VARIANTS[1:]
+            )
+            print(
+                f"| {name} | {oname} | {d['ms']:.2f} | {cells} | {d['state']:.2f} | "
+                f"{d['state'] + 1.0:.2f} | {d['ops']} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,16 @@ from sgdlens.schedulers import PhaseLR
 from sgdlens.stationarity import StationarityTest
 
 GRID = ([0.3], [0.5], [0.7], [0.5, 0.75], [0.3, 0.6, 0.9])
-SCHEDULES = ("constant", "step (tuned)", "cosine", "plateau", "PhaseLR", "PhaseLR (from warmup)",
-             "PhaseLR (stationary)", "PhaseLR (stationary, window ≥ 100)")  # fmt: skip
+SCHEDULES = (
+    "constant",
+    "step (tuned)",
+    "cosine",
+    "plateau",
+    "PhaseLR",
+    "PhaseLR (from warmup)",
+    "PhaseLR (stationary)",
+    "PhaseLR (stationary, window ≥ 100)",
+)
 Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -97,16 +105,29 @@ def tishby_data() -> Data:
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(OrderedDict(fc1=nn.Linear(64, 64), act1=nn.Tanh(), fc2=nn.Linear(64, 32),
-                                     act2=nn.Tanh(), fc3=nn.Linear(32, 10)))  # fmt: skip
+    return nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(64, 64),
+            act1=nn.Tanh(),
+            fc2=nn.Linear(64, 32),
+            act2=nn.Tanh(),
+            fc3=nn.Linear(32, 10),
+        )
+    )
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(1, 16, 3, padding=1), act1=nn.ReLU(),
-        conv2=nn.Conv2d(16, 32, 3, padding=1), act2=nn.ReLU(), pool=nn.MaxPool2d(2),
-        flat=nn.Flatten(), fc=nn.Linear(32 * 4 * 4, 10),
-    ))  # fmt: skip
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 16, 3, padding=1),
+            act1=nn.ReLU(),
+            conv2=nn.Conv2d(16, 32, 3, padding=1),
+            act2=nn.ReLU(),
+            pool=nn.MaxPool2d(2),
+            flat=nn.Flatten(),
+            fc=nn.Linear(32 * 4 * 4, 10),
+        )
+    )
 
 
 TASKS = {
@@ -116,8 +137,9 @@ TASKS = {
 }
 
 
-def train(task: Task, schedule: str, seed: int, data: Data, milestones: list[float] | None = None
-          ) -> dict[str, Any]:  # fmt: skip
+def train(
+    task: Task, schedule: str, seed: int, data: Data, milestones: list[float] | None = None
+) -> dict[str, Any]:
     """One run; returns final train loss, test accuracy and the steps at which the rate fell."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
@@ -138,8 +160,9 @@ def train(task: Task, schedule: str, seed: int, data: Data, milestones: list[flo
         trigger: Any = "stationary" if schedule == "PhaseLR (stationary)" else "drift"
         if schedule == "PhaseLR (stationary, window ≥ 100)":
             trigger = StationarityTest(min_samples=100)
-        sched = PhaseLR(opt, monitor, from_warmup=schedule == "PhaseLR (from warmup)",
-                        trigger=trigger)  # fmt: skip
+        sched = PhaseLR(
+            opt, monitor, from_warmup=schedule == "PhaseLR (from warmup)", trigger=trigger
+        )
     drops: list[int] = []  # steps after which the rate fell
     step = 0
     for _ in range(task.epochs):

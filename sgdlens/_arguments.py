@@ -28,11 +28,17 @@ MAX_TRACE = 1 << 16  # trace_steps: two float64 per step on the device (1 MiB)
 
 
 def check_arguments(
-    optimizer: Any, model: nn.Module | None, lenses: Iterable[Lens] | None,
-    sinks: Iterable[Callable[[Record], Any]], log_every: int, layers: LayersArg,
-    detector: PhaseDetector | bool, trace_steps: int | None, probes: Sequence[Probe],
+    optimizer: Any,
+    model: nn.Module | None,
+    lenses: Iterable[Lens] | None,
+    sinks: Iterable[Callable[[Record], Any]],
+    log_every: int,
+    layers: LayersArg,
+    detector: PhaseDetector | bool,
+    trace_steps: int | None,
+    probes: Sequence[Probe],
     probe_budget: float,
-) -> tuple[Any, PhaseDetector | None, int, list[Probe], list[Lens], list[Any]]:  # fmt: skip
+) -> tuple[Any, PhaseDetector | None, int, list[Probe], list[Lens], list[Any]]:
     """The optimizer, detector, trace length, probes, lenses and sinks a monitor runs with."""
     opt = unwrap_optimizer(optimizer, "PhaseMonitor(optimizer=...)")
     if model is not None and not isinstance(model, nn.Module):

@@ -85,9 +85,12 @@ def check_state(
         raise ValueError(
             f"{where} needs a dict from PhaseMonitor.state_dict() (version {version}); got "
             f"{type(state_dict).__name__}"
-            + (f" with version {state_dict.get('version')!r}"
-               if isinstance(state_dict, Mapping) else "")
-        )  # fmt: skip
+            + (
+                f" with version {state_dict.get('version')!r}"
+                if isinstance(state_dict, Mapping)
+                else ""
+            )
+        )
     missing = sorted(STATE_KEYS - set(state_dict))
     if missing:
         raise ValueError(

@@ -77,8 +77,9 @@ class Tally:
         if not names:
             return names, None
         sums = torch.stack([observed[n][0] for n in names])
-        counts = torch.tensor([float(observed[n][1]) for n in names], dtype=sums.dtype,
-                              device=sums.device)  # fmt: skip
+        counts = torch.tensor(
+            [float(observed[n][1]) for n in names], dtype=sums.dtype, device=sums.device
+        )
         return names, torch.cat([sums, counts]).to(self.dtype)
 
     @staticmethod
@@ -134,10 +135,12 @@ class Tally:
             self.trace.copy_(state["trace"])
             steps, n = state.get("trace_steps"), len(self.trace)
             self.trace_steps = (
-                [int(t) for t in steps] if steps is not None and len(steps) == n
-                else [self.updates - (self.updates - 1 - r) % n
-                      for r in range(n)]  # older files: row r held step r+1 mod n
-            )  # fmt: skip
+                [int(t) for t in steps]
+                if steps is not None and len(steps) == n
+                else [
+                    self.updates - (self.updates - 1 - r) % n for r in range(n)
+                ]  # older files: row r held step r+1 mod n
+            )
         self.last_loss.copy_(state["last_loss"])
         dev = self.finite.device
         self.observed = {

@@ -101,8 +101,9 @@ def norms(tensors: Sequence[Tensor], device: torch.device, dtype: torch.dtype) -
     if not tensors:
         return torch.zeros(0, device=device, dtype=dtype)
     first = tensors[0]
-    if all(t.dtype == first.dtype and t.device == first.device and not t.is_sparse
-           for t in tensors):  # fmt: skip  # the common case, without the grouping below
+    if all(
+        t.dtype == first.dtype and t.device == first.device and not t.is_sparse for t in tensors
+    ):  # the common case, without the grouping below
         return torch.stack(_foreach_norm(list(tensors))).to(device=device, dtype=dtype)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     dense = [_dense(t) for t in tensors]
@@ -233,8 +234,9 @@ def scale_(tensors: Sequence[Tensor], factor: float) -> None:
 def check_grad_scaler(owner: str, scaler: Any) -> None:
     """``scaler`` must be ``None`` or a ``torch.amp.GradScaler`` (anything with ``scale`` and
     ``unscale_``)."""
-    if scaler is not None and not (callable(getattr(scaler, "scale", None))
-                                   and callable(getattr(scaler, "unscale_", None))):  # fmt: skip
+    if scaler is not None and not (
+        callable(getattr(scaler, "scale", None)) and callable(getattr(scaler, "unscale_", None))
+    ):
         raise TypeError(
             f"{owner}(grad_scaler={scaler!r}) must be the torch.amp.GradScaler whose scaled "
             f"loss the backward passes see, e.g. grad_scaler=scaler, or None"

@@ -22,8 +22,9 @@ def build_view(
     params = [p for group in opt.param_groups for p in group["params"]]
     if not params:
         raise ValueError("PhaseMonitor(optimizer=...) holds no parameters; nothing to monitor")
-    fallback = [f"group{gi}.{pj}" for gi, g in enumerate(opt.param_groups)
-                for pj in range(len(g["params"]))]  # fmt: skip
+    fallback = [
+        f"group{gi}.{pj}" for gi, g in enumerate(opt.param_groups) for pj in range(len(g["params"]))
+    ]
     names = group_names(model, params, layers, fallback)
     if model is not None:  # groups in the order of their first parameter in the model
         order = {id(p): i for i, p in enumerate(model.parameters())}

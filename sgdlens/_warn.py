@@ -9,8 +9,15 @@ from types import FrameType
 #: packages whose frames are never the user's line: this one, torch (its optimizer step runs
 #: the monitor's hooks, its autograd engine the per-sample ones) and the trainers that call
 #: both (a warning raised under ``trainer.fit(...)`` points at that call)
-INTERNAL = ("sgdlens", "torch", "lightning", "pytorch_lightning", "lightning_fabric",
-            "transformers", "accelerate")  # fmt: skip
+INTERNAL = (
+    "sgdlens",
+    "torch",
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "transformers",
+    "accelerate",
+)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:

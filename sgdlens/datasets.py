@@ -16,10 +16,19 @@ __all__ = ["tishby12"]
 _PHI = (1 + math.sqrt(5)) / 2
 # Column k of the authors' data file stands for icosahedron vertex _VERTICES[k].
 _VERTICES = (
-    (0, -1, -_PHI), (-1, -_PHI, 0), (0, -1, _PHI), (1, -_PHI, 0),
-    (-_PHI, 0, 1), (0, 1, -_PHI), (-1, _PHI, 0), (1, _PHI, 0),
-    (_PHI, 0, 1), (0, 1, _PHI), (_PHI, 0, -1), (-_PHI, 0, -1),
-)  # fmt: skip
+    (0, -1, -_PHI),
+    (-1, -_PHI, 0),
+    (0, -1, _PHI),
+    (1, -_PHI, 0),
+    (-_PHI, 0, 1),
+    (0, 1, -_PHI),
+    (-1, _PHI, 0),
+    (1, _PHI, 0),
+    (_PHI, 0, 1),
+    (0, 1, _PHI),
+    (_PHI, 0, -1),
+    (-_PHI, 0, -1),
+)
 _THRESHOLD = 7.632  # any value in (7.5628, 7.7013) gives the same labels
 
 

@@ -124,9 +124,11 @@ def _blocks(model: nn.Module) -> tuple[list[str], int]:
 
 
 def group_names(
-    model: nn.Module | None, params: Sequence[Tensor], layers: LayersArg = "auto",
+    model: nn.Module | None,
+    params: Sequence[Tensor],
+    layers: LayersArg = "auto",
     fallback: Sequence[str] = (),
-) -> list[str | None]:  # fmt: skip
+) -> list[str | None]:
     """The group of each parameter (``None``: no per-group keys), in ``params`` order.
 
     ``fallback`` names the parameters that belong to no module of ``model`` (or all of them

@@ -34,9 +34,19 @@ __all__ = ["PhaseMonitor"]
 _ATTR = "_sgdlens_monitor"
 #: record fields the monitor writes itself, which observe() may not replace
 RESERVED = frozenset(
-    {"step", "time", "nonfinite_steps", "phase", "event", "layer", "old", "run",
-     "probe_time_fraction", "update_every"}
-)  # fmt: skip
+    {
+        "step",
+        "time",
+        "nonfinite_steps",
+        "phase",
+        "event",
+        "layer",
+        "old",
+        "run",
+        "probe_time_fraction",
+        "update_every",
+    }
+)
 
 
 class PhaseMonitor:
@@ -163,9 +173,17 @@ class PhaseMonitor:
         probe_model: nn.Module | None = None,
     ) -> None:
         opt, found, trace, probe_list, lens_list, sink_list = check_arguments(
-            optimizer, model, lenses, sinks, log_every, layers, detector, trace_steps, probes,
+            optimizer,
+            model,
+            lenses,
+            sinks,
+            log_every,
+            layers,
+            detector,
+            trace_steps,
+            probes,
             probe_budget,
-        )  # fmt: skip
+        )
         self.sampler = Sampler(overhead_budget, int(log_every))
         if getattr(opt, _ATTR, None) is not None:
             raise ValueError(
@@ -196,8 +214,9 @@ class PhaseMonitor:
         # built before any hook is attached: a probe it refuses leaves nothing behind
         self.probes = (
             ProbeScheduler(probe_list, float(probe_budget), probe_model, model=model)
-            if probe_list else None
-        )  # fmt: skip
+            if probe_list
+            else None
+        )
         # lenses that watch more than the optimizer (module or gradient hooks) attach here
         self._lens_handles = []
         try:
@@ -429,8 +448,10 @@ class PhaseMonitor:
         values: dict[str, Tensor] = {}
         # every lens's cross-rank sums and the observed scalars: one all-reduce (see Lens.local)
         two = [declares_sums(lens) for lens in self.lenses]
-        local = [lens.local(state, step) if t else {}
-                 for lens, state, t in zip(self.lenses, self.states, two)]  # fmt: skip
+        local = [
+            lens.local(state, step) if t else {}
+            for lens, state, t in zip(self.lenses, self.states, two)
+        ]
         observed = self.tally.take_observed()
         sums = reduce_sums(self.view, self.lenses, local, observed[1])
         for lens, state, t, mine in zip(self.lenses, self.states, two, sums):
@@ -562,11 +583,13 @@ class PhaseMonitor:
         check_state(
             state_dict,
             VERSION,
-            {"lenses": ([lens_id(lens) for lens in self.lenses], "the same lenses"),
-             "layers": (list(self.view.layers), "the same model (layers)"),
-             "log_every": (self.log_every, "log_every={saved}")},
+            {
+                "lenses": ([lens_id(lens) for lens in self.lenses], "the same lenses"),
+                "layers": (list(self.view.layers), "the same model (layers)"),
+                "log_every": (self.log_every, "log_every={saved}"),
+            },
             self.states,
-        )  # fmt: skip
+        )
         backup = copy.deepcopy(self.state_dict())
         try:
             self._load(state_dict)

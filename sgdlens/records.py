@@ -32,8 +32,18 @@ from sgdlens.schema import key_index, split_key
 Value = int | float | str | list[Any] | dict[str, Any] | None
 Record = dict[str, Value]
 
-__all__ = ["History", "Record", "Value", "group_runs", "load", "parse_line", "read_records",
-           "runs", "select_run", "to_json_line"]  # fmt: skip
+__all__ = [
+    "History",
+    "Record",
+    "Value",
+    "group_runs",
+    "load",
+    "parse_line",
+    "read_records",
+    "runs",
+    "select_run",
+    "to_json_line",
+]
 
 
 class History:

@@ -277,15 +277,33 @@ def report_html(
     eh, er = _event_rows(history)
     schema = (history.header or {}).get("schema")
     if isinstance(schema, dict):  # what each key means, as the run's lenses declared it
-        rows = [[m, str(e.get("source", "")), str(e.get("doc", "")),
-                 _keys_text(m, e), str(e.get("scale", ""))]
-                for m, e in schema.items() if isinstance(e, dict)]  # fmt: skip
-        rows += [[k, "", "not in the run header: first written after it (an observe() name "
-                  "used only later in the run, or a key nobody declared)", k, ""]
-                 for k in _undeclared(history, schema)]  # fmt: skip
-        parts += ['<section id="keys"><h2>Record keys</h2>',
-                  _html_table(["metric", "from", "meaning", "keys", "scale"], rows, "keys"),
-                  "</section>"]  # fmt: skip
+        rows = [
+            [
+                m,
+                str(e.get("source", "")),
+                str(e.get("doc", "")),
+                _keys_text(m, e),
+                str(e.get("scale", "")),
+            ]
+            for m, e in schema.items()
+            if isinstance(e, dict)
+        ]
+        rows += [
+            [
+                k,
+                "",
+                "not in the run header: first written after it (an observe() name "
+                "used only later in the run, or a key nobody declared)",
+                k,
+                "",
+            ]
+            for k in _undeclared(history, schema)
+        ]
+        parts += [
+            '<section id="keys"><h2>Record keys</h2>',
+            _html_table(["metric", "from", "meaning", "keys", "scale"], rows, "keys"),
+            "</section>",
+        ]
     parts += ['<section id="events"><h2>Events</h2>']
     parts += [_html_table(eh, er, "events")] if er else ["<p>No events recorded.</p>"]
     parts += [

@@ -243,8 +243,12 @@ class PhaseLR(LRScheduler):
         self.tested_at = stream.count
         delta, _ = stream.window(n)
         result = test(delta)
-        self.last_test = {"mean": result.mean, "half_width": result.half_width,
-                          "n": float(result.n), "stationary": float(result.stationary)}  # fmt: skip
+        self.last_test = {
+            "mean": result.mean,
+            "half_width": result.half_width,
+            "n": float(result.n),
+            "stationary": float(result.stationary),
+        }
         t = self.monitor.step
         cooled = self.last_decay is None or t - self.last_decay >= self.cooldown_steps
         return result.stationary and cooled

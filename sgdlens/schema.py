@@ -82,17 +82,24 @@ def _whole(name: str, doc: str, scale: str = "linear") -> Key:
 MONITOR = (
     _whole("step", "optimizer steps seen so far"),
     _whole("time", "Unix time of the record, in seconds"),
-    _whole("nonfinite_steps", "steps read so far whose gradients held NaN or Inf (skipped by "
-           "every running statistic)"),
-)  # fmt: skip
+    _whole(
+        "nonfinite_steps",
+        "steps read so far whose gradients held NaN or Inf (skipped by every running statistic)",
+    ),
+)
 UPDATE_EVERY = _whole("update_every", "the lenses read every k-th step (overhead_budget=)")
 PROBE_TIME = _whole("probe_time_fraction", "probe time so far over wall time since attaching")
 PHASE = Key("phase", "the phase detector's phase: warmup, drift or diffusion", scale="text")
 
 
 def _entry(source: str, key: Key, layers: Iterable[str]) -> dict[str, Any]:
-    return {"source": source, "doc": key.doc, "scale": key.scale, "whole": key.whole,
-            "layers": [n for n in layers if n] if key.per_layer else []}  # fmt: skip
+    return {
+        "source": source,
+        "doc": key.doc,
+        "scale": key.scale,
+        "whole": key.whole,
+        "layers": [n for n in layers if n] if key.per_layer else [],
+    }
 
 
 def run_schema(monitor: Any) -> dict[str, dict[str, Any]]:

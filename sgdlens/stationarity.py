@@ -280,8 +280,7 @@ class SGDStationarity:
         return rows[:, 0], rows[:, 1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ring": self.ring.cpu(), "count": self.count, "since": self.since,
-                "lrs": self.lrs}  # fmt: skip
+        return {"ring": self.ring.cpu(), "count": self.count, "since": self.since, "lrs": self.lrs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ring = state["ring"]

@@ -237,8 +237,10 @@ def worker_noise_scale_no_sync(
                 (F.cross_entropy(ddp(halves[1][0]), halves[1][1]) / 2).backward()
             opt.step()
         mon.close()
-        result = {"records": mon.history.records,
-                  "params": [p.detach().clone() for p in model.parameters()]}  # fmt: skip
+        result = {
+            "records": mon.history.records,
+            "params": [p.detach().clone() for p in model.parameters()],
+        }
         torch.save(result, os.path.join(out_dir, f"{estimator}{rank}.pt"))
         dist.barrier()
     finally:
@@ -296,12 +298,17 @@ def worker_records(rank: int, world: int, init_file: str, out_dir: str, name: st
         model = model_without_dropout()
         if name == "sampled":
             net: torch.nn.Module = fully_shard(model)
-            kwargs: dict = {"log_every": LOG_EVERY * 2,
-                            "overhead_budget": 1.0 if rank == 0 else 1e-6}  # fmt: skip
+            kwargs: dict = {
+                "log_every": LOG_EVERY * 2,
+                "overhead_budget": 1.0 if rank == 0 else 1e-6,
+            }
         elif name == "declared":
             net = fully_shard(model)
-            kwargs = {"log_every": LOG_EVERY, "lenses": declared_lenses(),
-                      "detector": quick_detector()}  # fmt: skip
+            kwargs = {
+                "log_every": LOG_EVERY,
+                "lenses": declared_lenses(),
+                "detector": quick_detector(),
+            }
         else:
             net, kwargs = DDP(model), {"log_every": LOG_EVERY, "lenses": [BatchSNR()]}
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)

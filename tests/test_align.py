@@ -125,8 +125,9 @@ def test_hand_permuted_mlp_round_trip_and_barrier():
     assert abs(acts.barrier) <= 1e-6
     assert probes.basin_test(a, b, loss_fn, (x, y), align=True).value <= 1e-6
     # state dicts, evaluated by model=, align too
-    sd = probes.interpolate(a.state_dict(), b.state_dict(), loss_fn, (x, y), steps=5,
-                            model=mlp().to(D), align=True)  # fmt: skip
+    sd = probes.interpolate(
+        a.state_dict(), b.state_dict(), loss_fn, (x, y), steps=5, model=mlp().to(D), align=True
+    )
     assert abs(sd.barrier) <= 1e-6
 
 
@@ -212,8 +213,12 @@ def test_unsupported_models_name_the_module(model, pattern):
 
 def test_models_of_different_shapes_are_refused():
     with pytest.raises(ValueError, match=r"'0.bias' is \(16,\) in a and \(8,\) in b"):
-        probes.align(mlp(), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 16),
-                                          nn.ReLU(), nn.Linear(16, 3)))  # fmt: skip
+        probes.align(
+            mlp(),
+            nn.Sequential(
+                nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)
+            ),
+        )
     with pytest.raises(ValueError, match="one architecture"):
         probes.align(mlp(), nn.Linear(4, 3))
 

@@ -44,8 +44,9 @@ def _hooks(model):
 def test_batch_snr_and_gsnr_match_reference(kind, per_sample):
     model, x, y = build(kind)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR(per_sample=per_sample)], log_every=2,
-                       detector=False)  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, lenses=[BatchSNR(per_sample=per_sample)], log_every=2, detector=False
+    )
     engine = mon.lenses[0]._engine
     for step in range(1, 5):
         want = reference(model, x, y) if step % 2 == 0 else None
@@ -71,8 +72,9 @@ def test_sum_reduction_and_eps():
     model, x, y = build("mlp")
     want = reference(model, x, y, eps=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR(eps=0.0, reduction="sum")],
-                       log_every=1, detector=False)  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, lenses=[BatchSNR(eps=0.0, reduction="sum")], log_every=1, detector=False
+    )
     (loss_fn(model(x), y) * x.shape[0]).backward()
     opt.step()
     rec = mon.history.records[-1]
@@ -99,8 +101,9 @@ def test_optimizer_source_reads_adam_moments(opt_name):
     }[opt_name]
     model, x, y = build("mlp")
     opt = make(model.parameters())
-    mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR("optimizer")], log_every=3,
-                       detector=False)  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, lenses=[BatchSNR("optimizer")], log_every=3, detector=False
+    )
     for _ in range(6):
         opt.zero_grad()
         loss_fn(model(x), y).backward()

@@ -80,8 +80,10 @@ def other_tool(model, opt, x, y):
     """Another instrumentation tool (as Cockpit does): its own module hooks in the step's
     passes, then Hessian-vector products through the same graph before step()."""
     seen = []
-    hooks = [m.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
-             for m in (model.fc1, model.fc3)]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+        for m in (model.fc1, model.fc3)
+    ]
     opt.zero_grad()
     loss = ce(model, (x, y))
     params = list(model.parameters())
@@ -139,8 +141,9 @@ def run(scenario, monitored=True, compiled=False, ckpt=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     monitor = None
     if monitored:
-        monitor = PhaseMonitor(opt, model=target, log_every=LOG,
-                               lenses=[NoiseScale("per_sample"), BatchSNR()])  # fmt: skip
+        monitor = PhaseMonitor(
+            opt, model=target, log_every=LOG, lenses=[NoiseScale("per_sample"), BatchSNR()]
+        )
     for i in range(STEPS):
         scenario(target, opt, X[i], Y[i])
         opt.step()
@@ -170,11 +173,27 @@ def reference():
 
 @pytest.mark.parametrize(
     "scenario, ckpt",
-    [(plain, False), (plain, True), (sam, False), (penalty, False), (other_tool, False),
-     (backpack_extended, False), (probe_before, False), (probe_between, False)],
-    ids=["plain", "checkpointing", "sam", "gradient-penalty", "other-tool-hvps", "backpack",
-         "probe-before-forward", "probe-between-and-after"],
-)  # fmt: skip
+    [
+        (plain, False),
+        (plain, True),
+        (sam, False),
+        (penalty, False),
+        (other_tool, False),
+        (backpack_extended, False),
+        (probe_before, False),
+        (probe_between, False),
+    ],
+    ids=[
+        "plain",
+        "checkpointing",
+        "sam",
+        "gradient-penalty",
+        "other-tool-hvps",
+        "backpack",
+        "probe-before-forward",
+        "probe-between-and-after",
+    ],
+)
 def test_records_equal_a_plain_step_and_training_is_unchanged(reference, scenario, ckpt):
     params, records = run(scenario, ckpt=ckpt)
     bare, _ = run(scenario, monitored=False, ckpt=ckpt)

@@ -22,8 +22,13 @@ def reference(with_probes=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     batch = batches(1, seed=9, size=8)[0]
     probe_list = [probes.sharpness_probe(probe_loss, batch, every=10, per_decade=None)]
-    mon = PhaseMonitor(opt, model=model, log_every=LOG_EVERY, probe_budget=1.0,
-                       probes=probe_list if with_probes else [])  # fmt: skip
+    mon = PhaseMonitor(
+        opt,
+        model=model,
+        log_every=LOG_EVERY,
+        probe_budget=1.0,
+        probes=probe_list if with_probes else [],
+    )
     for x, y in batches(STEPS, size=GLOBAL_BATCH):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -230,9 +235,12 @@ def test_noise_scale_from_local_batches_under_ddp(tmp_path, estimator):
 
     world, decay = 2, 0.5
     micro = 2 if estimator == "accumulation" else GLOBAL_BATCH // world  # small batches a rank
-    mp.spawn(worker_noise_scale_no_sync,
-             args=(world, str(tmp_path / "init"), str(tmp_path), decay, estimator),
-             nprocs=world, join=True)  # fmt: skip
+    mp.spawn(
+        worker_noise_scale_no_sync,
+        args=(world, str(tmp_path / "init"), str(tmp_path), decay, estimator),
+        nprocs=world,
+        join=True,
+    )
 
     def every_micro_batch(x, y):  # every rank's every micro-batch (or sample)
         for xr, yr in zip(x.chunk(world), y.chunk(world)):
@@ -252,8 +260,12 @@ def test_sampling_ranks_read_the_same_steps(tmp_path):
     FSDP a read step holds a collective, and the records must agree."""
     from tests._dist_worker import worker_records
 
-    mp.spawn(worker_records, args=(2, str(tmp_path / "init"), str(tmp_path), "sampled"),
-             nprocs=2, join=True)  # fmt: skip
+    mp.spawn(
+        worker_records,
+        args=(2, str(tmp_path / "init"), str(tmp_path), "sampled"),
+        nprocs=2,
+        join=True,
+    )
     records = [torch.load(tmp_path / f"sampled{r}.pt", weights_only=True) for r in range(2)]
     assert [r["update_every"] for r in records[0]] == [1, 1]  # rank 0 affords every step
 
@@ -269,12 +281,15 @@ def test_batch_snr_under_ddp_is_the_global_batchs(tmp_path):
     from sgdlens.lenses import BatchSNR
     from tests._dist_worker import worker_records
 
-    mp.spawn(worker_records, args=(2, str(tmp_path / "init"), str(tmp_path), "batch_snr"),
-             nprocs=2, join=True)  # fmt: skip
+    mp.spawn(
+        worker_records,
+        args=(2, str(tmp_path / "init"), str(tmp_path), "batch_snr"),
+        nprocs=2,
+        join=True,
+    )
     model = model_without_dropout()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR()], log_every=LOG_EVERY,
-                       detector=False)  # fmt: skip
+    mon = PhaseMonitor(opt, model=model, lenses=[BatchSNR()], log_every=LOG_EVERY, detector=False)
     for x, y in batches(STEPS, size=GLOBAL_BATCH):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -299,12 +314,17 @@ def test_declared_sums_take_one_all_reduce_per_record(tmp_path):
     one more all-reduce per record that has events."""
     from tests._dist_worker import declared_lenses, quick_detector, worker_records
 
-    mp.spawn(worker_records, args=(2, str(tmp_path / "init"), str(tmp_path), "declared"),
-             nprocs=2, join=True)  # fmt: skip
+    mp.spawn(
+        worker_records,
+        args=(2, str(tmp_path / "init"), str(tmp_path), "declared"),
+        nprocs=2,
+        join=True,
+    )
     model = model_without_dropout()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mon = PhaseMonitor(opt, model=model, detector=quick_detector(), log_every=LOG_EVERY,
-                       lenses=declared_lenses())  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, detector=quick_detector(), log_every=LOG_EVERY, lenses=declared_lenses()
+    )
     for x, y in batches(STEPS, size=GLOBAL_BATCH):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()

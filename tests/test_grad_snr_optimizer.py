@@ -125,12 +125,15 @@ def reference(grads, coeffs, layer_of):
             msq[layer] += float((mean * mean).sum())
             sec[layer] += second
     out = {}
-    for name, (m2, s) in [*((k, (msq[k], sec[k])) for k in msq),
-                          ("", (sum(msq.values()), sum(sec.values())))]:  # fmt: skip
+    for name, (m2, s) in [
+        *((k, (msq[k], sec[k])) for k in msq),
+        ("", (sum(msq.values()), sum(sec.values()))),
+    ]:
         mean, std = math.sqrt(m2), math.sqrt(max(s - m2, 0.0))
         suffix = f"/{name}" if name else ""
-        out.update({f"grad_mean{suffix}": mean, f"grad_std{suffix}": std,
-                    f"grad_snr{suffix}": mean / std})  # fmt: skip
+        out.update(
+            {f"grad_mean{suffix}": mean, f"grad_std{suffix}": std, f"grad_snr{suffix}": mean / std}
+        )
     return out
 
 
@@ -198,8 +201,9 @@ def test_follows_a_beta_that_changes_during_the_run():
     betas = []
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = PhaseMonitor(opt, model=model, lenses=[lenses.GradSNR(decay="optimizer")],
-                       log_every=STEPS)  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, lenses=[lenses.GradSNR(decay="optimizer")], log_every=STEPS
+    )
     g = torch.Generator().manual_seed(1)
     grads = []
     for t in range(STEPS):
@@ -340,8 +344,9 @@ def test_resume_from_checkpoint_gives_identical_records(name):
     def fresh():
         model = mlp()
         opt = make(model)
-        mon = PhaseMonitor(opt, model=model, lenses=[lenses.GradSNR(decay="optimizer")],
-                           log_every=LOG)  # fmt: skip
+        mon = PhaseMonitor(
+            opt, model=model, lenses=[lenses.GradSNR(decay="optimizer")], log_every=LOG
+        )
         return model, opt, mon
 
     g = torch.Generator().manual_seed(3)
@@ -444,8 +449,9 @@ def test_attached_while_resuming_the_loaded_state_must_cover_the_held_buffers():
         model2, opt2 = build()
         opt2.load_state_dict(opt_state)
         with resuming():
-            again = PhaseMonitor(opt2, model=model2, lenses=[lenses.GradSNR(decay="optimizer")],
-                                 log_every=2)  # fmt: skip
+            again = PhaseMonitor(
+                opt2, model=model2, lenses=[lenses.GradSNR(decay="optimizer")], log_every=2
+            )
         if load:
             again.load_state_dict(saved)
             step(model2, opt2)

@@ -78,9 +78,12 @@ def test_model_and_optimizer_collectable_after_close(make):
 
 @pytest.mark.parametrize(
     "make",
-    [*PER_SAMPLE, pytest.param(lambda: None, id="default"),
-     pytest.param(lambda: [NoiseScale("accumulation")], id="accumulation")],
-)  # fmt: skip
+    [
+        *PER_SAMPLE,
+        pytest.param(lambda: None, id="default"),
+        pytest.param(lambda: [NoiseScale("accumulation")], id="accumulation"),
+    ],
+)
 def test_step_with_no_gradient_at_all(make):
     """``zero_grad(); step()`` (a GAN step that trains the other network) must not raise."""
     model = _mlp()
@@ -219,8 +222,9 @@ def test_scheduled_probe_with_another_batch_size_leaves_per_sample_alone():
     lens = NoiseScale("per_sample")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an excluded module warns
-        monitor = PhaseMonitor(opt, model=model, lenses=[lens], log_every=2, probes=[probe],
-                               probe_budget=1.0)  # fmt: skip
+        monitor = PhaseMonitor(
+            opt, model=model, lenses=[lens], log_every=2, probes=[probe], probe_budget=1.0
+        )
         _train(model, opt, 10)
     record = monitor.history.records[-1]
     assert "sharpness" in record
@@ -233,15 +237,17 @@ def test_on_demand_probe_between_backward_and_step_changes_no_key():
     def run(probe):
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        monitor = PhaseMonitor(opt, model=model, lenses=[NoiseScale("per_sample"), BatchSNR()],
-                               log_every=2)  # fmt: skip
+        monitor = PhaseMonitor(
+            opt, model=model, lenses=[NoiseScale("per_sample"), BatchSNR()], log_every=2
+        )
         x, y = _batch()
         for _ in range(4):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             if probe:
-                probes.sharpness(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
-                                 _batch(5), k=1)  # fmt: skip
+                probes.sharpness(
+                    model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), _batch(5), k=1
+                )
             opt.step()
         monitor.close()
         return monitor.history.records[-1]
@@ -255,8 +261,9 @@ def test_on_demand_probe_between_backward_and_step_changes_no_key():
 # -- 8: observe() may not replace the record's own fields --------------------------------------
 
 
-@pytest.mark.parametrize("name", ["step", "time", "nonfinite_steps", "phase", "grad_snr",
-                                  "grad_norm", "grad_snr/0"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["step", "time", "nonfinite_steps", "phase", "grad_snr", "grad_norm", "grad_snr/0"]
+)
 def test_observe_refuses_reserved_names(name):
     model = _mlp()
     monitor = PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
@@ -269,10 +276,10 @@ def test_observe_refuses_reserved_names(name):
 
 def test_observe_refuses_a_scheduled_probes_keys():
     model = _mlp()
-    probe = probes.sharpness_probe(lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
-                                   _batch())  # fmt: skip
-    monitor = PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
-                           probes=[probe])  # fmt: skip
+    probe = probes.sharpness_probe(
+        lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), _batch()
+    )
+    monitor = PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model, probes=[probe])
     for name in ("sharpness", "sharpness_hvps", "eos_ratio"):  # the probe's name and its keys
         with pytest.raises(ValueError, match=f"observe\\({name}="):
             monitor.observe(**{name: 1.0})
@@ -399,8 +406,9 @@ def test_noise_scale_and_batch_snr_share_one_per_sample_pass(monkeypatch):
 
     calls = []
     process = PerSampleEngine._process
-    monkeypatch.setattr(PerSampleEngine, "_process",
-                        lambda self, unit: calls.append(unit) or process(self, unit))  # fmt: skip
+    monkeypatch.setattr(
+        PerSampleEngine, "_process", lambda self, unit: calls.append(unit) or process(self, unit)
+    )
 
     def run(make):
         model = _mlp()
@@ -424,8 +432,11 @@ def test_noise_scale_and_batch_snr_share_one_per_sample_pass(monkeypatch):
 def test_lenses_asking_for_different_per_sample_modes_are_refused():
     model = _mlp()
     with pytest.raises(ValueError, match="same per_sample="):
-        PhaseMonitor(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
-                     lenses=[NoiseScale("per_sample", per_sample="func"), BatchSNR()])  # fmt: skip
+        PhaseMonitor(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model=model,
+            lenses=[NoiseScale("per_sample", per_sample="func"), BatchSNR()],
+        )
 
 
 # -- 16: bounded history, complete file ------------------------------------------------------------
@@ -438,8 +449,7 @@ def test_keep_records_bounds_the_history_and_the_file_stays_complete(tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     path = tmp_path / "run.jsonl"
-    monitor = PhaseMonitor(opt, model=model, log_every=2, keep_records=3,
-                           sinks=[JSONLSink(path)])  # fmt: skip
+    monitor = PhaseMonitor(opt, model=model, log_every=2, keep_records=3, sinks=[JSONLSink(path)])
     _train(model, opt, 20)
     monitor.close()
     assert [r["step"] for r in monitor.history] == [16, 18, 20]

@@ -24,8 +24,9 @@ def _step_ops(n_layers: int, lens_list, budget=None, skipped=False) -> int:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(n_layers)])
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mon = PhaseMonitor(opt, model=model, lenses=lens_list, log_every=50, layers="params",
-                       overhead_budget=budget)  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, lenses=lens_list, log_every=50, layers="params", overhead_budget=budget
+    )
     x = torch.randn(4, 3)
     for i in range(3):
         opt.zero_grad()

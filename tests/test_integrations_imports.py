@@ -25,11 +25,14 @@ def test_the_integrations_package_imports_no_framework():
 @pytest.mark.parametrize(
     ("module", "blocked", "extra"),
     [
-        ("sgdlens.integrations.lightning", ["lightning", "lightning.pytorch", "pytorch_lightning"],
-         "lightning"),
+        (
+            "sgdlens.integrations.lightning",
+            ["lightning", "lightning.pytorch", "pytorch_lightning"],
+            "lightning",
+        ),
         ("sgdlens.integrations.transformers", ["transformers"], "transformers"),
     ],
-)  # fmt: skip
+)
 def test_a_missing_framework_raises_import_error_naming_the_extra(module, blocked, extra):
     block = "".join(f"sys.modules[{name!r}] = None;" for name in blocked)
     out = _run(

@@ -87,8 +87,13 @@ def test_csv_logger_gets_the_records_and_losses_are_the_batches_before_each_step
     # the step index of the module's own self.log for the same batch (global_step - 1)
     own = [int(r["step"]) for r in _csv_rows(logger) if r.get("train_loss")]
     assert [int(r["step"]) for r in rows] == [3, 7, 11, 15] == own
-    for key in ("sgdlens/grad_snr/net.0", "sgdlens/grad_snr/net.2", "sgdlens/weight_norm",
-                "sgdlens/loss", "sgdlens/nonfinite_steps"):  # fmt: skip
+    for key in (
+        "sgdlens/grad_snr/net.0",
+        "sgdlens/grad_snr/net.2",
+        "sgdlens/weight_norm",
+        "sgdlens/loss",
+        "sgdlens/nonfinite_steps",
+    ):
         assert key in rows[0], key
     assert not any(k.startswith("sgdlens/phase") for k in rows[0])  # strings stay out
     # each record's loss is the mean of exactly the 4 batches that drove its 4 steps
@@ -197,12 +202,16 @@ def test_16_mixed_scaler_reaches_the_noise_scale_lenses(tmp_path):
     from sgdlens.lenses import BatchSNR, NoiseScale
 
     def run(scale):
-        plugin = MixedPrecision("16-mixed", device="cpu",
-                                scaler=torch.amp.GradScaler("cpu", init_scale=scale))  # fmt: skip
-        cb = PhaseMonitorCallback(log_every=4, lenses=[
-            NoiseScale("accumulation", batch_size=BATCH, decay=0.5), BatchSNR()])  # fmt: skip
-        trainer = _trainer(tmp_path, callbacks=[cb], plugins=[plugin], max_epochs=1,
-                           accumulate_grad_batches=2)  # fmt: skip
+        plugin = MixedPrecision(
+            "16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale)
+        )
+        cb = PhaseMonitorCallback(
+            log_every=4,
+            lenses=[NoiseScale("accumulation", batch_size=BATCH, decay=0.5), BatchSNR()],
+        )
+        trainer = _trainer(
+            tmp_path, callbacks=[cb], plugins=[plugin], max_epochs=1, accumulate_grad_batches=2
+        )
         trainer.fit(Net(), _data())
         assert cb.monitor.lenses[0].grad_scaler is plugin.scaler
         return cb.monitor.history.records[-1]
@@ -270,14 +279,23 @@ def test_pytorch_lightning_trainer_accepts_the_same_callback(tmp_path):
     cb = PhaseMonitorCallback(log_every=4)
     assert isinstance(cb, ptl.Callback) and isinstance(cb, pl.Callback)
     logger = ptl.loggers.CSVLogger(tmp_path, name="old")
-    trainer = ptl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, log_every_n_steps=4,
-                          enable_progress_bar=False, enable_checkpointing=False,
-                          enable_model_summary=False, callbacks=[cb])  # fmt: skip
+    trainer = ptl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=logger,
+        log_every_n_steps=4,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
     trainer.fit(Old(), _data())
     assert cb.monitor.step == 8 and "grad_snr/net" in cb.monitor.history.records[-1]
     rows = _csv_rows(logger)  # one row per logged step, the module's and the sgdlens keys
     assert [(r["step"], bool(r["train_loss"]), bool(r["sgdlens/grad_snr"])) for r in rows] == [
-        ("3", True, True), ("7", True, True)]  # fmt: skip
+        ("3", True, True),
+        ("7", True, True),
+    ]
 
 
 def test_events_printed_once_and_user_sinks_fed(tmp_path, capsys):
@@ -372,8 +390,9 @@ def test_csv_rows_hold_the_modules_metrics_and_the_sgdlens_keys_together(tmp_pat
     the module's self.log metrics and the sgdlens keys share one metrics.csv row."""
     logger = CSVLogger(tmp_path, name="rows")
     cb = PhaseMonitorCallback(log_every=4)  # the Trainer's log_every_n_steps is 4 too
-    trainer = _trainer(tmp_path, logger=logger, callbacks=[cb], max_epochs=4,
-                       accumulate_grad_batches=accumulate)  # fmt: skip
+    trainer = _trainer(
+        tmp_path, logger=logger, callbacks=[cb], max_epochs=4, accumulate_grad_batches=accumulate
+    )
     trainer.fit(Net(), _data())
     rows = _csv_rows(logger)
     steps = [int(r["step"]) for r in rows]

@@ -97,8 +97,12 @@ def test_attach_reaches_log_history_and_report_to(tmp_path):
     logs = _train_logs(trainer)
     assert [e["step"] for e in logs] == [4, 8, 12]  # log_every defaults to logging_steps
     for e in logs:
-        assert {"sgdlens/grad_snr", "sgdlens/grad_snr/transformer.h.0.attn.c_attn",
-                "sgdlens/weight_norm/transformer.wte", "sgdlens/nonfinite_steps"} <= set(e)  # fmt: skip
+        assert {
+            "sgdlens/grad_snr",
+            "sgdlens/grad_snr/transformer.h.0.attn.c_attn",
+            "sgdlens/weight_norm/transformer.wte",
+            "sgdlens/nonfinite_steps",
+        } <= set(e)
         # the monitor's loss averages exactly the steps the Trainer's own "loss" averages
         assert e["sgdlens/loss"] == pytest.approx(e["loss"], rel=1e-5)
         assert not any(isinstance(v, str) for v in e.values())
@@ -187,9 +191,16 @@ def test_an_optimizer_with_a_monitor_is_adopted(tmp_path):
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     own = PhaseMonitor(opt, model=model, log_every=2)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4,
-                             logging_steps=2, use_cpu=True, report_to="none", disable_tqdm=True,
-                             save_strategy="no")  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        logging_steps=2,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=Counting(), optimizers=(opt, None))
     cb = attach(trainer)
     trainer.train()

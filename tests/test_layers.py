@@ -13,8 +13,15 @@ from sgdlens.layers import AUTO_MODULES, group_names
 def _gpt2(n_layer=12):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=64,
-                                     n_positions=16, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    config = transformers.GPT2Config(
+        n_layer=n_layer,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config)
 
@@ -91,8 +98,14 @@ def test_blocks_of_a_resnet_shaped_model():
     net = _resnet_like()
     names = group_names(net, list(net.parameters()), "blocks")
     assert list(dict.fromkeys(names)) == [
-        "conv1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2", "fc"
-    ]  # fmt: skip
+        "conv1",
+        "layer1.0",
+        "layer1.1",
+        "layer2.0",
+        "layer2.1",
+        "layer2.2",
+        "fc",
+    ]
     modules = group_names(net, list(net.parameters()), "modules")
     assert len(set(modules)) == 12 and "layer2.1.bn" in modules
     assert group_names(net, list(net.parameters()), "auto") == modules  # 12 <= AUTO_MODULES
@@ -108,11 +121,21 @@ def test_a_function_and_patterns():
     params = list(net.parameters())
     assert group_names(net, params, lambda n: n.split(".")[1]) == ["weight", "bias"] * 3
     assert group_names(net, params, Layers("modules", exclude=["2.*"])) == [
-        "0", "0", None, None, "3", "3"
-    ]  # fmt: skip
+        "0",
+        "0",
+        None,
+        None,
+        "3",
+        "3",
+    ]
     assert group_names(net, params, Layers("params", include=["*.weight"])) == [
-        "0.weight", None, "2.weight", None, "3.weight", None
-    ]  # fmt: skip
+        "0.weight",
+        None,
+        "2.weight",
+        None,
+        "3.weight",
+        None,
+    ]
 
 
 def test_excluded_parameters_still_count_in_the_whole_model_keys():
@@ -148,8 +171,11 @@ def test_bad_groupings_are_refused_at_construction(layers, error, match):
 def test_a_pattern_that_matches_nothing_warns_with_its_name():
     net = nn.Linear(2, 1)
     with pytest.warns(UserWarning, match=r"\['trnsformer\.\*'\] match no parameter"):
-        PhaseMonitor(torch.optim.SGD(net.parameters(), lr=0.1), model=net,
-                     layers=Layers(exclude=["trnsformer.*"]))  # fmt: skip
+        PhaseMonitor(
+            torch.optim.SGD(net.parameters(), lr=0.1),
+            model=net,
+            layers=Layers(exclude=["trnsformer.*"]),
+        )
 
 
 def test_a_grouping_function_returning_no_string_is_refused():

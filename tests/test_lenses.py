@@ -111,8 +111,13 @@ def test_bfloat16_gradients_are_measured_in_float32():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     model = model.to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    mon = PhaseMonitor(opt, model=model, lenses=[lenses.GradSNR(), lenses.GradNorm(), lenses.WeightNorms()],
-                       log_every=4, detector=False)  # fmt: skip
+    mon = PhaseMonitor(
+        opt,
+        model=model,
+        lenses=[lenses.GradSNR(), lenses.GradNorm(), lenses.WeightNorms()],
+        log_every=4,
+        detector=False,
+    )
     w0 = [p.detach().double().clone() for p in model.parameters()]
     grads = []
     g = torch.Generator().manual_seed(1)
@@ -128,8 +133,9 @@ def test_bfloat16_gradients_are_measured_in_float32():
     assert math.isclose(rec["grad_mean/0"], mean, rel_tol=1e-5)
     assert math.isclose(rec["grad_std/0"], std, rel_tol=1e-5)
     assert math.isclose(rec["grad_norm/0"], float(grads[-1].norm()), rel_tol=1e-5)
-    dist = math.sqrt(sum(float((p.double() - w).square().sum())
-                         for p, w in zip(model[0].parameters(), w0[:2])))  # fmt: skip
+    dist = math.sqrt(
+        sum(float((p.double() - w).square().sum()) for p, w in zip(model[0].parameters(), w0[:2]))
+    )
     assert math.isclose(rec["weight_dist/0"], dist, rel_tol=1e-5)
 
 
@@ -165,8 +171,12 @@ def test_large_tensors_are_measured_to_float64_accuracy_on_the_cpu():
     grads = [base + 0.1 * torch.randn(n, generator=gen) for _ in range(4)]
     p = torch.nn.Parameter(torch.randn(n, generator=gen))
     opt = torch.optim.SGD([p], lr=0.0)
-    mon = PhaseMonitor(opt, lenses=[lenses.GradSNR(), lenses.GradNorm(), lenses.WeightNorms()],
-                       log_every=4, detector=False)  # fmt: skip
+    mon = PhaseMonitor(
+        opt,
+        lenses=[lenses.GradSNR(), lenses.GradNorm(), lenses.WeightNorms()],
+        log_every=4,
+        detector=False,
+    )
     for g in grads:
         p.grad = g.clone()
         opt.step()

@@ -66,8 +66,17 @@ class MaskedAttention(nn.Module):
         a = self.att(s, s, s, key_padding_mask=x == 0, attn_mask=causal, need_weights=False)[0]
         h = h + (a.transpose(0, 1) if self.seq_first else a)
         bool_causal = torch.ones(t, t, dtype=torch.bool).triu(1)
-        h = h + self.att2(query=h, key=h0, value=h0 * 2, attn_mask=bool_causal, is_causal=True,
-                          need_weights=False)[0]  # fmt: skip  # cross-attention
+        h = (
+            h
+            + self.att2(
+                query=h,
+                key=h0,
+                value=h0 * 2,
+                attn_mask=bool_causal,
+                is_causal=True,
+                need_weights=False,
+            )[0]
+        )  # cross-attention
         return self.head(h)
 
 
@@ -141,9 +150,12 @@ def build(kind: str, seed: int = 0):
         )
     elif kind == "cnn":
         model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 2, stride=2),
-            nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
-        )  # fmt: skip
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(3, 4, 2, stride=2),
+            nn.Flatten(),
+            nn.Linear(4 * 2 * 2, 3),
+        )
         x, y = (
             torch.randn(7, 2, 5, 5, generator=g, dtype=torch.float64),
             torch.randint(0, 3, (7,), generator=g),
@@ -304,7 +316,9 @@ def test_sequence_first_attention_is_left_out_of_the_torch_func_rule():
         h.remove()
     names = [n for n, _ in model.named_parameters()]
     assert {n for n, c in zip(names, engine.covered) if not c} == {
-        "att.in_proj_weight", "att.out_proj.weight"}  # fmt: skip
+        "att.in_proj_weight",
+        "att.out_proj.weight",
+    }
 
 
 @pytest.mark.parametrize("need_elem", [False, True])
@@ -364,8 +378,13 @@ def test_hooks_mode_leaves_unruled_modules_out():
     names = [n for n, _ in model.named_parameters()]
     uncovered = {n for n, c in zip(names, engine.covered) if not c}
     # a bare parameter of the model (no rule) and the attention (its rule re-runs it: "auto")
-    assert uncovered == {"pos", "att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight",
-                         "att.out_proj.bias"}  # fmt: skip
+    assert uncovered == {
+        "pos",
+        "att.in_proj_weight",
+        "att.in_proj_bias",
+        "att.out_proj.weight",
+        "att.out_proj.bias",
+    }
     # an attention layer in a form the rule does not take: torch.func in "auto", out in "hooks"
     att = nn.MultiheadAttention(8, 2, add_zero_attn=True)
     assert not any(PerSampleEngine(att, list(att.parameters()), mode="hooks").covered)
@@ -492,9 +511,9 @@ def test_accumulation_matches_micro_batch_gradients(m, pending, monkeypatch):
     (loss_fn(model(x[3:]), y[3:])).backward()
     ref = per_sample_grads(model, x, y)
     b = 6 // m
-    small = torch.stack([
-        sum(ref[n][j * b:(j + 1) * b].mean(0).square().sum() for n in ref) for j in range(m)
-    ]).mean()  # fmt: skip
+    small = torch.stack(
+        [sum(ref[n][j * b : (j + 1) * b].mean(0).square().sum() for n in ref) for j in range(m)]
+    ).mean()
     big = sum(ref[n].mean(0).square().sum() for n in ref)
     g2, tr = two_batch_estimates(small, big, b, 6)
     _accumulate(model, opt, x, y, m)
@@ -526,8 +545,13 @@ def test_accumulation_estimator_is_unbiased(b, m, seed):
     sigma = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     model = _Linear(d)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: i.i.d. steps
-    mon = PhaseMonitor(opt, model=model, log_every=1, detector=False,
-                       lenses=[NoiseScale("accumulation", batch_size=b, decay=0.0)])  # fmt: skip
+    mon = PhaseMonitor(
+        opt,
+        model=model,
+        log_every=1,
+        detector=False,
+        lenses=[NoiseScale("accumulation", batch_size=b, decay=0.0)],
+    )
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         opt.zero_grad()
@@ -584,8 +608,10 @@ def test_accumulation_without_accumulating_warns_and_logs_nothing():
 )
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_training_is_unchanged(lens, opt_name):
-    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-            "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[opt_name]  # fmt: skip
+    make = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    }[opt_name]
     finals = []
     for watched in (False, True):
         model, x, y = build("attention")
@@ -608,8 +634,9 @@ def test_training_is_unchanged(lens, opt_name):
 
 def test_nonfinite_step_is_skipped(mask_path):
     model, x, y = build("mlp")
-    opt, mon = _monitor(model, NoiseScale(decay=0.5), opt=torch.optim.SGD(
-        model.parameters(), lr=0.0))  # fmt: skip
+    opt, mon = _monitor(
+        model, NoiseScale(decay=0.5), opt=torch.optim.SGD(model.parameters(), lr=0.0)
+    )
     for bad in (False, True, False):
         opt.zero_grad()
         loss_fn(model(x), y).backward()
@@ -724,8 +751,13 @@ def test_grad_scaler_runs_give_the_unscaled_estimates(estimator):
         model, x, y = build("cnn")
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         kw = {"grad_scaler": scaler} if tell else {}
-        mon = PhaseMonitor(opt, model=model, log_every=1, detector=False,
-                           lenses=[NoiseScale(estimator, decay=0.5, **kw), BatchSNR(**kw)])  # fmt: skip
+        mon = PhaseMonitor(
+            opt,
+            model=model,
+            log_every=1,
+            detector=False,
+            lenses=[NoiseScale(estimator, decay=0.5, **kw), BatchSNR(**kw)],
+        )
         for _ in range(3):
             opt.zero_grad()
             for xb, yb in zip(x.chunk(2), y.chunk(2)):
@@ -763,9 +795,18 @@ def test_hugging_face_gpt2_per_sample_norms_are_exact():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=23, n_positions=8, n_embd=16, n_layer=2, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                     eos_token_id=0)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=23,
+        n_positions=8,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(cfg).double()
     x = torch.randint(0, 23, (4, 6), generator=torch.Generator().manual_seed(1))
 

@@ -285,8 +285,9 @@ def test_events_alternate_and_respect_dwell(
     trend=st.floats(0.0, 0.1),
 )
 # a sustained 30-sd jump whose spread the window takes in: z dipped to 9.95 and back to 10.67
-@example(seed=50, level=0.0, noise=1.0, jump=30.0, n_pre=50, n_post=15, sustained=True,
-         trend=0.0625)  # fmt: skip
+@example(
+    seed=50, level=0.0, noise=1.0, jump=30.0, n_pre=50, n_post=15, sustained=True, trend=0.0625
+)
 def test_one_loss_jump_is_reported_once_at_its_step(
     seed: int,
     level: float,
@@ -506,8 +507,9 @@ def test_net_to_path_evidence(walk: bool) -> None:
     for i in range(1, 40):
         t = 100 * i
         dist = u * math.sqrt(t) if walk else u * t
-        det.update({"step": t, "grad_snr": 3.0 if i < 20 else 0.2, "weight_dist": dist,
-                    "update_size": u})  # fmt: skip
+        det.update(
+            {"step": t, "grad_snr": 3.0 if i < 20 else 0.2, "weight_dist": dist, "update_size": u}
+        )
     ev = next(e for e in det.events if e.new == "diffusion")
     expected = 1 / math.sqrt(ev.step) if walk else 1.0
     assert ev.evidence["net_to_path"] == pytest.approx(expected)
@@ -600,8 +602,15 @@ def test_noise_scale_is_carried_as_evidence_and_survives_a_round_trip() -> None:
     det = PhaseDetector(window=50, dwell=20)
     for i in range(12):
         snr = 3.0 if i < 6 else 0.2
-        det.update({"step": 10 * i, "grad_snr/fc1": snr, "grad_snr": snr,
-                    "batch_over_noise_scale/fc1": 0.5 + i, "batch_over_noise_scale": 7.0})  # fmt: skip
+        det.update(
+            {
+                "step": 10 * i,
+                "grad_snr/fc1": snr,
+                "grad_snr": snr,
+                "batch_over_noise_scale/fc1": 0.5 + i,
+                "batch_over_noise_scale": 7.0,
+            }
+        )
     switch = next(e for e in det.events if e.layer == "fc1" and e.new == "diffusion")
     assert switch.evidence["batch_over_noise_scale"] == 0.5 + switch.step // 10
     clone = PhaseDetector()

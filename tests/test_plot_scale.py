@@ -34,15 +34,22 @@ def synthetic(names, seed=0):
         r["phase"] = "drift" if s < 640 else "diffusion"
         for n in names:
             snr = 3.0 * (cross[n] / s) ** 0.7 * rng.uniform(0.8, 1.2)
-            r |= {f"grad_snr/{n}": snr, f"grad_mean/{n}": snr * 0.01, f"grad_std/{n}": 0.01,
-                  f"weight_norm/{n}": 1.0 + 1e-3 * s, f"weight_dist/{n}": 1e-3 * s,
-                  f"update_ratio/{n}": 1e-3, f"noise_scale/{n}": 10.0 * s,
-                  f"phase/{n}": "drift" if s <= cross[n] else "diffusion"}  # fmt: skip
+            r |= {
+                f"grad_snr/{n}": snr,
+                f"grad_mean/{n}": snr * 0.01,
+                f"grad_std/{n}": 0.01,
+                f"weight_norm/{n}": 1.0 + 1e-3 * s,
+                f"weight_dist/{n}": 1e-3 * s,
+                f"update_ratio/{n}": 1e-3,
+                f"noise_scale/{n}": 10.0 * s,
+                f"phase/{n}": "drift" if s <= cross[n] else "diffusion",
+            }
         records.append(r)
     for n in names:
         i = STEPS.index(cross[n]) + 1
-        events.append({"step": STEPS[i], "time": 0.0, "event": "diffusion", "layer": n,
-                       "old": "drift"})  # fmt: skip
+        events.append(
+            {"step": STEPS[i], "time": 0.0, "event": "diffusion", "layer": n, "old": "drift"}
+        )
     events.append({"step": 640, "time": 0.0, "event": "diffusion", "layer": "", "old": "drift"})
     return History([*records, *events])
 
@@ -72,8 +79,11 @@ def test_every_figure_draws_clean_and_bounded(big):
         fig = getattr(plot, name)(h)
         renderer = render(fig)
         for ax in fig.axes:
-            layer_lines = [ln for ln in ax.lines if ln.get_gid() in ("sgdlens-layer", "sgdlens-mean",
-                                                                    "sgdlens-std")]  # fmt: skip
+            layer_lines = [
+                ln
+                for ln in ax.lines
+                if ln.get_gid() in ("sgdlens-layer", "sgdlens-mean", "sgdlens-std")
+            ]
             assert len(layer_lines) <= 12, (name, len(layer_lines))
             legend = ax.get_legend()
             if legend is not None:
@@ -96,8 +106,7 @@ def test_snr_heatmap_is_centred_at_one_with_phase_changes_marked(big):
     marks = [c for c in heat_ax.collections if c.get_gid() == "sgdlens-event"]
     xy = np.concatenate([c.get_offsets() for c in marks])
     assert len(xy) == len(names)  # one marker per layer's change, on its row
-    want = sorted((float(e["step"]), names.index(e["layer"]) + 0.5) for e in h.events
-                  if e["layer"])  # fmt: skip
+    want = sorted((float(e["step"]), names.index(e["layer"]) + 0.5) for e in h.events if e["layer"])
     assert sorted(map(tuple, xy.tolist())) == want
     assert [ln.get_gid() for ln in model_ax.lines][:1] == ["sgdlens-model"]
     assert any(ln.get_gid() == "sgdlens-snr1" for ln in model_ax.lines)
@@ -142,8 +151,9 @@ def test_a_real_gpt2_run_per_tensor_draws_clean(tmp_path):
     from sgdlens.sinks import JSONLSink
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=12,
-                                     n_head=2, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    config = transformers.GPT2Config(
+        vocab_size=16, n_positions=8, n_embd=8, n_layer=12, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config)
     assert len(list(model.parameters())) == 148
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

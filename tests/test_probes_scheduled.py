@@ -21,8 +21,9 @@ def loss_fn(model, batch):
 def train(probe_list, steps=40, budget=1.0, model=None, detector=True):
     model = model or make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mon = PhaseMonitor(opt, model=model, log_every=5, probes=probe_list, probe_budget=budget,
-                       detector=detector)  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, log_every=5, probes=probe_list, probe_budget=budget, detector=detector
+    )
     torch.manual_seed(1)
     for x, y in batches(steps):
         opt.zero_grad()
@@ -88,8 +89,9 @@ def test_budget_postpones_probes_and_holds_the_fraction(monkeypatch):
 
 def test_probe_runs_when_the_detector_fires():
     quick = PhaseDetector(window=10, dwell=5, warmup=10)  # events within 60 steps
-    _, mon = train([Probe(lambda m, o: {"x": 1.0}, name="x", on_event=True)], steps=60,
-                   detector=quick)  # fmt: skip
+    _, mon = train(
+        [Probe(lambda m, o: {"x": 1.0}, name="x", on_event=True)], steps=60, detector=quick
+    )
     ran = [r["step"] for r in mon.history.records if "x" in r]
     assert ran and ran == sorted({e.step for e in mon.events})
 

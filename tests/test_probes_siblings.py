@@ -49,8 +49,10 @@ def qloss(model, batch):
 
 
 def quadratic(scale: float = 1.0) -> Quadratic:
-    A = torch.tensor([[3.0, 1.0, 0.5, 0.2], [1.0, 2.0, 0.3, 0.1],
-                      [0.5, 0.3, 1.5, 0.4], [0.2, 0.1, 0.4, 1.0]], dtype=D)  # fmt: skip
+    A = torch.tensor(
+        [[3.0, 1.0, 0.5, 0.2], [1.0, 2.0, 0.3, 0.1], [0.5, 0.3, 1.5, 0.4], [0.2, 0.1, 0.4, 1.0]],
+        dtype=D,
+    )
     return Quadratic(scale * A, torch.tensor([1.0, -2.0, 0.5, 1.5], dtype=D))
 
 
@@ -153,8 +155,9 @@ def test_adam_over_the_head_in_a_monitor_records_sharpness():
 
 
 def other_width() -> nn.Module:
-    return nn.Sequential(OrderedDict(fc1=nn.Linear(5, 9), act=nn.Tanh(), drop=nn.Dropout(0.1),
-                                     fc2=nn.Linear(9, 3)))  # fmt: skip
+    return nn.Sequential(
+        OrderedDict(fc1=nn.Linear(5, 9), act=nn.Tanh(), drop=nn.Dropout(0.1), fc2=nn.Linear(9, 3))
+    )
 
 
 def loss_ce(m, b):
@@ -182,8 +185,14 @@ def test_barrier_reference_of_another_architecture_is_refused_by_the_monitor():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = probes.barrier_probe(loss_ce, batches(1), other_width().state_dict(), every=2)
     with pytest.raises(ValueError, match=r"barrier_probe\(reference=\.\.\.\).*\(9, 5\)"):
-        PhaseMonitor(opt, model=model, lenses=[lenses.NoiseScale("per_sample")], log_every=2,
-                     probes=[probe], probe_budget=1.0)  # fmt: skip
+        PhaseMonitor(
+            opt,
+            model=model,
+            lenses=[lenses.NoiseScale("per_sample")],
+            log_every=2,
+            probes=[probe],
+            probe_budget=1.0,
+        )
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -227,10 +236,12 @@ def test_eos_ratio_with_per_group_learning_rates_is_the_closed_form(momentum):
     model = quadratic()
     lrs, wds = (0.1, 0.02), (0.0, 0.05)
     opt = torch.optim.SGD(
-        [{"params": [model.a], "lr": lrs[0], "weight_decay": wds[0]},
-         {"params": [model.b], "lr": lrs[1], "weight_decay": wds[1]}],
+        [
+            {"params": [model.a], "lr": lrs[0], "weight_decay": wds[0]},
+            {"params": [model.b], "lr": lrs[1], "weight_decay": wds[1]},
+        ],
         momentum=momentum,
-    )  # fmt: skip
+    )
     out = run_probe(probes.sharpness_probe(qloss, DATA, every=1, tol=1e-10), model, opt)
     want = rate_ratio(model.H, lrs, wds, 2 + 2 * momentum)
     for o in out:
@@ -251,8 +262,9 @@ def test_per_group_eos_ratio_is_the_stability_boundary(side):
     model.c.zero_()
     with torch.no_grad():
         model.a.fill_(1.0), model.b.fill_(1.0)
-    opt = torch.optim.SGD([{"params": [model.a], "lr": lrs[0]},
-                           {"params": [model.b], "lr": lrs[1]}])  # fmt: skip
+    opt = torch.optim.SGD(
+        [{"params": [model.a], "lr": lrs[0]}, {"params": [model.b], "lr": lrs[1]}]
+    )
     got = run_probe(probes.sharpness_probe(qloss, DATA, every=1, tol=1e-10), model, opt, (1,))
     assert got[0]["eos_ratio"] == pytest.approx(side, rel=1e-8)
     descend(model, opt, 3000)
@@ -264,11 +276,19 @@ def test_eos_ratio_with_per_group_adam_rates():
     """Adam's per-parameter rate is η_g / P: ``λ_max(r^{1/2} P^{-1/2} H P^{-1/2} r^{1/2})``
     over the threshold at the largest rate."""
     model = quadratic()
-    opt = torch.optim.Adam([{"params": [model.a], "lr": 0.01, "weight_decay": 0.0},
-                            {"params": [model.b], "lr": 0.002, "weight_decay": 0.1}])  # fmt: skip
+    opt = torch.optim.Adam(
+        [
+            {"params": [model.a], "lr": 0.01, "weight_decay": 0.0},
+            {"params": [model.b], "lr": 0.002, "weight_decay": 0.1},
+        ]
+    )
     descend(model, opt)
-    P = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"])))
-                   .sqrt() + 1e-8 for p in (model.a, model.b)])  # fmt: skip
+    P = torch.cat(
+        [
+            (opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"]))).sqrt() + 1e-8
+            for p in (model.a, model.b)
+        ]
+    )
     d = (torch.tensor([1.0, 1.0, 0.2, 0.2], dtype=D) / P).sqrt()
     want = top(d[:, None] * model.H * d[None, :]) / (3.8 / (0.1 * 0.01))
     out = run_probe(probes.sharpness_probe(qloss, DATA, every=1, tol=1e-10), model, opt)
@@ -277,8 +297,9 @@ def test_eos_ratio_with_per_group_adam_rates():
 
 def test_groups_differing_in_momentum_leave_eos_ratio_out_with_one_warning():
     model = quadratic()
-    opt = torch.optim.SGD([{"params": [model.a], "momentum": 0.9},
-                           {"params": [model.b], "momentum": 0.5}], lr=0.1)  # fmt: skip
+    opt = torch.optim.SGD(
+        [{"params": [model.a], "momentum": 0.9}, {"params": [model.b], "momentum": 0.5}], lr=0.1
+    )
     sched = ProbeScheduler([probes.sharpness_probe(qloss, DATA, every=1)], budget=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

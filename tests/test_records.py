@@ -124,8 +124,15 @@ def test_deeply_nested_line_is_a_clear_error(tmp_path):
 
 
 def test_nonfinite_numbers_are_strict_json_and_come_back(tmp_path):
-    record = {"step": 3, "loss": math.nan, "sharpness": math.inf, "x": -math.inf,
-              "trace/loss": [1.0, math.nan], "layer": "NaN", "phase/NaN": "drift"}  # fmt: skip
+    record = {
+        "step": 3,
+        "loss": math.nan,
+        "sharpness": math.inf,
+        "x": -math.inf,
+        "trace/loss": [1.0, math.nan],
+        "layer": "NaN",
+        "phase/NaN": "drift",
+    }
     line = to_json_line(record)
     assert strict(line)["loss"] == "NaN" and strict(line)["trace/loss"] == [1.0, "NaN"]
     back = parse_line(line)
@@ -204,8 +211,9 @@ def test_two_monitors_interleaving_one_file_are_told_apart(tmp_path):
     torch.manual_seed(0)
     nets = [torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
-    mons = [PhaseMonitor(o, model=n, log_every=1, sinks=[JSONLSink(path)])
-            for o, n in zip(opts, nets)]  # fmt: skip
+    mons = [
+        PhaseMonitor(o, model=n, log_every=1, sinks=[JSONLSink(path)]) for o, n in zip(opts, nets)
+    ]
     for _ in range(3):
         for net, opt in zip(nets, opts):
             opt.zero_grad()
@@ -276,8 +284,9 @@ def test_history_columns_follow_appends():
 def test_loaded_records_share_their_key_and_text_objects(tmp_path):
     """A long run holds each key once, not once per record (issue 16 item 20: memory)."""
     path = tmp_path / "keys.jsonl"
-    path.write_text("".join(to_json_line({"step": s, "grad_snr/fc1": 1.0, "phase": "drift"})
-                            for s in (1, 2, 3)))  # fmt: skip
+    path.write_text(
+        "".join(to_json_line({"step": s, "grad_snr/fc1": 1.0, "phase": "drift"}) for s in (1, 2, 3))
+    )
     a, b, c = load(path).records
     assert next(k for k in a if k == "grad_snr/fc1") is next(k for k in c if k == "grad_snr/fc1")
     assert a["phase"] is b["phase"] is c["phase"]

@@ -25,8 +25,13 @@ def _null_run(grads, every, log_every, monkeypatch, lens=None):
     monkeypatch.setattr(Sampler, "adapt", _fixed(every))
     p = nn.Parameter(torch.zeros(grads[0].shape))
     opt = torch.optim.SGD([p], lr=0.0)
-    mon = PhaseMonitor(opt, lenses=[lens or lenses.GradSNR()], log_every=log_every,
-                       overhead_budget=0.05, trace_steps=log_every)  # fmt: skip
+    mon = PhaseMonitor(
+        opt,
+        lenses=[lens or lenses.GradSNR()],
+        log_every=log_every,
+        overhead_budget=0.05,
+        trace_steps=log_every,
+    )
     mon.sampler.every = every
     for g in grads:
         p.grad = g.clone()
@@ -155,32 +160,41 @@ def test_a_budget_the_sparsest_sampling_cannot_meet_is_reported(monkeypatch):
         warnings.simplefilter("error")
         _adapted(monkeypatch, 1.0, 0.048, 0.04, 20, 100, ended=0.988)
     # 5 ms of log work per 4 ms step: no sampling can bring that under 5 %
-    with pytest.warns(UserWarning, match=r"overhead_budget=0.05\) cannot be met here: even "
-                      r"reading one step in 100 .* 123.8% of it the log point's own work .*"
-                      r"raise log_every"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"overhead_budget=0.05\) cannot be met here: even "
+        r"reading one step in 100 .* 123.8% of it the log point's own work .*"
+        r"raise log_every",
+    ):
         assert _adapted(monkeypatch, 1.0, 0.1, 0.05, 10, 100, ended=0.5) == 100
 
 
 @pytest.mark.parametrize("budget", [0, -0.1, 1.5, "3%", True])
 def test_a_bad_budget_is_refused(budget):
     with pytest.raises(ValueError, match="overhead_budget"):
-        PhaseMonitor(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1),
-                     overhead_budget=budget)  # fmt: skip
+        PhaseMonitor(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), overhead_budget=budget)
 
 
 def test_per_sample_lenses_still_update_every_step(monkeypatch):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     gen = torch.Generator().manual_seed(2)
-    data = [(torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen))
-            for _ in range(16)]  # fmt: skip
+    data = [
+        (torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+        for _ in range(16)
+    ]
 
     def run(sampled):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         kwargs = {"overhead_budget": 0.05} if sampled else {}
-        mon = PhaseMonitor(opt, model=model, log_every=8,
-                           lenses=[lenses.NoiseScale("per_sample", decay=0.5)], **kwargs)  # fmt: skip
+        mon = PhaseMonitor(
+            opt,
+            model=model,
+            log_every=8,
+            lenses=[lenses.NoiseScale("per_sample", decay=0.5)],
+            **kwargs,
+        )
         mon.sampler.every = 4 if sampled else 1
         for x, y in data:
             opt.zero_grad()

@@ -179,8 +179,16 @@ def test_checkpoint_resume_gives_identical_rates_and_events():
     gen = torch.Generator().manual_seed(0)
     head = drive(p, opt, mon, [sched, step_lr], cut, switches, gen=gen)
     buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "mon": mon.state_dict(), "sched": sched.state_dict(),
-                "step": step_lr.state_dict(), "gen": gen.get_state()}, buf)  # fmt: skip
+    torch.save(
+        {
+            "opt": opt.state_dict(),
+            "mon": mon.state_dict(),
+            "sched": sched.state_dict(),
+            "step": step_lr.state_dict(),
+            "gen": gen.get_state(),
+        },
+        buf,
+    )
     mon.close()
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
@@ -322,8 +330,16 @@ def test_stationary_trigger_resumes_with_identical_rates():
     gen = torch.Generator().manual_seed(0)
     head = drive_quadratic(p, opt, [sched], cut, gen=gen)
     buf = io.BytesIO()
-    torch.save({"p": p.detach().clone(), "opt": opt.state_dict(), "mon": mon.state_dict(),
-                "sched": sched.state_dict(), "gen": gen.get_state()}, buf)  # fmt: skip
+    torch.save(
+        {
+            "p": p.detach().clone(),
+            "opt": opt.state_dict(),
+            "mon": mon.state_dict(),
+            "sched": sched.state_dict(),
+            "gen": gen.get_state(),
+        },
+        buf,
+    )
     mon.close()
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)

@@ -69,8 +69,9 @@ def run(lens_list=None, *, steps=40, sinks=(), adam=False, norm=False, **kwargs)
     params = model.parameters()
     opt = torch.optim.Adam(params, lr=0.01) if adam else torch.optim.SGD(params, lr=0.05)
     seen: list = []
-    mon = PhaseMonitor(opt, model=model, log_every=5, lenses=lens_list,
-                       sinks=[seen.append, *sinks], **kwargs)  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, log_every=5, lenses=lens_list, sinks=[seen.append, *sinks], **kwargs
+    )
     x, y = torch.randn(64, 4), torch.randn(64, 1)
     for i in range(steps):
         opt.zero_grad()
@@ -97,22 +98,38 @@ def test_header_lists_exactly_the_keys_the_records_hold(case):
     elif case == "user":
         lens_list = [ParamCount(), Signed()]
     else:  # weights only (no LayerNorm layer), Adam's moments, sampling, a probe, "/" layers
-        lens_list = [GradSNR(weights_only=True), WeightNorms(distance=False),
-                     lenses.BatchSNR("optimizer")]  # fmt: skip
+        lens_list = [
+            GradSNR(weights_only=True),
+            WeightNorms(distance=False),
+            lenses.BatchSNR("optimizer"),
+        ]
         data = (torch.randn(16, 4), torch.randn(16, 1))
-        kwargs = dict(adam=True, norm=True, overhead_budget=0.5, layers=lambda n: f"b/{n[0]}",
-                      probes=[probes.sharpness_probe(_loss_fn, data, every=10, per_decade=None)],
-                      probe_budget=1.0)  # fmt: skip
+        kwargs = dict(
+            adam=True,
+            norm=True,
+            overhead_budget=0.5,
+            layers=lambda n: f"b/{n[0]}",
+            probes=[probes.sharpness_probe(_loss_fn, data, every=10, per_decade=None)],
+            probe_budget=1.0,
+        )
     mon, seen = run(lens_list, **kwargs)
     header = seen[0]
     assert header["header"] == HEADER_VERSION == 2
     assert set(key_index(header)) == record_keys(seen)
     schema = header["schema"]
     assert {schema[m]["source"] for m in ("step", "loss", "phase")} == {
-        "monitor", "observe", "PhaseDetector"}  # fmt: skip
+        "monitor",
+        "observe",
+        "PhaseDetector",
+    }
     if case == "user":
-        assert schema["param_count"] == {"source": "ParamCount", "doc": "", "scale": "log",
-                                         "whole": True, "layers": ["0", "2"]}  # fmt: skip
+        assert schema["param_count"] == {
+            "source": "ParamCount",
+            "doc": "",
+            "scale": "log",
+            "whole": True,
+            "layers": ["0", "2"],
+        }
         assert schema["signed"]["whole"] is False and schema["signed"]["scale"] == "linear"
     if case == "subsets":
         assert schema["grad_snr"]["layers"] == ["b/0", "b/3"]  # the LayerNorm "b/1" has no matrix
@@ -137,12 +154,21 @@ def test_declared_keys_default_from_metrics():
 def _write(tmp_path):
     """A run with "/" in its layer names, to a JSONL file, and the same run headerless."""
     path = tmp_path / "run.jsonl"
-    mon, _ = run([*lenses.default(), ParamCount(), Signed()], steps=60,
-                 sinks=[JSONLSink(path)], layers=lambda n: f"blk/{n[0]}")  # fmt: skip
+    mon, _ = run(
+        [*lenses.default(), ParamCount(), Signed()],
+        steps=60,
+        sinks=[JSONLSink(path)],
+        layers=lambda n: f"blk/{n[0]}",
+    )
     old = tmp_path / "old.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "run"}) + "\n"
-                           for r in lines if "header" not in r))  # fmt: skip
+    old.write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if k != "run"}) + "\n"
+            for r in lines
+            if "header" not in r
+        )
+    )
     return mon, path, old
 
 
@@ -180,10 +206,14 @@ def test_schema_and_headerless_file_read_the_same(tmp_path):
 
 
 def test_schema_keys_are_looked_up_not_split():
-    header = {"header": 2, "run": "r", "schema": {
-        "grad_snr": {"source": "GradSNR", "whole": True, "layers": ["enc/0", "head"]},
-        "barrier/init": {"source": "probe barrier-init", "whole": True, "layers": []},
-    }}  # fmt: skip
+    header = {
+        "header": 2,
+        "run": "r",
+        "schema": {
+            "grad_snr": {"source": "GradSNR", "whole": True, "layers": ["enc/0", "head"]},
+            "barrier/init": {"source": "probe barrier-init", "whole": True, "layers": []},
+        },
+    }
     record = {"step": 1, "grad_snr/enc/0": 1.0, "grad_snr/head": 2.0, "barrier/init": 0.1}
     new, old = History([header, record]), History([record])
     assert new.layers("grad_snr") == old.layers("grad_snr") == ["enc/0", "head"]

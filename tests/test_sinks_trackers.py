@@ -133,8 +133,12 @@ def test_mlflow_file_store_holds_the_jsonl_numbers(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=uri)
     data = client.get_run(sink.run_id).data
     run = load(jsonl)
-    keys = {k for r in run.records for k, v in r.items() if k not in ("step", "time")
-            and isinstance(v, (int, float))}  # fmt: skip
+    keys = {
+        k
+        for r in run.records
+        for k, v in r.items()
+        if k not in ("step", "time") and isinstance(v, (int, float))
+    }
     assert {"loss", "grad_snr", "grad_snr/0", "weight_norm/2"} <= keys
     assert set(data.metrics) == {k.replace("/", ".") for k in keys}
     for key in keys:  # every number at every step
@@ -167,8 +171,10 @@ def test_mlflow_sink_refuses_an_unknown_run(tmp_path, monkeypatch):
         MLflowSink(experiment=3)
 
 
-@pytest.mark.parametrize(("name", "module", "extra"), [("WandbSink", "wandb", "wandb"),
-                                                       ("MLflowSink", "mlflow", "mlflow")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "module", "extra"),
+    [("WandbSink", "wandb", "wandb"), ("MLflowSink", "mlflow", "mlflow")],
+)
 def test_missing_tracker_names_the_extra(name, module, extra):
     code = (
         f"import sys; sys.modules[{module!r}] = None\n"

@@ -131,8 +131,9 @@ def test_warnings_from_hooks_point_at_the_users_line(tmp_path):
 
     model = nn.Sequential(Shared(), nn.Linear(3, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = PhaseMonitor(opt, model=model, log_every=1, sinks=[broken],
-                       lenses=[lenses.NoiseScale("per_sample")])  # fmt: skip
+    mon = PhaseMonitor(
+        opt, model=model, log_every=1, sinks=[broken], lenses=[lenses.NoiseScale("per_sample")]
+    )
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         loss = model(torch.randn(4, 3)).square().mean()

@@ -230,8 +230,9 @@ class PhaseMonitorCallback(_Base):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # 16-mixed: the loss arrives scaled
             scale = getattr(scaler, "_scale", None)  # on device; get_scale() would sync
-            value = value / (scale.to(value.device) if isinstance(scale, Tensor) else
-                             scaler.get_scale())  # fmt: skip
+            value = value / (
+                scale.to(value.device) if isinstance(scale, Tensor) else scaler.get_scale()
+            )
         if pl_module.automatic_optimization:  # Lightning divided it by accumulate_grad_batches
             value = value * trainer.accumulate_grad_batches
         self._losses.append(value)
@@ -282,8 +283,9 @@ class PhaseMonitorCallback(_Base):
                 # a second record of one optimizer in this batch (its keys already logged)
                 # goes direct; float64 on the CPU: no rounding, no device copy
                 values = {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
-                pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1,
-                                   rank_zero_only=True)  # fmt: skip
+                pl_module.log_dict(
+                    values, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True
+                )
                 self._logged |= metrics.keys()
                 continue
             if direct.keys() & metrics.keys():  # a second record of one optimizer: a new row

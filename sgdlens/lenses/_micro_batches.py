@@ -45,8 +45,11 @@ class MicroBatches:
         self._index: dict[tuple[tuple[int, int], ...], Tensor] = {}
 
     def attach(self) -> list[Any]:
-        return [p.register_hook(partial(self._on, i))
-                for i, p in enumerate(self.params) if p.requires_grad]  # fmt: skip
+        return [
+            p.register_hook(partial(self._on, i))
+            for i, p in enumerate(self.params)
+            if p.requires_grad
+        ]
 
     def _on(self, i: int, grad: Tensor) -> None:
         if probing_now():

@@ -137,10 +137,11 @@ class OptimizerMoments:
         per_group = {j: _coefficients(self.opt, self.kind, j) for j in self.used}
         view = self.sub.view
         a, c, first = (
-            torch.tensor([per_group[j][k] for j in self.groups], dtype=view.dtype,
-                         device=view.device)
+            torch.tensor(
+                [per_group[j][k] for j in self.groups], dtype=view.dtype, device=view.device
+            )
             for k in range(3)
-        )  # fmt: skip
+        )
         self.a, self.c, self.first = a, c, first
         self.first_differs = any(v[1] != v[2] for v in per_group.values())
         self.raw = raw

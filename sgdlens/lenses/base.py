@@ -100,10 +100,11 @@ class ParamView:
         then ``.grad`` is read as it is and the squared norms take one fused kernel."""
         first = self.params[0]
         return not self.sharded and all(
-            type(p) in (Tensor, nn.Parameter) and p.device == first.device
+            type(p) in (Tensor, nn.Parameter)
+            and p.device == first.device
             and p.dtype == first.dtype
             for p in self.params
-        )  # fmt: skip
+        )
 
     @cached_property
     def big(self) -> tuple[int, ...]:
@@ -113,8 +114,10 @@ class ParamView:
     @cached_property
     def flags(self) -> tuple[Tensor, Tensor]:
         """Constant 0-d ``False`` and ``True`` on the device (see :attr:`Step.ok`)."""
-        return (torch.zeros((), dtype=torch.bool, device=self.device),
-                torch.ones((), dtype=torch.bool, device=self.device))  # fmt: skip
+        return (
+            torch.zeros((), dtype=torch.bool, device=self.device),
+            torch.ones((), dtype=torch.bool, device=self.device),
+        )
 
     def ndim(self, i: int) -> int:
         """The number of dimensions of parameter ``i`` as the model defines it."""
@@ -386,9 +389,11 @@ def check_reductions(lens: Any, where: str) -> None:
 
 
 def reduce_sums(
-    view: ParamView, lenses: Sequence[Lens], sums: Sequence[dict[str, Tensor]],
+    view: ParamView,
+    lenses: Sequence[Lens],
+    sums: Sequence[dict[str, Tensor]],
     extra: Tensor | None = None,
-) -> list[dict[str, Tensor]]:  # fmt: skip
+) -> list[dict[str, Tensor]]:
     """Every lens's :meth:`Lens.local` sums, added up over the ranks as it declares, in one
     all-reduce (nothing at all in one process): one dict per lens, like ``sums``.
 

@@ -38,9 +38,7 @@ __all__ = ["BatchSNR", "batch_snr_from_sums"]
 SOURCES = ("per_sample", "optimizer")
 
 
-def batch_snr_from_sums(
-    sum_sq: Tensor, mean_sq: Tensor, n: int
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+def batch_snr_from_sums(sum_sq: Tensor, mean_sq: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """``(batch_snr, tr Var)`` from Σ_i ‖g_i‖², ‖ḡ‖² and the number of examples ``n ≥ 2``.
 
     Example:
@@ -138,8 +136,11 @@ class BatchSNR(Lens):
         _torch.check_grad_scaler("BatchSNR", grad_scaler)
         self.grad_scaler = grad_scaler
         self.source, self.eps, self.reduction, self.per_sample = (
-            source, float(eps), reduction, per_sample
-        )  # fmt: skip
+            source,
+            float(eps),
+            reduction,
+            per_sample,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -175,8 +176,12 @@ class BatchSNR(Lens):
                 )
             return {}
         zeros = torch.zeros(len(view.layers), dtype=view.dtype, device=view.device)
-        return {"snr": zeros.clone(), "gsnr": zeros.clone(),
-                "all": torch.zeros(2, dtype=view.dtype, device=view.device), "done": 0}  # fmt: skip
+        return {
+            "snr": zeros.clone(),
+            "gsnr": zeros.clone(),
+            "all": torch.zeros(2, dtype=view.dtype, device=view.device),
+            "done": 0,
+        }
 
     def attach(self, model: nn.Module | None, view: ParamView) -> list[Any]:
         """Module hooks for the per-sample source (none for the optimizer source)."""
@@ -252,8 +257,12 @@ class BatchSNR(Lens):
         ok = step.ok
         state["snr"].copy_(torch.where(ok, snr, state["snr"]))
         state["gsnr"].copy_(torch.where(ok, ratio / size, state["gsnr"]))
-        total = torch.stack([mean_sq.sum() / ((sum_sq.sum() - n_all * mean_sq.sum()) / (n_all - 1)),
-                             ratio.sum() / size.sum()])  # fmt: skip
+        total = torch.stack(
+            [
+                mean_sq.sum() / ((sum_sq.sum() - n_all * mean_sq.sum()) / (n_all - 1)),
+                ratio.sum() / size.sum(),
+            ]
+        )
         state["all"].copy_(torch.where(ok, total, state["all"]))
         state["done"] += 1
 

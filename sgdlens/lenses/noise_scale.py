@@ -251,8 +251,9 @@ class NoiseScale(Lens):
         view = getattr(self, "_view", None)
         if view is None:  # not attached to a monitor yet, or its monitor closed
             return getattr(self, "_uncovered", [])
-        return [f"{view.layers[view.layer_of[i]]}[{i}]"
-                for i, c in enumerate(self._covered) if not c]  # fmt: skip
+        return [
+            f"{view.layers[view.layer_of[i]]}[{i}]" for i, c in enumerate(self._covered) if not c
+        ]
 
     def _choose(self, view: ParamView, mode: str | None = None) -> str:
         """``auto``: accumulation if the first step had several backward passes (or the
@@ -358,9 +359,14 @@ class NoiseScale(Lens):
         state["feeds"] += 1
 
     def feed_two_batch(
-        self, state: State, small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float,
+        self,
+        state: State,
+        small_sq: Tensor,
+        big_sq: Tensor,
+        b_small: float,
+        b_big: float,
         ok: Tensor,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Fold one step's two-batch measurement (per layer) into the moving averages.
 
         This is the entry point every estimator ends in (the ``"ranks"`` estimator feeds

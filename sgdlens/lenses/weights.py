@@ -87,8 +87,11 @@ class WeightNorms(Lens):
         view = step.view
         params = view.local_params
         everything = range(len(params))
-        sums = {"norm": view.per_layer(_torch.norms(params, view.device, view.dtype).square(),
-                                       everything)}  # fmt: skip
+        sums = {
+            "norm": view.per_layer(
+                _torch.norms(params, view.device, view.dtype).square(), everything
+            )
+        }
         if state["init"] is not None:
             dist = _torch.distances(params, state["init"], view.device, view.dtype)
             sums["dist"] = view.per_layer(dist.square(), everything)

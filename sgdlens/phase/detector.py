@@ -14,8 +14,18 @@ from sgdlens.phase._stats import as_number, displacement_exponent, usable
 
 __all__ = ["PhaseDetector"]
 
-_CONFIG = ("enter_diffusion", "enter_drift", "window", "dwell", "warmup", "spike_threshold",
-           "spike_window", "spike_kick", "motion_window", "signal")  # fmt: skip
+_CONFIG = (
+    "enter_diffusion",
+    "enter_drift",
+    "window",
+    "dwell",
+    "warmup",
+    "spike_threshold",
+    "spike_window",
+    "spike_kick",
+    "motion_window",
+    "signal",
+)
 
 
 class PhaseDetector:
@@ -165,8 +175,9 @@ class PhaseDetector:
         self.spike_kick: str = cfg["spike_kick"]
         self.motion_window: int = cfg["motion_window"]
         self.signal: str = cfg["signal"]
-        self._rule = Rule(self.enter_diffusion, self.enter_drift, self.window, self.dwell,
-                          self.warmup)  # fmt: skip
+        self._rule = Rule(
+            self.enter_diffusion, self.enter_drift, self.window, self.dwell, self.warmup
+        )
         self._global = Channel(self.motion_window)
         self._layers: dict[str, Channel] = {}
         self._events: list[PhaseEvent] = []

@@ -92,8 +92,17 @@ def sharpness_probe(
             if adam:
                 pre = adam_preconditioner(model, real, op.space.names)
                 op.scale = op.space.flatten([pre[n] for n in op.space.names]).rsqrt()
-            res = solve(op, 1, "LA", tol, None, "lanczos", _start(last, "v", op.space.names),
-                        own_generator(None), True)  # fmt: skip
+            res = solve(
+                op,
+                1,
+                "LA",
+                tol,
+                None,
+                "lanczos",
+                _start(last, "v", op.space.names),
+                own_generator(None),
+                True,
+            )
         _keep(last, "v", res)
         out = {"sharpness": float(res.value), "sharpness_hvps": float(res.hvps)}
         if not (adam or isinstance(real, torch.optim.SGD)):
@@ -119,8 +128,9 @@ def sharpness_probe(
         Key("sharpness_hvps", "Hessian-vector products it took", per_layer=False, scale="linear"),
         Key("eos_ratio", "sharpness over the edge-of-stability threshold", per_layer=False),
     )
-    return Probe(fn, name=name, every=every, per_decade=per_decade, on_event=on_event, state=last,
-                 keys=keys)  # fmt: skip
+    return Probe(
+        fn, name=name, every=every, per_decade=per_decade, on_event=on_event, state=last, keys=keys
+    )
 
 
 def _start(last: Mapping[str, Any], key: str, names: list[str]) -> Any:
@@ -243,8 +253,16 @@ def barrier_probe(
         Key(f"barrier/{name}", "loss above the chord (Entezari)", False, scale="linear"),
         Key(f"error_barrier/{name}", "loss above the ends (Frankle)", False, scale="linear"),
     )
-    return Probe(fn, name=f"barrier/{name}".replace("/", "-"), every=every, per_decade=per_decade,
-                 on_event=on_event, state=state, keys=keys, check=check)  # fmt: skip
+    return Probe(
+        fn,
+        name=f"barrier/{name}".replace("/", "-"),
+        every=every,
+        per_decade=per_decade,
+        on_event=on_event,
+        state=state,
+        keys=keys,
+        check=check,
+    )
 
 
 def _snapshot(reference: Any) -> dict[str, torch.Tensor]:

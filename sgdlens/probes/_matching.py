@@ -52,8 +52,12 @@ def _permute(t: Tensor, ax: Axis, perm: Tensor) -> Tensor:
     return out.movedim(0, ax.dim)
 
 
-def apply_perms(state: dict[str, Tensor], groups: list[Group], perms: list[Tensor],
-           skip: tuple[int, Axis] | None = None) -> dict[str, Tensor]:  # fmt: skip
+def apply_perms(
+    state: dict[str, Tensor],
+    groups: list[Group],
+    perms: list[Tensor],
+    skip: tuple[int, Axis] | None = None,
+) -> dict[str, Tensor]:
     out = dict(state)
     for i, (grp, perm) in enumerate(zip(groups, perms)):
         for ax in grp.axes:
@@ -194,8 +198,9 @@ def activation_matching(
             n = torch.tensor(float(xa.shape[0]))
             new = [xa.sum(0), xb.sum(0), xa.T @ xb, xa.square().sum(0), xb.square().sum(0), n]
             old = stats.get((g, name))
-            stats[(g, name)] = [v.cpu() if old is None else o + v.cpu() for o, v in
-                                zip(old or new, new)]  # fmt: skip
+            stats[(g, name)] = [
+                v.cpu() if old is None else o + v.cpu() for o, v in zip(old or new, new)
+            ]
     for (g, _), (sa, sb, sab, saa, sbb, n) in stats.items():
         ma, mb = sa / n, sb / n
         cov = sab / n - torch.outer(ma, mb)

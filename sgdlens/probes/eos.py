@@ -170,9 +170,15 @@ def per_group_rates(opt: torch.optim.Optimizer) -> bool:
 
 
 def rate_weighted_ratio(
-    model: nn.Module, loss_fn: LossFn, data: Any, opt: torch.optim.Optimizer,
-    params: list[Tensor], adam: bool, tol: float, v0: Mapping[str, Tensor] | None,
-) -> tuple[float, SharpnessResult]:  # fmt: skip
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    opt: torch.optim.Optimizer,
+    params: list[Tensor],
+    adam: bool,
+    tol: float,
+    v0: Mapping[str, Tensor] | None,
+) -> tuple[float, SharpnessResult]:
     """The edge-of-stability ratio under per-group learning rates (and, for SGD, weight decays).
 
     Gradient descent with a learning rate ``η_i`` per parameter on a quadratic of Hessian ``H``

@@ -124,9 +124,20 @@ def flatness(
         evals = 0
 
         def line(d: dict[str, Tensor]) -> Grid:  # the loss along one direction, point by point
-            return Grid(model, loss_fn, batches, base, [d], mode=mode, bn="carry",
-                        bn_batches=batches, use_vmap=False, chunk_size=1, progress=False,
-                        desc="flatness")  # fmt: skip
+            return Grid(
+                model,
+                loss_fn,
+                batches,
+                base,
+                [d],
+                mode=mode,
+                bn="carry",
+                bn_batches=batches,
+                use_vmap=False,
+                chunk_size=1,
+                progress=False,
+                desc="flatness",
+            )
 
         grid0 = line(dirs[0])
         l0 = grid0.at([0.0])

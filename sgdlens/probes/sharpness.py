@@ -253,9 +253,16 @@ def held_params(model: nn.Module, optimizer: Any) -> list[Tensor]:
 
 
 def solve(
-    op: Operator, k: int, which: str, tol: float, max_iter: int | None, algorithm: str,
-    v0: Mapping[str, Tensor] | Tensor | None, generator: torch.Generator, return_vectors: bool,
-) -> SharpnessResult:  # fmt: skip
+    op: Operator,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int | None,
+    algorithm: str,
+    v0: Mapping[str, Tensor] | Tensor | None,
+    generator: torch.Generator,
+    return_vectors: bool,
+) -> SharpnessResult:
     """Top-``k`` eigenpairs of the operator ``op`` (see :func:`sharpness`)."""
     n = op.n
     if k > n:

@@ -88,9 +88,13 @@ def gram_sq(a: Tensor, g: Tensor) -> Tensor:
 
 
 def weight_bias(
-    w: Callable[[], Tensor], gsum: Callable[[], Tensor], want: dict[str, str], need: bool,
-    w_sq: Callable[[], Tensor] | None = None, w_root: Callable[[], Tensor] | None = None,
-) -> dict[str, Result]:  # fmt: skip
+    w: Callable[[], Tensor],
+    gsum: Callable[[], Tensor],
+    want: dict[str, str],
+    need: bool,
+    w_sq: Callable[[], Tensor] | None = None,
+    w_root: Callable[[], Tensor] | None = None,
+) -> dict[str, Result]:
     """Results for ``weight`` (full per-sample gradients ``w()``, or, when cheaper and
     enough, their squared norms ``w_sq()`` or norms ``w_root()``) and ``bias`` (per-sample
     gradients ``gsum()``)."""
@@ -135,11 +139,15 @@ def narrow(*groups: Any) -> bool:
 
 
 def index_sums(
-    parts: list[list[Tensor]], dtype: torch.dtype, device: torch.device,
-    cache: dict[tuple[tuple[int, int], ...], Tensor], square: bool = False,
-    slots: Sequence[int] | None = None, size: int | None = None,
+    parts: list[list[Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    cache: dict[tuple[tuple[int, int], ...], Tensor],
+    square: bool = False,
+    slots: Sequence[int] | None = None,
+    size: int | None = None,
     roots: list[list[Tensor]] | None = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """``out[slots[i]]`` = the sum of every entry of ``parts[i]`` (0-d or 1-D tensors; of
     their squares with ``square``) and of the squares of every entry of ``roots[i]``, in
     ``dtype`` on ``device``, ``size`` entries (by default ``slots[i] = i`` and
@@ -147,10 +155,16 @@ def index_sums(
     all the roots) and one ``index_add_``, the index tensor of each layout kept in ``cache``."""
     # no op per part where none is needed (the parts are 1-D on the device): the per-step
     # path must not launch more as the parameters grow
-    flat = [t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
-            for ts in parts for t in ts]  # fmt: skip
-    rflat = [t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
-             for ts in roots or () for t in ts]  # fmt: skip
+    flat = [
+        t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
+        for ts in parts
+        for t in ts
+    ]
+    rflat = [
+        t if t.dim() == 1 and t.device == device else t.reshape(-1).to(device)
+        for ts in roots or ()
+        for t in ts
+    ]
     out = torch.zeros(len(parts) if size is None else size, dtype=dtype, device=device)
     if not flat and not rflat:
         return out

@@ -124,13 +124,19 @@ def attention(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -
     inner = {n[len("in_proj_") :]: w for n, w in want.items() if n.startswith("in_proj_")}
     for n, r in weight_bias(
         lambda: torch.cat([g.transpose(1, 2) @ a for a, g in zip(a3, g3)], 1),
-        lambda: torch.cat([g.sum(1) for g in g3], 1), inner, need, in_sq if gram else None,
-    ).items():  # fmt: skip
+        lambda: torch.cat([g.sum(1) for g in g3], 1),
+        inner,
+        need,
+        in_sq if gram else None,
+    ).items():
         out[f"in_proj_{n}"] = r
     inner = {n[len("out_proj.") :]: w for n, w in want.items() if n.startswith("out_proj.")}
     for n, r in weight_bias(
-        lambda: g_o.transpose(1, 2) @ a_o, lambda: g_o.sum(1), inner, need,
+        lambda: g_o.transpose(1, 2) @ a_o,
+        lambda: g_o.sum(1),
+        inner,
+        need,
         (lambda: gram_sq(a_o, g_o)) if gram_cheaper(a_o.shape[1], e, e) else None,
-    ).items():  # fmt: skip
+    ).items():
         out[f"out_proj.{n}"] = r
     return out

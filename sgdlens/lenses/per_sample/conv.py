@@ -9,8 +9,11 @@ from torch import Tensor, nn
 
 from sgdlens.lenses.per_sample._common import Result, Use, cat, gram_cheaper, gram_sq, weight_bias
 
-_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
-                3: torch.nn.grad.conv3d_weight}  # fmt: skip
+_CONV_WEIGHT = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
 
 
 def _conv_padding(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
@@ -67,9 +70,13 @@ def conv(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> dic
             st, sp = x.stride(), range(2, 2 + nd)
             win = x.as_strided(  # [s, i, *k, *out] = x[s, i, *(out·stride + k·dilation)]
                 (b, c_in, *m.kernel_size, *go.shape[2:]),
-                (st[0], st[1], *(st[j] * m.dilation[j - 2] for j in sp),
-                 *(st[j] * m.stride[j - 2] for j in sp)),
-            )  # fmt: skip
+                (
+                    st[0],
+                    st[1],
+                    *(st[j] * m.dilation[j - 2] for j in sp),
+                    *(st[j] * m.stride[j - 2] for j in sp),
+                ),
+            )
             us.append(win.reshape(b, d_in, -1).transpose(1, 2))
         g = cat([go.reshape(b, d_out, -1).transpose(1, 2) for go in gs], 1)
         return cat(us, 1), g
@@ -81,9 +88,14 @@ def conv(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> dic
         total = None
         for x, go in zip(xs, gs):
             one = _CONV_WEIGHT[nd](
-                x.reshape(1, -1, *x.shape[2:]), (b * w.shape[0], *w.shape[1:]),
-                go.reshape(1, -1, *go.shape[2:]), m.stride, padding, m.dilation, b * m.groups,
-            ).reshape(b, *w.shape)  # fmt: skip
+                x.reshape(1, -1, *x.shape[2:]),
+                (b * w.shape[0], *w.shape[1:]),
+                go.reshape(1, -1, *go.shape[2:]),
+                m.stride,
+                padding,
+                m.dilation,
+                b * m.groups,
+            ).reshape(b, *w.shape)
             total = one if total is None else total + one
         assert total is not None
         return total

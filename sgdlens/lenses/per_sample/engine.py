@@ -102,8 +102,9 @@ class PerSampleEngine:
             for name, i in u.names.items():
                 self.units_of[i].append((u, name))
         for u in self.units:  # a parameter in several units is materialised by each
-            u.want = {n: "full" if len(self.units_of[i]) > 1 else "norm"
-                      for n, i in u.names.items()}  # fmt: skip
+            u.want = {
+                n: "full" if len(self.units_of[i]) > 1 else "norm" for n, i in u.names.items()
+            }
         # a frozen parameter (requires_grad=False) gets no gradient and takes no hook
         self.covered = [bool(us) and p.requires_grad for us, p in zip(self.units_of, self.params)]
         n = len(self.params)
@@ -118,8 +119,9 @@ class PerSampleEngine:
     def _visit(self, module: nn.Module, index: dict[int, int]) -> None:
         rule = RULES.get(type(module), (linear, is_hf_conv1d))
         if self.mode != "func" and rule[1](module):
-            names = {n: index[id(p)] for n, p in module.named_parameters(recurse=False)
-                     if id(p) in index}  # fmt: skip
+            names = {
+                n: index[id(p)] for n, p in module.named_parameters(recurse=False) if id(p) in index
+            }
             if names:
                 self.units.append(_Unit(module, rule[0], names))
             return
@@ -134,8 +136,9 @@ class PerSampleEngine:
         for child in module.children():
             self._visit(child, index)
         if self.mode != "hooks":
-            names = {n: index[id(p)] for n, p in module.named_parameters(recurse=False)
-                     if id(p) in index}  # fmt: skip
+            names = {
+                n: index[id(p)] for n, p in module.named_parameters(recurse=False) if id(p) in index
+            }
             if names:
                 self.units.append(_Unit(module, func_rule, names))
 
@@ -197,16 +200,27 @@ class PerSampleEngine:
     def _training_pass(self) -> bool:
         """Whether the forward pass running now may be the step's: armed, with gradients,
         not the engine's own re-run, a ``torch.func`` transform or a probe."""
-        return (not self._busy and self.live and torch.is_grad_enabled()
-                and not _transformed() and not probing_now())  # fmt: skip
+        return (
+            not self._busy
+            and self.live
+            and torch.is_grad_enabled()
+            and not _transformed()
+            and not probing_now()
+        )
 
     def _on_model(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """The batch size: dimension 0 of the model's first tensor input."""
         if self._training_pass():
             leaf = args[0] if args else None  # the usual first leaf, without a tree walk
             if not isinstance(leaf, Tensor) or leaf.dim() == 0:
-                leaf = next((t for t in pytree.tree_leaves((args, kwargs))
-                             if isinstance(t, Tensor) and t.dim() > 0), None)  # fmt: skip
+                leaf = next(
+                    (
+                        t
+                        for t in pytree.tree_leaves((args, kwargs))
+                        if isinstance(t, Tensor) and t.dim() > 0
+                    ),
+                    None,
+                )
             self.batch = None if leaf is None else int(leaf.shape[0])
 
     def _exclude(self, unit: _Unit, why: str) -> None:
@@ -310,8 +324,9 @@ class PerSampleEngine:
         The hooks keep each backward's per-sample vector; one concatenation and one
         ``index_add_`` per step sum them.
         """
-        return index_sums(self._parts, self.dtype, device, self._index, slots=slots, size=size,
-                          roots=self._roots)  # fmt: skip
+        return index_sums(
+            self._parts, self.dtype, device, self._index, slots=slots, size=size, roots=self._roots
+        )
 
     def _process(self, unit: _Unit) -> dict[str, Result]:
         uses = [u for u in unit.uses if any(g is not None for g in u.grads)]
@@ -324,8 +339,7 @@ class PerSampleEngine:
             for u in uses:  # outputs that got no gradient contribute zero
                 u.got = [g is not None for g in u.grads]  # (never `None in`: Tensor.__eq__)
                 if not all(u.got):
-                    u.grads = [o.zeros() if g is None else g
-                               for o, g in zip(u.output, u.grads)]  # fmt: skip
+                    u.grads = [o.zeros() if g is None else g for o, g in zip(u.output, u.grads)]
                 if rule is not func_rule and narrow(u.args, u.grads):  # half-precision
                     # products and squares lose the small differences the estimators
                     # take: the rules work in float32

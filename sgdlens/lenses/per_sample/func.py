@@ -20,8 +20,9 @@ def func_rule(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -
         leaves, spec = pytree.tree_flatten((use.args, use.kwargs))
         tens = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
         batch = leaves[tens[0]].shape[0]
-        dims = tuple(0 if leaves[i].dim() > 0 and leaves[i].shape[0] == batch else None
-                     for i in tens)  # fmt: skip
+        dims = tuple(
+            0 if leaves[i].dim() > 0 and leaves[i].shape[0] == batch else None for i in tens
+        )
         cot_dims = tuple(0 if o.dim() > 0 and o.shape[0] == batch else None for o in use.output)
         for j, (d, got) in enumerate(zip(cot_dims, use.got)):
             if d is None and got:
@@ -43,8 +44,7 @@ def func_rule(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -
                 return tuple(tensors(out))
 
             pull = vjp(f, params)[1]
-            return pull(tuple(c.unsqueeze(0) if d == 0 else c
-                              for c, d in zip(cot, cot_dims)))[0]  # fmt: skip  # noqa: B023
+            return pull(tuple(c.unsqueeze(0) if d == 0 else c for c, d in zip(cot, cot_dims)))[0]  # noqa: B023
 
         grads = vmap(one, in_dims=(cot_dims, dims), randomness="different")(
             cots, tuple(leaves[i] for i in tens)

@@ -30,8 +30,11 @@ def linear(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> d
         out: dict[str, Result] = {}
         if "weight" in want:
             w = torch.linalg.vector_norm(a, dim=1).mul_(ng)
-            elem = (a.square().t() @ g.square() if transposed else g.square().t() @ a.square()
-                    ) if need else None  # fmt: skip
+            elem = (
+                (a.square().t() @ g.square() if transposed else g.square().t() @ a.square())
+                if need
+                else None
+            )
             out["weight"] = ("root", w, elem)
         if "bias" in want:
             out["bias"] = ("root", ng, g.square().sum(0) if need else None)
@@ -44,9 +47,13 @@ def linear(m: nn.Module, uses: list[Use], want: dict[str, str], need: bool) -> d
         gg = g @ g.transpose(1, 2)
         w_sq = (a @ a.transpose(1, 2)).mul_(gg).sum((1, 2))
         return {"weight": ("norm", w_sq, None), "bias": ("norm", gg.sum((1, 2)), None)}
-    return weight_bias(lambda: a.transpose(1, 2) @ g if transposed else g.transpose(1, 2) @ a,
-                        lambda: g.sum(1), want, need,
-                        (lambda: gram_sq(a, g)) if gram else None)  # fmt: skip
+    return weight_bias(
+        lambda: a.transpose(1, 2) @ g if transposed else g.transpose(1, 2) @ a,
+        lambda: g.sum(1),
+        want,
+        need,
+        (lambda: gram_sq(a, g)) if gram else None,
+    )
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
