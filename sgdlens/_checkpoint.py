@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-__all__ = ["STATE_KEYS", "VERSION", "check_like", "check_state", "lens_id", "load_into"]
+if TYPE_CHECKING:
+    from sgdlens.monitor import PhaseMonitor
+
+__all__ = [
+    "STATE_KEYS",
+    "VERSION",
+    "check_like",
+    "check_state",
+    "lens_id",
+    "load_into",
+    "monitor_state",
+    "restore",
+]
 
 #: the format version of ``PhaseMonitor.state_dict()``
 VERSION = 1
@@ -111,3 +123,36 @@ def check_state(
             f"load_state_dict: states holds {len(state_dict['states'])} entries, this "
             f"monitor has {len(states)} lenses"
         )
+
+
+def monitor_state(mon: PhaseMonitor) -> dict[str, Any]:
+    """``PhaseMonitor.state_dict()``: live tensors and numbers, no copies."""
+    return {
+        "version": VERSION,
+        "step": mon.step,
+        **mon.tally.state_dict(),  # finite, observed, trace, trace_steps, updates, last_loss
+        "lenses": [lens_id(lens) for lens in mon.lenses],
+        "layers": list(mon.view.layers),
+        "log_every": mon.log_every,
+        "states": list(mon.states),
+        "detector": None if mon.detector is None else mon.detector.state_dict(),
+        "probes": None if mon.probes is None else mon.probes.state_dict(),
+        "update_every": mon.sampler.every,
+        "run_id": getattr(mon, "run_id", None),
+    }
+
+
+def restore(mon: PhaseMonitor, state_dict: Mapping[str, Any]) -> None:
+    """Load a checked :func:`monitor_state` into ``mon`` (``PhaseMonitor.load_state_dict``)."""
+    for i, (state, loaded) in enumerate(zip(mon.states, state_dict["states"])):
+        mon.states[i] = load_into(state, loaded)
+    mon.step = int(state_dict["step"])
+    mon.tally.load_state_dict(state_dict, mon.step)
+    if mon.detector is not None and state_dict.get("detector") is not None:
+        mon.detector.load_state_dict(state_dict["detector"])
+    if mon.probes is not None and state_dict.get("probes") is not None:
+        mon.probes.load_state_dict(state_dict["probes"])
+    # a monitor without overhead_budget reads every step, whatever the checkpoint's did
+    mon.sampler.every = int(state_dict.get("update_every", 1)) if mon.sampler.budget else 1
+    if state_dict.get("run_id") and not getattr(mon, "_header_sent", False):
+        mon.run_id = str(state_dict["run_id"])  # a resumed run keeps its run id

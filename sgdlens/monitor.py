@@ -14,17 +14,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sgdlens import _dist
 from sgdlens._arguments import check_arguments, check_probe_model
-from sgdlens._checkpoint import VERSION, check_state, lens_id, load_into
+from sgdlens._checkpoint import VERSION, check_state, lens_id, monitor_state, restore
+from sgdlens._logpoint import emit, log_point, warn_once
 from sgdlens._optim import unwrap_optimizer
 from sgdlens._recording import Tally, event_record
 from sgdlens._sampler import SKIPPED, Sampler
 from sgdlens._view import build_view
-from sgdlens._warn import warn
-from sgdlens.header import header_once
 from sgdlens.layers import LayersArg
-from sgdlens.lenses.base import Lens, ParamView, State, Step, declares_sums, reduce_sums
+from sgdlens.lenses.base import Lens, ParamView, State, Step, declares_sums
 from sgdlens.phase import PhaseDetector, PhaseEvent
 from sgdlens.probes.scheduled import Probe, ProbeScheduler
 from sgdlens.records import History, Record
@@ -206,6 +204,7 @@ class PhaseMonitor:
             ) from None
         self.lenses = lens_list
         self.states = [lens.init(self.view) for lens in lens_list]
+        self._declared = [declares_sums(lens) for lens in lens_list]  # local/finish, or compute
         # what a step the sampler leaves out still runs: the lenses that must see every step
         # (they accumulate through hooks) and those that name steps they must read
         indices = range(len(lens_list))
@@ -414,7 +413,7 @@ class PhaseMonitor:
             self.sampler.end(read=True)
             if step.logging:
                 self._check_param_groups()
-                self._log(step)
+                log_point(self, step)
                 self.sampler.adapt()
 
     def _update(self, step: Step) -> Step:
@@ -436,76 +435,14 @@ class PhaseMonitor:
 
     def _check_param_groups(self) -> None:
         n = len([p for g in self.optimizer.param_groups for p in g["params"]])
-        if n != self._n_params and "groups" not in self._warned:
-            self._warned.add("groups")
-            warn(
+        if n != self._n_params:
+            warn_once(
+                self,
+                "groups",
                 f"the optimizer now holds {n} parameters, the monitor watches the "
                 f"{self._n_params} it held when attached; attach a new monitor after "
                 f"add_param_group()",
             )
-
-    def _log(self, step: Step) -> None:
-        values: dict[str, Tensor] = {}
-        # every lens's cross-rank sums and the observed scalars: one all-reduce (see Lens.local)
-        two = [declares_sums(lens) for lens in self.lenses]
-        local = [
-            lens.local(state, step) if t else {}
-            for lens, state, t in zip(self.lenses, self.states, two)
-        ]
-        observed = self.tally.take_observed()
-        sums = reduce_sums(self.view, self.lenses, local, observed[1])
-        for lens, state, t, mine in zip(self.lenses, self.states, two, sums):
-            values.update(lens.finish(state, step, mine) if t else lens.compute(state, step))
-        values["nonfinite_steps"] = self.tally.updates - self.tally.finite
-        if self.sampler.budget is not None:
-            values["update_every"] = torch.tensor(float(self.sampler.every))
-        for name, mean in self.tally.means(*observed).items():
-            if name in values:  # a lens that declares no metrics logged this name
-                self._warn_once(
-                    f"observe {name}",
-                    f"observe({name}=...) is also a lens key; "
-                    "the record keeps the lens's value: rename the observed one",
-                )
-            else:
-                values[name] = mean
-        dev, dt = self.view.device, self.view.dtype
-        host = torch.stack([v.to(device=dev, dtype=dt) for v in values.values()]).tolist()
-        numbers: dict[str, float] = dict(zip(values, host))
-        record: Record = {"step": self.step, "time": time.time(), **numbers}
-        record["nonfinite_steps"] = int(numbers["nonfinite_steps"])
-        events = self.detector.update(record) if self.detector is not None else []
-        if self.detector is not None:
-            record.update(self.detector.annotate(record))
-        if self.probes is not None and self.model is not None:
-            start = time.perf_counter()
-            record.update(self.probes.run(self.step, bool(events), self.model, self.optimizer))
-            self.sampler.exclude(time.perf_counter() - start)  # probes have their own budget
-        self._emit(record)
-        if events:
-            trace = self.tally.trace_lists()
-            for event in events:
-                self._emit(event_record(event, trace))
-                for callback in self._callbacks:
-                    callback(event)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warn(message)
-
-    def _emit(self, record: Record) -> None:
-        header = header_once(self)  # a run starts with its header record (sgdlens.header)
-        if header is not None:
-            self._emit(header)
-        sinks = self.sinks if _dist.rank_and_size()[0] == 0 else self.sinks[:1]
-        for sink in sinks:
-            try:
-                sink(record)
-            except Exception as e:  # a broken sink must not stop training
-                key = repr(sink)
-                if key not in self._warned:
-                    self._warned.add(key)
-                    warn(f"sink {sink!r} failed and is skipped: {e!r}")
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -535,7 +472,7 @@ class PhaseMonitor:
             raise TypeError(f"log_event(event=...) must be a PhaseEvent, got {event!r}")
         if self.detector is not None:
             self.detector.log_event(event)
-        self._emit(event_record(event, {}))
+        emit(self, event_record(event, {}))
 
     def on_phase_change(self, callback: Callable[[PhaseEvent], Any]) -> Callable[[PhaseEvent], Any]:
         """Call ``callback(event)`` at every phase event or loss spike; usable as a decorator.
@@ -559,19 +496,7 @@ class PhaseMonitor:
         records the uninterrupted run would have. Loadable with ``torch.load(weights_only=True)``.
         Like ``nn.Module.state_dict`` it holds references to live tensors, not copies.
         """
-        return {
-            "version": VERSION,
-            "step": self.step,
-            **self.tally.state_dict(),  # finite, observed, trace, trace_steps, updates, last_loss
-            "lenses": [lens_id(lens) for lens in self.lenses],
-            "layers": list(self.view.layers),
-            "log_every": self.log_every,
-            "states": list(self.states),
-            "detector": None if self.detector is None else self.detector.state_dict(),
-            "probes": None if self.probes is None else self.probes.state_dict(),
-            "update_every": self.sampler.every,
-            "run_id": getattr(self, "run_id", None),
-        }
+        return monitor_state(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` taken from a monitor built with the same arguments.
@@ -592,24 +517,10 @@ class PhaseMonitor:
         )
         backup = copy.deepcopy(self.state_dict())
         try:
-            self._load(state_dict)
+            restore(self, state_dict)
         except BaseException:
-            self._load(backup)
+            restore(self, backup)
             raise
-
-    def _load(self, state_dict: Mapping[str, Any]) -> None:
-        for i, (state, loaded) in enumerate(zip(self.states, state_dict["states"])):
-            self.states[i] = load_into(state, loaded)
-        self.step = int(state_dict["step"])
-        self.tally.load_state_dict(state_dict, self.step)
-        if self.detector is not None and state_dict.get("detector") is not None:
-            self.detector.load_state_dict(state_dict["detector"])
-        if self.probes is not None and state_dict.get("probes") is not None:
-            self.probes.load_state_dict(state_dict["probes"])
-        # a monitor without overhead_budget reads every step, whatever the checkpoint's did
-        self.sampler.every = int(state_dict.get("update_every", 1)) if self.sampler.budget else 1
-        if state_dict.get("run_id") and not getattr(self, "_header_sent", False):
-            self.run_id = str(state_dict["run_id"])  # a resumed run keeps its run id
 
 
 def _on_stack(frame: Any) -> bool:
