@@ -43,18 +43,16 @@ restores it in ``state_dict``. Lenses never copy to the host; the monitor does t
 
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import repeat
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sgdlens import _dist, _torch
+from sgdlens.lenses._step import Step
 from sgdlens.schema import Key, declared
 
 State = dict[str, Any]
@@ -204,96 +202,6 @@ class Subset:
     def select(self, per_layer: Tensor) -> Tensor:
         """The entries of a per-layer tensor (over all the view's layers) for :attr:`layers`."""
         return per_layer if self._compact is None else per_layer.index_select(0, self._compact)
-
-
-class Step:
-    """One optimizer step as the lenses see it, with lazily computed shared statistics.
-
-    Attributes:
-        view: the parameter view.
-        index: optimizer steps seen so far, this one included (1 at the first step).
-        grads: ``p.grad`` for each parameter (``None`` where the parameter has none).
-        logging: whether this step is a log point.
-    """
-
-    def __init__(self, view: ParamView, index: int, logging: bool) -> None:
-        self.view = view
-        self.index = index
-        self.logging = logging
-        if view.plain:  # the hot path: one attribute read per parameter, in a C loop
-            self.grads: list[Tensor | None] = list(map(_GRAD, view.params))
-        else:
-            self.grads = [None if p.grad is None else _torch.local(p.grad) for p in view.params]
-
-    @cached_property
-    def fused(self) -> bool:
-        """Whether the view is plain (one device and dtype, no shards) and every parameter has
-        a dense gradient: per-step updates may then hand :attr:`grads` to one foreach op as
-        they are. Checked in C loops (``map``), with no Python work per parameter."""
-        grads = self.grads
-        return (
-            self.view.plain
-            and not any(map(operator.is_, grads, repeat(None)))
-            and not any(map(operator.is_not, map(_LAYOUT, grads), repeat(torch.strided)))
-        )
-
-    @cached_property
-    def present(self) -> list[int]:
-        """Indices of the parameters that have a gradient this step."""
-        return [i for i, g in enumerate(self.grads) if g is not None]
-
-    @cached_property
-    def grad_sq(self) -> Tensor:
-        """Squared gradient norm per parameter (0 where there is none)."""
-        view = self.view
-        if self.fused:
-            try:  # one kernel for every norm (in at least float32: asked for float64
-                # outright, the CPU kernel takes a path ten times slower), then one cast
-                norms = _torch._foreach_norm(cast(list[Tensor], self.grads), view.big)
-                return torch.stack(norms).to(view.dtype).square_()
-            except (RuntimeError, TypeError, NotImplementedError):  # old torch
-                pass
-        grads = [g for g in self.grads if g is not None]
-        sq = _torch.norms(grads, view.device, view.dtype).square()
-        if len(grads) == len(self.grads):
-            return sq
-        out = torch.zeros(len(self.grads), dtype=view.dtype, device=view.device)
-        index = torch.tensor(self.present, dtype=torch.long, device=view.device)
-        return out.index_copy_(0, index, sq)
-
-    @cached_property
-    def grad_sq_total(self) -> Tensor:
-        """Squared norm of the whole gradient (0-d)."""
-        return self.grad_sq.sum()
-
-    @cached_property
-    def flag(self) -> bool | None:
-        """:attr:`ok` as a Python bool where reading it is free (the CPU), else ``None``: the
-        running statistics then skip a non-finite step exactly."""
-        view = self.view
-        if view.device.type not in _torch.FREE_HOST_READ:
-            return None
-        if view.sharded:
-            return bool(self.ok)
-        return math.isfinite(self.grad_sq_total.item())  # one read, not isfinite's kernels
-
-    @cached_property
-    def ok(self) -> Tensor:
-        """0-d bool: every gradient of this step is finite (an overflow of the norm counts too).
-
-        Under FSDP the ranks agree on it through one tiny all-reduce per step (every rank must
-        skip the same steps, and a non-finite value sits on one rank's shard).
-        """
-        view = self.view
-        if not view.sharded and self.flag is not None:
-            return view.flags[self.flag]
-        ok = torch.isfinite(self.grad_sq_total)
-        if view.sharded:
-            ok = view.reduce_sum((~ok).to(view.dtype)) == 0
-        return ok
-
-
-_GRAD, _LAYOUT = operator.attrgetter("grad"), operator.attrgetter("layout")
 
 
 def per_layer_keys(metric: str, layers: Sequence[str], values: Tensor) -> dict[str, Tensor]:
