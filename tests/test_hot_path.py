@@ -163,7 +163,14 @@ def _python_lines(n_layers: int, lens_list) -> int:
     return lines
 
 
-@pytest.mark.parametrize(("name", "make"), [("lenses=[]", lambda: []), ("default", lambda: None)])
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("lenses=[]", lambda: []),
+        ("default", lambda: None),
+        ("GradSNR(decay)", lambda: [lenses.GradSNR(decay=0.9)]),
+    ],
+)
 def test_monitor_python_per_step_does_not_grow_with_the_parameters(name, make):
     """The host work of a step: reading each ``.grad`` and checking that every gradient is
     there and dense run in C loops (``map``); no line of sgdlens runs once per parameter."""

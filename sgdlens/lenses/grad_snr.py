@@ -223,14 +223,16 @@ class GradSNR(Lens):
             if step.index % state["window"] == 0:
                 self._close_window(state)
         elif step.flag is not False:  # the CPU skips a non-finite step exactly
-            grads = [step.grads[i] for i in sub.which]
-            bufs, present = self._pairs(state, step)
-            sq = sub.take(step.grad_sq)
             beta = float(self.decay)
-            # A missing gradient is a zero gradient: decay its buffer too.
-            _torch.scale_([b for b, g in zip(state["buf"], grads) if g is None], beta)
-            _torch.lerp_(bufs, present, 1.0 - beta)
-            state["sq"].lerp_(sq, 1.0 - beta)
+            if self._whole and step.fused:  # the common case, with no per-tensor Python
+                torch._foreach_lerp_(state["buf"], cast(list[Tensor], step.grads), 1.0 - beta)
+            else:
+                grads = [step.grads[i] for i in sub.which]
+                bufs, present = self._pairs(state, step)
+                # A missing gradient is a zero gradient: decay its buffer too.
+                _torch.scale_([b for b, g in zip(state["buf"], grads) if g is None], beta)
+                _torch.lerp_(bufs, present, 1.0 - beta)
+            state["sq"].lerp_(sub.take(step.grad_sq), 1.0 - beta)
             state["n"].add_(1)
         return state
 
