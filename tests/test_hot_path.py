@@ -169,6 +169,7 @@ def _python_lines(n_layers: int, lens_list) -> int:
         ("lenses=[]", lambda: []),
         ("default", lambda: None),
         ("GradSNR(decay)", lambda: [lenses.GradSNR(decay=0.9)]),
+        ("GradSNR(decay='optimizer')", lambda: [lenses.GradSNR(decay="optimizer")]),
     ],
 )
 def test_monitor_python_per_step_does_not_grow_with_the_parameters(name, make):
