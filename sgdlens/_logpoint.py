@@ -35,7 +35,7 @@ def log_point(mon: PhaseMonitor, step: Step) -> None:
     sums = reduce_sums(mon.view, mon.lenses, local, observed[1])
     for lens, state, t, mine in zip(mon.lenses, mon.states, two, sums):
         values.update(lens.finish(state, step, mine) if t else lens.compute(state, step))
-    values["nonfinite_steps"] = mon.tally.updates - mon.tally.finite
+    values["nonfinite_steps"] = mon.tally.updates - mon.tally.finite_steps()
     if mon.sampler.budget is not None:
         values["update_every"] = torch.tensor(float(mon.sampler.every))
     for name, mean in mon.tally.means(*observed).items():

@@ -21,7 +21,9 @@ class Tally:
 
     Attributes:
         updates: steps the lenses read (all of them unless ``overhead_budget`` samples).
-        finite: how many of those had finite gradients (0-d tensor).
+        finite: how many of those had finite gradients (0-d tensor; where the step's flag is
+            a host bool, the CPU, the count is kept on the host and folded in when read:
+            :meth:`finite_steps`).
         trace: ring of (last observed loss, squared gradient norm), one row per step read;
             ``trace_steps`` holds each row's step index on the host.
         last_loss: the last observed ``loss``.
@@ -34,6 +36,7 @@ class Tally:
         self.dtype, self.sharded = dt, view.sharded
         self.updates = 0
         self.finite = torch.zeros((), dtype=dt, device=dev)
+        self._finite_host = 0  # finite steps counted on the host, not yet in ``finite``
         self.trace = torch.full((trace_steps, 2), float("nan"), dtype=dt, device=dev)
         self.rows = self.trace.unbind(0)  # views: a step writes one without indexing
         self.trace_steps: list[int] = [0] * trace_steps
@@ -43,12 +46,23 @@ class Tally:
 
     def count(self, step: Step) -> None:
         """A step the lenses read: its finite flag and its trace row."""
-        self.finite.add_(step.ok)
+        flag = step.flag
+        if flag is None:  # an accelerator: no host read of the flag
+            self.finite.add_(step.ok)
+        else:
+            self._finite_host += flag
         if len(self.trace):
             at = self.updates % len(self.trace)
             torch.stack([self.last_loss, step.grad_sq_total], out=self.rows[at])
             self.trace_steps[at] = step.index
         self.updates += 1
+
+    def finite_steps(self) -> Tensor:
+        """``finite`` with the host's count folded in (the live tensor)."""
+        if self._finite_host:
+            self.finite.add_(self._finite_host)
+            self._finite_host = 0
+        return self.finite
 
     def observe(self, name: str, value: Tensor | float) -> None:
         """Add ``value`` (a number, or a 0-d tensor on the tally's device, of any dtype: it is
@@ -118,7 +132,7 @@ class Tally:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "finite": self.finite,
+            "finite": self.finite_steps(),
             "observed": {k: [v[0], v[1]] for k, v in self.observed.items()},
             "trace": self.trace,
             "trace_steps": list(self.trace_steps),
@@ -130,6 +144,7 @@ class Tally:
         """Restore :meth:`state_dict` (``step``: the monitor's; files older than ``updates``
         read every step)."""
         self.finite.copy_(state["finite"])
+        self._finite_host = 0
         self.updates = int(state.get("updates", step))
         if state["trace"].shape == self.trace.shape:
             self.trace.copy_(state["trace"])

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import math
 import operator
-from functools import cached_property
 from itertools import repeat
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -18,6 +17,24 @@ if TYPE_CHECKING:
     from sgdlens.lenses.base import ParamView
 
 __all__ = ["Step"]
+
+
+class _once:  # a decorator, like functools.cached_property
+    """``functools.cached_property`` without its lock (Python < 3.12 takes an ``RLock`` on
+    every first read; a ``Step`` lives for one optimizer step on one thread and reads five
+    of them per step)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.__doc__ = fn, fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 
 class Step:
@@ -39,7 +56,7 @@ class Step:
         else:
             self.grads = [None if p.grad is None else _torch.local(p.grad) for p in view.params]
 
-    @cached_property
+    @_once
     def fused(self) -> bool:
         """Whether the view is plain (one device and dtype, no shards) and every parameter has
         a dense gradient: per-step updates may then hand :attr:`grads` to one foreach op as
@@ -51,12 +68,12 @@ class Step:
             and not any(map(operator.is_not, map(_LAYOUT, grads), repeat(torch.strided)))
         )
 
-    @cached_property
+    @_once
     def present(self) -> list[int]:
         """Indices of the parameters that have a gradient this step."""
         return [i for i, g in enumerate(self.grads) if g is not None]
 
-    @cached_property
+    @_once
     def grad_sq(self) -> Tensor:
         """Squared gradient norm per parameter (0 where there is none)."""
         view = self.view
@@ -75,12 +92,12 @@ class Step:
         index = torch.tensor(self.present, dtype=torch.long, device=view.device)
         return out.index_copy_(0, index, sq)
 
-    @cached_property
+    @_once
     def grad_sq_total(self) -> Tensor:
         """Squared norm of the whole gradient (0-d)."""
         return self.grad_sq.sum()
 
-    @cached_property
+    @_once
     def flag(self) -> bool | None:
         """:attr:`ok` as a Python bool where reading it is free (the CPU), else ``None``: the
         running statistics then skip a non-finite step exactly."""
@@ -91,7 +108,7 @@ class Step:
             return bool(self.ok)
         return math.isfinite(self.grad_sq_total.item())  # one read, not isfinite's kernels
 
-    @cached_property
+    @_once
     def ok(self) -> Tensor:
         """0-d bool: every gradient of this step is finite (an overflow of the norm counts too).
 
