@@ -118,7 +118,8 @@ class Step:
         view = self.view
         if not view.sharded and self.flag is not None:
             return view.flags[self.flag]
-        ok = torch.isfinite(self.grad_sq_total)
+        total = self.grad_sq_total
+        ok = (total - total) == 0  # 2 kernels; isfinite takes 4 (abs, ne, eq, mul)
         if view.sharded:
             ok = view.reduce_sum((~ok).to(view.dtype)) == 0
         return ok
