@@ -192,7 +192,7 @@ def distances(
 FREE_HOST_READ = {"cpu"}
 
 
-def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor]) -> None:
+def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], plain: bool = False) -> None:
     """``buf += t`` for every pair, for a window sum that is zeroed when the window closes.
 
     One fused ``_foreach_add_`` whatever the number of tensors, with no host synchronisation,
@@ -202,7 +202,14 @@ def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor]) -> None:
     statistics, and the next window starts clean. (NaN·0 is NaN: no multiplicative mask can
     drop the step; an exact skip needs a ``torch.where`` per tensor or a copy of every
     gradient, which the per-step path cannot afford.)
+
+    ``plain``: the caller knows every ``t`` is dense and of its buffer's dtype (the per-step
+    path, :attr:`Step.fused`): the lists go to the fused op as they are, with no Python work per
+    tensor.
     """
+    if plain:
+        torch._foreach_add_(list(bufs), list(tensors))
+        return
     dense = [(b, t) for b, t in zip(bufs, tensors) if not t.is_sparse]
     if dense:
         torch._foreach_add_(
@@ -213,9 +220,14 @@ def window_add_(bufs: Sequence[Tensor], tensors: Sequence[Tensor]) -> None:
             buf.add_(t.coalesce().to(buf.dtype))
 
 
-def lerp_(bufs: Sequence[Tensor], tensors: Sequence[Tensor], weight: float) -> None:
-    """``buf ← buf + weight·(t − buf)`` for every pair, in one fused op (sparse ``t`` densified)."""
-    if bufs:
+def lerp_(
+    bufs: Sequence[Tensor], tensors: Sequence[Tensor], weight: float, plain: bool = False
+) -> None:
+    """``buf ← buf + weight·(t − buf)`` for every pair, in one fused op (sparse ``t`` densified;
+    ``plain`` as in :func:`window_add_`)."""
+    if plain:
+        torch._foreach_lerp_(list(bufs), list(tensors), weight)
+    elif bufs:
         dense = [t.to_dense() if t.is_sparse else t for t in tensors]
         torch._foreach_lerp_(list(bufs), [t.to(b.dtype) for b, t in zip(bufs, dense)], weight)
 

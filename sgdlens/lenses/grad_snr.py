@@ -213,19 +213,23 @@ class GradSNR(Lens):
         sub = self._sub
         if self.decay is None:
             if step.flag is not False:  # the CPU skips a non-finite step exactly
-                if self._whole and step.fused:  # the common case, with no per-tensor Python
-                    targets, tensors = [*state["buf"], state["sq"]], [*step.grads, step.grad_sq]
-                    torch._foreach_add_(targets, cast(list[Tensor], tensors))
-                else:
-                    bufs, present = self._pairs(state, step)
-                    _torch.window_add_([*bufs, state["sq"]], [*present, sub.take(step.grad_sq)])
+                # every gradient there, dense and of its buffer's dtype: the lists as they are,
+                # with no Python work per tensor
+                fast = self._whole and step.fused
+                bufs, present = (
+                    (state["buf"], cast(list[Tensor], step.grads))
+                    if fast
+                    else self._pairs(state, step)
+                )
+                sq = sub.take(step.grad_sq)
+                _torch.window_add_([*bufs, state["sq"]], [*present, sq], plain=fast)
             state["n"].add_(step.ok)
             if step.index % state["window"] == 0:
                 self._close_window(state)
         elif step.flag is not False:  # the CPU skips a non-finite step exactly
             beta = float(self.decay)
-            if self._whole and step.fused:  # the common case, with no per-tensor Python
-                torch._foreach_lerp_(state["buf"], cast(list[Tensor], step.grads), 1.0 - beta)
+            if self._whole and step.fused:  # as in the window: no Python work per tensor
+                _torch.lerp_(state["buf"], cast(list[Tensor], step.grads), 1.0 - beta, plain=True)
             else:
                 grads = [step.grads[i] for i in sub.which]
                 bufs, present = self._pairs(state, step)
