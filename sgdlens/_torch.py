@@ -147,7 +147,7 @@ def _foreach_norm(tensors: list[Tensor], big: tuple[int, ...] | None = None) -> 
         found = {i: _cpu_norm(tensors[i], acc) for i in big}
         small = [i for i in range(len(tensors)) if i not in found]
         if small:
-            found.update(zip(small, _foreach_norm([tensors[i] for i in small])))
+            found.update(zip(small, _foreach_norm([tensors[i] for i in small], ())))
         return [found[i] for i in range(len(tensors))]
     if acc == tensors[0].dtype:
         return list(torch._foreach_norm(tensors))

@@ -118,7 +118,6 @@ class OptimizerMoments:
         if self.unseen and not _RESUMING.get():
             raise ValueError(self.held_message)
         self.ones = torch.ones(len(self.groups), dtype=view.dtype, device=view.device)
-        self.whole = len(sub.which) == len(view.params)
         self.raw: Any = None
         self.refresh()
 
@@ -160,7 +159,7 @@ class OptimizerMoments:
         y = torch.stack([sub.take(step.grad_sq), self.ones])  # (‖g‖², 1) per tensor
         c = torch.where(x[1] == 0, self.first, self.c) if self.first_differs else self.c
         mask: Tensor | None = None if flag else step.ok
-        if not (self.whole and step.fused):  # fused: every gradient there (C loops)
+        if not (sub.whole and step.fused):  # fused: every gradient there (C loops)
             grads = [step.grads[i] for i in sub.which]
             if any(g is None for g in grads):  # the optimizer skips those tensors
                 have = torch.tensor([g is not None for g in grads], device=x.device)

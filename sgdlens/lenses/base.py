@@ -186,8 +186,13 @@ class Subset:
         return torch.tensor(self._layer_ids, dtype=torch.long, device=self.view.device)
 
     @cached_property
+    def whole(self) -> bool:
+        """Whether the subset is every parameter of the view, in order."""
+        return self.which == tuple(range(len(self.view.params)))
+
+    @cached_property
     def _which_t(self) -> Tensor | None:
-        if self.which == tuple(range(len(self.view.params))):
+        if self.whole:
             return None
         return torch.tensor(self.which, dtype=torch.long, device=self.view.device)
 

@@ -201,9 +201,7 @@ class GradSNR(Lens):
         self._sub = sub
         # every parameter, each buffer in its parameter's dtype: a step whose gradients are
         # all there and dense adds them to the buffers as they are (Step.fused)
-        self._whole = len(sub.which) == len(view.params) and all(
-            _torch.buffer_dtype(p.dtype) == p.dtype for p in sub.params
-        )
+        self._whole = sub.whole and all(_torch.buffer_dtype(p.dtype) == p.dtype for p in sub.params)
         return state
 
     def update(self, state: State, step: Step) -> State:
